@@ -1,0 +1,27 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export OMP_WAIT_POLICY := PASSIVE
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test bench clean-demo
+
+$(BIN)/neuralmaps: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(BIN)/neuralmaps
+
+demo: $(BIN)/neuralmaps
+	$(BIN)/neuralmaps synth --osm helsinki --out demo/chunks.zarr --pairs 16 --seed 0 --preview demo/preview
+
+test: $(BIN)/neuralmaps
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/neuralmaps
+	$(BIN)/python benchmarks/bench_synth.py
+	$(BIN)/python benchmarks/bench_localizer.py
+
+clean-demo:
+	rm -rf demo

@@ -1,0 +1,199 @@
+"""Dataclass configs with named presets (`paper`, `cpu-tiny`) and YAML io.
+
+A `Config` is saved next to every checkpoint, every training store and every map, so that a
+reader can refuse data made with an incompatible setup (see `Config.fingerprint`).
+
+Sections and their owners:
+- `scene`: the map-scene grid and the cameras; shared by the digital twin, the stores and the model.
+- `model`: the SNAP network (encoders, BEV mapper, localizer, semantic net).
+- `synth`: the digital twin's capture simulation.
+- `train`: optimisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Semantic classes, in SNAP's three groups. The order is the channel order of every class raster.
+AREA_CLASSES = ("crosswalk", "sidewalk", "road", "terrain", "building")
+OBJECT_CLASSES = ("fence", "pole", "tree")  # exclusive, plus an implicit "void"
+BINARY_CLASSES = ("traffic_sign", "traffic_light", "street_light")
+CLASS_NAMES = AREA_CLASSES + OBJECT_CLASSES + BINARY_CLASSES
+
+
+@dataclass
+class SceneConfig:
+    """Map scene and cameras. Scene frame: x east, y north, z up, metres, origin at the SW corner
+    of the scene grid at ground level."""
+
+    size_m: tuple[float, float, float] = (24.0, 32.0, 12.0)  # x, y, z extent of the voxel grid
+    cell_m: float = 0.2  # voxel / BEV cell size
+    num_views: int = 8  # map views per scene
+    image_hw: tuple[int, int] = (256, 512)  # street-level image height, width (pixels)
+    hfov_deg: float = 90.0  # horizontal field of view of the rig cameras
+    map_camera_height_m: float = 2.0  # car roof rig
+    query_camera_height_m: float = 1.6  # pedestrian
+    query_depth_m: float = 16.0  # query BEV frustum depth
+    query_hfov_deg: float = 72.0  # query BEV frustum HFOV
+    max_view_distance_m: float = 24.0  # views farther from the scene centre are dropped
+
+
+@dataclass
+class EncoderConfig:
+    """ResNet + FPN image encoder."""
+
+    depth: int = 50  # 18, 34 or 50
+    width: int = 64  # channels of the first stage
+    norm: str = "group"  # "group" (BiT: GroupNorm + weight standardisation) or "batch"
+    num_levels: int = 4  # pyramid levels used by the FPN
+    out_dim: int = 128
+    output_stride: int = 4  # stride of the FPN output w.r.t. the input image
+
+
+@dataclass
+class ModelConfig:
+    """The SNAP network. Filled in by the model code; see neuralmaps/models."""
+
+    image_encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    aerial_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(depth=50))
+    semantic_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(depth=18))
+    feature_dim: int = 128
+    matching_dim: int = 32
+    num_depth_bins: int = 32
+    min_depth_m: float = 1.0
+    max_depth_m: float = 32.0
+    top_k_views: int = 3
+    pooling: str = "max"  # vertical pooling: max, mean, sum, weighted, softmax, mlp
+    z_offset_m: float = -4.0  # bottom of the vertical pooling range w.r.t. the camera height
+    z_jitter_m: float = 0.5  # training-time jitter of the query z offset
+    use_streetview: bool = True
+    use_aerial: bool = True
+    use_semantic: bool = True
+    modality_dropout: float = 0.3
+    confidence_head: bool = True
+    temperature_init: float = 2.0
+    num_pose_samples: int = 20000
+    num_pose_retries: int = 8
+    refine_grid: int = 5
+
+
+@dataclass
+class SynthConfig:
+    """Digital-twin capture simulation."""
+
+    min_views_in_scene: int = 4
+    max_pairs_per_scene: int = 1
+    query_max_time_delta_days: float = 365.0
+    occluders: bool = True
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test, by area
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8
+    lr: float = 1e-4
+    steps: int = 200_000
+    num_workers: int = 4
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "paper"
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- io ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        return _from_dict(cls, d)
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path: str | Path) -> "Config":
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short sha256 of the given sections (all when none), to detect incompatible data."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+    kwargs = {}
+    defaults = cls()
+    for name, value in d.items():
+        current = getattr(defaults, name)
+        if is_dataclass(current):
+            kwargs[name] = _from_dict(type(current), value)
+        elif isinstance(current, tuple):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _paper() -> Config:
+    return Config(name="paper")
+
+
+def _cpu_tiny() -> Config:
+    # Sizes chosen so that a training run fits in ~90 min on 2 CPU cores (see docs/architecture.md).
+    return Config(
+        name="cpu-tiny",
+        scene=SceneConfig(
+            size_m=(24.0, 32.0, 12.0),
+            cell_m=0.5,
+            num_views=8,
+            image_hw=(128, 256),
+        ),
+        model=ModelConfig(
+            image_encoder=EncoderConfig(depth=18, width=16, norm="batch", num_levels=3, out_dim=32),
+            aerial_encoder=EncoderConfig(depth=18, width=16, norm="batch", num_levels=3, out_dim=32),
+            semantic_encoder=EncoderConfig(depth=18, width=16, norm="batch", num_levels=3, out_dim=32),
+            feature_dim=32,
+            matching_dim=16,
+            num_pose_samples=2048,
+            num_pose_retries=4,
+        ),
+        train=TrainConfig(batch_size=4, lr=1e-3, steps=3000, num_workers=1),
+    )
+
+
+PRESETS = {"paper": _paper, "cpu-tiny": _cpu_tiny}
+
+
+def preset(name: str) -> Config:
+    """A fresh copy of a named preset: "paper" (SNAP's defaults) or "cpu-tiny" (trains on 2 CPU cores)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
