@@ -1,0 +1,327 @@
+"""`Region`: a georeferenced north-up pixel grid in one UTM CRS, and its Zarr-aligned tiles.
+
+Raster convention (see docs/architecture.md): row 0 is north, x/y coordinates are pixel centres,
+pixel (row, col) has its centre at continuous pixel coordinates (row + 0.5, col + 0.5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyproj
+import shapely
+from affine import Affine
+from odc.geo.geobox import GeoBox, GeoboxTiles
+from shapely.geometry import box
+from shapely.geometry.base import BaseGeometry
+
+from .crs import WGS84, crs_to_lonlat, epsg_of, lonlat_to_crs, to_crs, transformer, utm_crs_for
+from .errors import GeoInputError
+
+__all__ = ["Region", "Tile"]
+
+_SNAP_TOL = 1e-6  # in pixels: bounds this close to a grid line are not pushed one pixel outward
+
+
+def _snap_bounds(bounds: Sequence[float], res: float) -> tuple[float, float, float, float]:
+    """Bounds snapped outward to multiples of `res` (ignoring float noise below _SNAP_TOL px)."""
+    xmin, ymin, xmax, ymax = (float(b) for b in bounds)
+    f = lambda v: math.floor(v / res + _SNAP_TOL) * res  # noqa: E731
+    c = lambda v: math.ceil(v / res - _SNAP_TOL) * res  # noqa: E731
+    return f(xmin), f(ymin), c(xmax), c(ymax)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A north-up grid: `shape` (H, W) pixels of `resolution` metres in the projected `crs`.
+
+    Plain data (CRS, affine, shape), so it pickles cheaply into Dask tasks. Build it with
+    `from_bbox`, `from_geometry` or `from_bounds`; `.geobox` gives the odc-geo GeoBox.
+    """
+
+    crs: pyproj.CRS
+    transform: Affine  # north-up: Affine(res, 0, xmin, 0, -res, ymax)
+    shape: tuple[int, int]  # (H, W)
+
+    def __post_init__(self) -> None:
+        t = self.transform
+        if not (t.b == 0 and t.d == 0 and t.a > 0 and math.isclose(t.e, -t.a)):
+            raise GeoInputError(f"Region needs a north-up square-pixel transform, got {tuple(t)[:6]}")
+        if len(self.shape) != 2 or min(self.shape) <= 0:
+            raise GeoInputError(f"Region needs a positive (H, W) shape, got {self.shape}")
+        object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
+        object.__setattr__(self, "crs", to_crs(self.crs))
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_bounds(
+        cls, bounds_xy: Sequence[float], crs: Any, resolution: float = 0.2
+    ) -> "Region":
+        """From (xmin, ymin, xmax, ymax) already in the projected `crs` (metres), snapped outward
+        to multiples of `resolution`."""
+        crs = to_crs(crs)
+        if crs.is_geographic:
+            raise GeoInputError(f"Region needs a projected CRS in metres, got geographic {crs.name}")
+        res = float(resolution)
+        if not res > 0:
+            raise GeoInputError(f"resolution must be > 0 m, got {resolution}")
+        xmin, ymin, xmax, ymax = (float(b) for b in bounds_xy)
+        if not all(map(math.isfinite, (xmin, ymin, xmax, ymax))) or xmax <= xmin or ymax <= ymin:
+            raise GeoInputError(f"empty or invalid bounds {tuple(bounds_xy)}")
+        xmin, ymin, xmax, ymax = _snap_bounds((xmin, ymin, xmax, ymax), res)
+        shape = (round((ymax - ymin) / res), round((xmax - xmin) / res))
+        return cls(crs, Affine(res, 0.0, xmin, 0.0, -res, ymax), shape)
+
+    @classmethod
+    def from_bbox(
+        cls,
+        lon_min: float,
+        lat_min: float,
+        lon_max: float,
+        lat_max: float,
+        resolution: float = 0.2,
+    ) -> "Region":
+        """From a WGS84 lon/lat box (degrees); the UTM zone is the one of the box centre."""
+        if not (lon_max > lon_min and lat_max > lat_min):
+            raise GeoInputError(
+                f"empty lon/lat box ({lon_min}, {lat_min}, {lon_max}, {lat_max}): need min < max"
+            )
+        return cls.from_geometry(box(lon_min, lat_min, lon_max, lat_max), WGS84, resolution)
+
+    @classmethod
+    def from_geometry(cls, geom: BaseGeometry, crs: Any, resolution: float = 0.2) -> "Region":
+        """The bounding grid of a shapely geometry given in `crs` (any CRS), in the UTM zone of
+        the geometry's centre."""
+        if geom is None or geom.is_empty:
+            raise GeoInputError("Region.from_geometry: the geometry is empty")
+        crs = to_crs(crs)
+        geom_ll = _reproject_geom(geom, crs, WGS84)
+        c = geom_ll.envelope.centroid
+        utm = utm_crs_for(c.x, c.y)
+        geom_utm = _reproject_geom(geom, crs, utm)
+        return cls.from_bounds(geom_utm.bounds, utm, resolution)
+
+    # -- grid properties ---------------------------------------------------------------------
+    @property
+    def resolution(self) -> float:
+        """Pixel size in metres."""
+        return float(self.transform.a)
+
+    @property
+    def height(self) -> int:
+        return self.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.shape[1]
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(xmin, ymin, xmax, ymax) of the pixel edges, in the CRS."""
+        t, (h, w) = self.transform, self.shape
+        return (t.c, t.f - h * self.resolution, t.c + w * self.resolution, t.f)
+
+    @property
+    def epsg(self) -> int | None:
+        return epsg_of(self.crs)
+
+    @property
+    def geobox(self) -> GeoBox:
+        """The same grid as an odc-geo GeoBox."""
+        return GeoBox(self.shape, self.transform, self.crs.to_wkt() if self.epsg is None else f"EPSG:{self.epsg}")
+
+    @property
+    def geometry(self) -> shapely.Polygon:
+        """The grid's outline as a polygon in its CRS."""
+        return box(*self.bounds)
+
+    @property
+    def geometry_lonlat(self) -> shapely.Polygon:
+        """The grid's outline in WGS84 lon/lat (edges densified, so it follows the projection)."""
+        return _reproject_geom(self.geometry.segmentize(max(self.bounds[2] - self.bounds[0], self.bounds[3] - self.bounds[1]) / 16), self.crs, WGS84)
+
+    @property
+    def centre_lonlat(self) -> tuple[float, float]:
+        xmin, ymin, xmax, ymax = self.bounds
+        lon, lat = self.xy_to_lonlat((xmin + xmax) / 2, (ymin + ymax) / 2)
+        return float(lon), float(lat)
+
+    def coords(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel-centre coordinates: x (W,) ascending, y (H,) descending (row 0 is north), float64."""
+        res, (h, w) = self.resolution, self.shape
+        xmin, _, _, ymax = self.bounds
+        x = xmin + (np.arange(w) + 0.5) * res
+        y = ymax - (np.arange(h) + 0.5) * res
+        return x, y
+
+    # -- coordinate conversions --------------------------------------------------------------
+    def lonlat_to_xy(self, lon, lat):
+        """WGS84 lon/lat degrees -> (x, y) metres in the region's CRS."""
+        return lonlat_to_crs(lon, lat, self.crs)
+
+    def xy_to_lonlat(self, x, y):
+        """(x, y) metres in the region's CRS -> WGS84 (lon, lat) degrees."""
+        return crs_to_lonlat(x, y, self.crs)
+
+    def xy_to_pixel(self, x, y):
+        """(x, y) in the CRS -> continuous (row, col); pixel (r, c) has its centre at (r+0.5, c+0.5).
+        Use `np.floor` to get the integer index of the pixel containing the point."""
+        xmin, _, _, ymax = self.bounds
+        res = self.resolution
+        return (ymax - np.asarray(y, dtype=float)) / res, (np.asarray(x, dtype=float) - xmin) / res
+
+    def pixel_to_xy(self, row, col):
+        """Continuous (row, col) -> (x, y) in the CRS (inverse of `xy_to_pixel`)."""
+        xmin, _, _, ymax = self.bounds
+        res = self.resolution
+        return xmin + np.asarray(col, dtype=float) * res, ymax - np.asarray(row, dtype=float) * res
+
+    def lonlat_to_pixel(self, lon, lat):
+        """WGS84 lon/lat -> continuous (row, col)."""
+        return self.xy_to_pixel(*self.lonlat_to_xy(lon, lat))
+
+    def contains_xy(self, x, y) -> np.ndarray | bool:
+        xmin, ymin, xmax, ymax = self.bounds
+        x, y = np.asarray(x), np.asarray(y)
+        return (x >= xmin) & (x < xmax) & (y > ymin) & (y <= ymax)
+
+    # -- sub-grids ---------------------------------------------------------------------------
+    def window(self, rows: slice, cols: slice) -> "Region":
+        """The sub-grid of pixel rows/cols (slices may extend beyond the grid: it is the same
+        infinite pixel lattice, used for halos)."""
+        r0, r1, c0, c1 = rows.start or 0, rows.stop, cols.start or 0, cols.stop
+        if r1 is None:
+            r1 = self.shape[0]
+        if c1 is None:
+            c1 = self.shape[1]
+        if r1 <= r0 or c1 <= c0:
+            raise GeoInputError(f"empty window rows={rows} cols={cols} of a {self.shape} region")
+        return Region(self.crs, self.transform @ Affine.translation(c0, r0), (r1 - r0, c1 - c0))
+
+    def crop(self, bounds_xy: Sequence[float]) -> "Region":
+        """The part of this grid covering `bounds_xy` (xmin, ymin, xmax, ymax in the CRS), snapped
+        outward to this grid's pixels and clipped to it."""
+        xmin, ymin, xmax, ymax = (float(b) for b in bounds_xy)
+        r0, c0 = self.xy_to_pixel(xmin, ymax)
+        r1, c1 = self.xy_to_pixel(xmax, ymin)
+        r0 = max(0, math.floor(float(r0) + _SNAP_TOL))
+        c0 = max(0, math.floor(float(c0) + _SNAP_TOL))
+        r1 = min(self.shape[0], math.ceil(float(r1) - _SNAP_TOL))
+        c1 = min(self.shape[1], math.ceil(float(c1) - _SNAP_TOL))
+        if r1 <= r0 or c1 <= c0:
+            raise GeoInputError(f"crop bounds {tuple(bounds_xy)} do not overlap the region {self.bounds}")
+        return self.window(slice(r0, r1), slice(c0, c1))
+
+    def slices_of(self, other: "Region") -> tuple[slice, slice]:
+        """(y_slice, x_slice) of `other` (a sub-grid on the same lattice) inside this region."""
+        if other.crs != self.crs or not math.isclose(other.resolution, self.resolution):
+            raise GeoInputError("slices_of: the regions are not on the same grid")
+        r, c = self.xy_to_pixel(other.bounds[0], other.bounds[3])
+        r, c = int(round(float(r))), int(round(float(c)))
+        return slice(r, r + other.shape[0]), slice(c, c + other.shape[1])
+
+    def tiles(self, tile_px: int, halo_px: int = 0) -> list["Tile"]:
+        """Tiles of `tile_px` pixels aligned to a Zarr chunk grid of the same size (the last
+        row/column of tiles may be smaller), each with a `halo_px` margin (the halo may extend
+        beyond the region's edge)."""
+        tile_px, halo_px = int(tile_px), int(halo_px)
+        if tile_px <= 0 or halo_px < 0:
+            raise GeoInputError(f"tiles: need tile_px > 0 and halo_px >= 0, got {tile_px}, {halo_px}")
+        gt = GeoboxTiles(self.geobox, (tile_px, tile_px))
+        ny, nx = gt.shape
+        out = []
+        for ty in range(ny):
+            for tx in range(nx):
+                ys, xs = gt.roi[ty, tx]
+                inner = (slice(ys.start, ys.stop), slice(xs.start, xs.stop))
+                reg = self.window(
+                    slice(ys.start - halo_px, ys.stop + halo_px),
+                    slice(xs.start - halo_px, xs.stop + halo_px),
+                )
+                crop = (slice(halo_px, halo_px + ys.stop - ys.start), slice(halo_px, halo_px + xs.stop - xs.start))
+                out.append(Tile(ty, tx, reg, inner, crop))
+        return out
+
+    # -- xarray ------------------------------------------------------------------------------
+    def to_xarray(self, data, dims: Sequence[str] = ("y", "x"), coords: dict | None = None, **kw):
+        """Wrap `data` (..., H, W) as a DataArray with pixel-centre x/y coordinates and the CRS and
+        transform attached (rioxarray). `dims` ends with ("y", "x")."""
+        import rioxarray  # noqa: F401  (registers .rio)
+        import xarray as xr
+
+        dims = tuple(dims)
+        if dims[-2:] != ("y", "x") or np.shape(data)[-2:] != self.shape:
+            raise GeoInputError(f"to_xarray: data {np.shape(data)} / dims {dims} do not match region {self.shape}")
+        x, y = self.coords()
+        da = xr.DataArray(data, dims=dims, coords={**(coords or {}), "y": y, "x": x}, **kw)
+        return self.attach_crs(da)
+
+    def attach_crs(self, obj):
+        """Write this region's CRS and transform onto a DataArray/Dataset (rioxarray)."""
+        import rioxarray  # noqa: F401
+
+        obj = obj.rio.write_crs(self.crs.to_wkt() if self.epsg is None else f"EPSG:{self.epsg}")
+        return obj.rio.write_transform(self.transform)
+
+    @classmethod
+    def from_xarray(cls, obj) -> "Region":
+        """The Region of a DataArray/Dataset carrying a CRS (rioxarray) and regular x/y coords."""
+        import rioxarray  # noqa: F401
+
+        crs = obj.rio.crs
+        if crs is None:
+            raise GeoInputError("from_xarray: the array carries no CRS")
+        t = obj.rio.transform(recalc=True)
+        return cls(to_crs(crs), t, (obj.sizes["y"], obj.sizes["x"]))
+
+    # -- io ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (for store attributes)."""
+        epsg = self.epsg
+        return {
+            "crs": f"EPSG:{epsg}" if epsg is not None else self.crs.to_wkt(),
+            "transform": [float(v) for v in tuple(self.transform)[:6]],
+            "shape": [int(self.shape[0]), int(self.shape[1])],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Region":
+        try:
+            return cls(to_crs(d["crs"]), Affine(*d["transform"][:6]), tuple(d["shape"]))
+        except (KeyError, TypeError) as e:
+            raise GeoInputError(f"Region.from_dict: malformed region dict {d!r} ({e})") from None
+
+    def __repr__(self) -> str:
+        b = ", ".join(f"{v:.1f}" for v in self.bounds)
+        return f"Region(EPSG:{self.epsg}, shape={self.shape}, res={self.resolution} m, bounds=({b}))"
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of a Region's chunk-aligned tiling.
+
+    `region` includes the halo; `inner` is the (y_slice, x_slice) of the tile without halo in the
+    full raster (a valid Zarr `region=`); `crop` is the (y_slice, x_slice) of that inner part
+    within the halo'd tile's raster."""
+
+    tile_y: int
+    tile_x: int
+    region: Region
+    inner: tuple[slice, slice]
+    crop: tuple[slice, slice] = field(repr=False)
+
+    @property
+    def index(self) -> tuple[int, int]:
+        return (self.tile_y, self.tile_x)
+
+
+def _reproject_geom(geom: BaseGeometry, src: Any, dst: Any) -> BaseGeometry:
+    """A shapely geometry from CRS `src` to `dst`."""
+    src, dst = to_crs(src), to_crs(dst)
+    if src == dst:
+        return geom
+    tr = transformer(src, dst)
+    return shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
