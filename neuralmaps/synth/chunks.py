@@ -1,0 +1,722 @@
+"""Training chunks: map-scene / query pairs from the digital twin, written to a Zarr store.
+
+The store (SNAP's pair-scene-view mode; docs/architecture.md) has one entry per pair along `pair`:
+map views (images, `T_scene_view`, intrinsics, run, time), the scene's aerial and semantic rasters
+(north-up, `cell_m`), one query view from another run with its ground-truth `T_scene_query`, and
+the split. Frames: the scene frame is x east, y north, z up with its origin at the scene's SW corner
+at ground level; `scene_origin` is that corner's CRS easting/northing. World-local frame (the
+digital twin's) = CRS − `world.origin`, ground at z = 0.
+
+Writing is resumable: the template is created first (`to_zarr(compute=False)`), each chunk of pairs
+is written with `region=`, and the chunk's `pair_done` marker is written LAST. Pair i depends only
+on (seed, i) and the world, so a resumed run yields the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..config import CLASS_NAMES, Config, preset
+from ..data.chunk_store import (
+    CAMERA_MODELS,
+    PAIR_DONE_SEMANTICS,
+    SPLIT_NAMES,
+    STORE_FORMAT_VERSION,
+    check_store_attrs,
+)
+
+__all__ = [
+    "STORE_FORMAT_VERSION",
+    "SPLIT_NAMES",
+    "SPLIT_BLOCK_M",
+    "CAMERA_MODELS",
+    "write_training_chunks",
+    "split_of_block",
+    "block_of_xy",
+    "T_scene_world",
+    "check_store_attrs",
+    "data_fingerprint",
+]
+
+SPLIT_BLOCK_M = 150.0  # side of the square areas (aligned to CRS multiples) that are assigned a split
+MAX_ATTEMPTS_PER_PAIR = 400
+MIN_QUERY_OVERLAP = 0.3  # fraction of the query's BEV frustum that must lie inside the scene
+MAX_VIEW_DEPTH_M = 32.0  # scene points farther than this from a camera do not count as covered
+SOURCE_CHUNK = 1 << 20
+
+
+# -- conventions ---------------------------------------------------------------------------------
+def T_scene_world(scene_origin_en: Sequence[float], world_origin_en: Sequence[float]) -> np.ndarray:
+    """(4, 4) float64 transform from the world-local frame to the scene frame.
+
+    Both frames are x east, y north, z up with ground at z = 0; they differ by the translation
+    between the scene's SW corner and the world origin (both CRS easting, northing in metres).
+    """
+    T = np.eye(4)
+    T[0, 3] = float(world_origin_en[0]) - float(scene_origin_en[0])
+    T[1, 3] = float(world_origin_en[1]) - float(scene_origin_en[1])
+    return T
+
+
+def block_of_xy(x: float | np.ndarray, y: float | np.ndarray, block_m: float = SPLIT_BLOCK_M):
+    """Integer (bx, by) of the split block containing CRS point(s) (x, y)."""
+    return np.floor(np.asarray(x) / block_m).astype(np.int64), np.floor(np.asarray(y) / block_m).astype(np.int64)
+
+
+def split_of_block(bx: int, by: int, fractions: Sequence[float]) -> int:
+    """Split index (into SPLIT_NAMES) of block (bx, by): a deterministic hash, independent of the
+    seed and of the extract's bounds, so two stores of one area never disagree."""
+    f = np.asarray(fractions, dtype=float)
+    if f.shape != (3,) or (f < 0).any() or not math.isclose(f.sum(), 1.0, abs_tol=1e-6):
+        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {tuple(fractions)}")
+    h = hashlib.sha256(f"neuralmaps-split:{int(bx)}:{int(by)}".encode()).digest()
+    u = int.from_bytes(h[:8], "little") / 2.0**64
+    return int(min(np.searchsorted(np.cumsum(f), u, side="right"), 2))
+
+
+def data_fingerprint(config: Config) -> str:
+    """Fingerprint of the config sections that change the stored data (scene, synth)."""
+    return config.fingerprint("scene", "synth")
+
+
+def _sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(SOURCE_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- pose / camera adapters (the geometry module's types, as plain numpy) ---------------------------
+def _pose_matrix(T: Any) -> np.ndarray:
+    """(4, 4) float64 of a Transform3D, torch tensor or array."""
+    if hasattr(T, "matrix"):
+        T = T.matrix()
+    if hasattr(T, "detach"):
+        T = T.detach().cpu().numpy()
+    return np.asarray(T, dtype=np.float64).reshape(4, 4)
+
+
+def _check_pose(T: np.ndarray, what: str) -> None:
+    """Reject non-finite or non-rigid poses with a message naming `what`."""
+    if not np.isfinite(T).all():
+        raise ValueError(f"{what}: pose has non-finite values (NaN/inf); refusing to write it")
+    R = T[:3, :3]
+    if not np.allclose(R @ R.T, np.eye(3), atol=1e-4) or not math.isclose(float(np.linalg.det(R)), 1.0, abs_tol=1e-4):
+        raise ValueError(f"{what}: pose rotation is not a proper rotation matrix")
+    if not np.allclose(T[3], [0, 0, 0, 1]):
+        raise ValueError(f"{what}: pose matrix has a bad last row {T[3].tolist()}")
+
+
+def _intrinsics(camera: Any) -> np.ndarray:
+    """(8,) float64 `[w, h, fx, fy, cx, cy, k1, k2]`."""
+    t = camera.to_tensor()
+    t = t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+    return np.asarray(t, dtype=np.float64).reshape(-1)[:8]
+
+
+def _camera_model(camera: Any) -> int:
+    """Index into CAMERA_MODELS of a geometry camera (its `model` name)."""
+    model = getattr(camera, "model", "pinhole")
+    if model not in CAMERA_MODELS:
+        raise ValueError(f"unsupported camera model {model!r}; expected one of {CAMERA_MODELS}")
+    return CAMERA_MODELS.index(model)
+
+
+def _days(t: Any) -> float:
+    """A run/frame time as days (float): datetimes via their POSIX timestamp, numbers as days."""
+    if hasattr(t, "timestamp"):
+        return float(t.timestamp()) / 86400.0
+    if isinstance(t, np.datetime64):
+        return float((t - np.datetime64("1970-01-01T00:00:00")) / np.timedelta64(1, "s")) / 86400.0
+    return float(t)
+
+
+# -- the table of all captured views ---------------------------------------------------------------
+@dataclass
+class _Views:
+    """Every view of every frame of every run, flattened (N views)."""
+
+    run: np.ndarray  # (N,) int, index into runs
+    frame: np.ndarray  # (N,) int, frame index in its run
+    name: np.ndarray  # (N,) int, index into camera_names
+    T_world_cam: np.ndarray  # (N, 4, 4) float64, world-local frame
+    time_days: np.ndarray  # (N,) float64
+    is_query_run: np.ndarray  # (N,) bool
+    cameras: list  # (N,) camera objects
+    camera_names: list[str]
+
+    @property
+    def xy(self) -> np.ndarray:
+        return self.T_world_cam[:, :2, 3]
+
+
+def _run_time_days(run: Any, frame: Any) -> float:
+    """Time of a frame in days: the run's time plus the frame's timestamp (seconds)."""
+    base = _days(run.time)
+    ts = getattr(frame, "timestamp", 0.0)
+    return base + (float(ts) / 86400.0 if isinstance(ts, (int, float, np.number)) else 0.0)
+
+
+def _view_table(runs: Sequence[Any]) -> _Views:
+    """Flatten the runs' views, validating every pose (a NaN pose fails here, before any write)."""
+    rows: list[tuple] = []
+    names: list[str] = []
+    for r, run in enumerate(runs):
+        for f, frame in enumerate(run.frames):
+            for name, (camera, T) in frame.views.items():
+                M = _pose_matrix(T)
+                _check_pose(M, f"run {run.run_id!r} frame {f} view {name!r}")
+                if name not in names:
+                    names.append(name)
+                rows.append((r, f, names.index(name), M, _run_time_days(run, frame), run.kind == "query", camera))
+    if not rows:
+        raise ValueError("the simulated runs contain no views")
+    run, frame, name, T, t, q, cams = zip(*rows)
+    return _Views(
+        np.asarray(run), np.asarray(frame), np.asarray(name), np.stack(T), np.asarray(t, dtype=np.float64),
+        np.asarray(q, dtype=bool), list(cams), names,
+    )
+
+
+# -- pair sampling -----------------------------------------------------------------------------------
+@dataclass
+class _PairPlan:
+    scene_origin: np.ndarray  # (2,) CRS E, N of the SW corner
+    views: np.ndarray  # (v,) indices into _Views, v <= num_views
+    query: int  # index into _Views
+    overlap: float
+    observed: float
+    block: tuple[int, int]
+    split: int
+
+
+def _scene_points(size_xy: tuple[float, float], n: tuple[int, int] = (6, 8), heights=(0.0, 1.5)) -> np.ndarray:
+    """(P, 3) sample points of a scene (scene frame): a regular ground grid at a few heights."""
+    xs = (np.arange(n[0]) + 0.5) / n[0] * size_xy[0]
+    ys = (np.arange(n[1]) + 0.5) / n[1] * size_xy[1]
+    g = np.stack(np.meshgrid(xs, ys, heights, indexing="ij"), -1).reshape(-1, 3)
+    return g
+
+
+def _frustum_points(depth_m: float, hfov_deg: float, n: int = 16) -> np.ndarray:
+    """(P, 2) area-uniform points of a BEV frustum in the camera's ground frame (x forward, y left)."""
+    r = np.sqrt((np.arange(n) + 0.5) / n) * depth_m
+    a = np.deg2rad(hfov_deg) * ((np.arange(2 * n) + 0.5) / (2 * n) - 0.5)
+    rr, aa = np.meshgrid(r, a, indexing="ij")
+    w = rr.reshape(-1)  # weight ∝ r so that the polar samples are area-uniform
+    pts = np.stack([rr * np.cos(aa), rr * np.sin(aa)], -1).reshape(-1, 2)
+    return np.concatenate([pts, w[:, None]], 1)
+
+
+def _forward_xy(T_world_cam: np.ndarray) -> np.ndarray:
+    """(..., 2) unit ground direction of the optical axis (camera +z) of (..., 4, 4) poses."""
+    d = T_world_cam[..., :2, 2]
+    return d / np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-9)
+
+
+def _visible(views: _Views, idx: np.ndarray, points_world: np.ndarray) -> np.ndarray:
+    """(len(idx), P) bool: which world-local points (P, 3) project inside each view's image, in
+    front of the camera and closer than MAX_VIEW_DEPTH_M (no occlusion test)."""
+    import torch
+
+    idx = np.asarray(idx, dtype=np.int64)
+    out = np.zeros((len(idx), len(points_world)), dtype=bool)
+    T = views.T_world_cam[idx]
+    p_cam = np.einsum("npk,nkj->npj", points_world[None] - T[:, None, :3, 3], T[:, :3, :3])  # R^T (p - t)
+    near = np.linalg.norm(p_cam, axis=-1) < MAX_VIEW_DEPTH_M
+    groups: dict[int, list[int]] = {}
+    for k, i in enumerate(idx):  # one batched projection per camera object (rig cameras are shared)
+        groups.setdefault(id(views.cameras[i]), []).append(k)
+    for ks in groups.values():
+        cam = views.cameras[idx[ks[0]]]
+        _, valid = cam.project(torch.from_numpy(p_cam[ks]).to(torch.float32))
+        out[ks] = valid.numpy().astype(bool) & near[ks]
+    return out
+
+
+@dataclass
+class _Context:
+    config: Config
+    views: _Views
+    world_origin: np.ndarray  # (2,) CRS E, N of the world-local origin
+    world_bounds: tuple[float, float, float, float]  # CRS bounds where scenes may lie
+    fractions: tuple[float, float, float]
+    block_m: float
+
+
+def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
+    """Choose pair i's query view, scene placement and map views; depends only on (seed, i, ctx)."""
+    cfg = ctx.config
+    sx, sy = cfg.scene.size_m[:2]
+    cell = cfg.scene.cell_m
+    V = ctx.views
+    rng = np.random.default_rng([int(seed), int(i), 0x5EED])
+    q_pool = np.flatnonzero(V.is_query_run)
+    if len(q_pool) == 0:  # no pedestrian runs: queries come from map runs (map views then from others)
+        q_pool = np.arange(len(V.run))
+    fr = _frustum_points(cfg.scene.query_depth_m, cfg.scene.query_hfov_deg)
+    cam_xy_crs = V.xy + ctx.world_origin
+    x0, y0, x1, y1 = ctx.world_bounds
+    for _ in range(MAX_ATTEMPTS_PER_PAIR):
+        q = int(rng.choice(q_pool))
+        Tq = V.T_world_cam[q]
+        q_xy = Tq[:2, 3] + ctx.world_origin
+        fwd = _forward_xy(Tq)
+        # Scene centre: a few metres ahead of the query, jittered; SW corner snapped to the cell lattice.
+        centre = q_xy + fwd * rng.uniform(2.0, 0.6 * cfg.scene.query_depth_m) + rng.normal(0.0, 3.0, 2)
+        origin = np.round((centre - np.array([sx, sy]) / 2) / cell) * cell
+        if origin[0] < x0 or origin[1] < y0 or origin[0] + sx > x1 or origin[1] + sy > y1:
+            continue
+        # The scene and the query camera must lie in one split block.
+        bx0, by0 = block_of_xy(origin[0], origin[1], ctx.block_m)
+        bx1, by1 = block_of_xy(origin[0] + sx - 1e-6, origin[1] + sy - 1e-6, ctx.block_m)
+        bqx, bqy = block_of_xy(q_xy[0], q_xy[1], ctx.block_m)
+        if not (bx0 == bx1 == bqx and by0 == by1 == bqy):
+            continue
+        # Overlap: area fraction of the query's BEV frustum inside the scene.
+        left = np.array([-fwd[1], fwd[0]])
+        pts = q_xy + fr[:, :1] * fwd + fr[:, 1:2] * left
+        wgt = fr[:, 2]
+        in_scene = (pts[:, 0] >= origin[0]) & (pts[:, 0] < origin[0] + sx) & (pts[:, 1] >= origin[1]) & (pts[:, 1] < origin[1] + sy)
+        overlap = float((wgt * in_scene).sum() / wgt.sum())
+        if overlap < MIN_QUERY_OVERLAP:
+            continue
+        # Map-view candidates: other runs, near the scene centre, same block, within the time window.
+        c = origin + np.array([sx, sy]) / 2
+        bvx, bvy = block_of_xy(cam_xy_crs[:, 0], cam_xy_crs[:, 1], ctx.block_m)
+        cand = np.flatnonzero(
+            (V.run != V.run[q])
+            & ~V.is_query_run
+            & (np.linalg.norm(cam_xy_crs - c, axis=1) <= cfg.scene.max_view_distance_m)
+            & (bvx == bqx) & (bvy == bqy)
+            & (np.abs(V.time_days - V.time_days[q]) <= cfg.synth.query_max_time_delta_days)
+        )
+        if len(cand) < cfg.synth.min_views_in_scene:
+            continue
+        cand = cand[rng.permutation(len(cand))]
+        pts_scene = _scene_points((sx, sy))
+        pts_world = pts_scene + np.r_[origin - ctx.world_origin, 0.0]
+        vis = _visible(V, cand, pts_world)
+        chosen = _greedy_cover(vis, cand, V, cfg.scene.num_views)
+        if len(chosen) < cfg.synth.min_views_in_scene:
+            continue
+        chosen_idx = cand[chosen]
+        # Observed: frustum samples inside the scene and seen by a chosen map view (ground points).
+        in_pts = np.c_[pts[in_scene] - ctx.world_origin, np.zeros(int(in_scene.sum()))]
+        seen = _visible(V, chosen_idx, in_pts).any(0) if len(in_pts) else np.zeros(0, bool)
+        observed = float((wgt[in_scene] * seen).sum() / wgt.sum())
+        split = split_of_block(int(bqx), int(bqy), ctx.fractions)
+        return _PairPlan(origin, chosen_idx, q, overlap, observed, (int(bqx), int(bqy)), split)
+    raise ValueError(
+        f"pair {i}: found no valid scene/query placement in {MAX_ATTEMPTS_PER_PAIR} attempts "
+        "(region too small for the scene and split blocks, or too few capture runs)"
+    )
+
+
+def _greedy_cover(vis: np.ndarray, cand: np.ndarray, V: _Views, k: int) -> list[int]:
+    """Up to k candidate positions (into `cand`) greedily covering the scene points, preferring
+    views from different frames; candidates seeing nothing are never chosen."""
+    covered = np.zeros(vis.shape[1], dtype=bool)
+    chosen: list[int] = []
+    used_frames: set[tuple[int, int]] = set()
+    for _ in range(k):
+        gain = (vis & ~covered).sum(1).astype(float)
+        gain += 0.5 * (vis.sum(1) > 0)  # still useful when everything is covered
+        for j in chosen:
+            gain[j] = -1
+        frames = [(int(V.run[c]), int(V.frame[c])) for c in cand]
+        gain -= 0.25 * np.array([f in used_frames for f in frames])
+        j = int(np.argmax(gain))  # ties: first in the (seeded) random order
+        if gain[j] <= 0 or vis[j].sum() == 0:
+            break
+        chosen.append(j)
+        covered |= vis[j]
+        used_frames.add(frames[j])
+    return chosen
+
+
+# -- rendering one pair ------------------------------------------------------------------------------
+def _image_u8(rgb: Any, hw: tuple[int, int], what: str) -> np.ndarray:
+    a = np.asarray(rgb)
+    if a.shape != (hw[0], hw[1], 3) or a.dtype != np.uint8:
+        raise ValueError(f"{what}: renderer returned {a.dtype} {a.shape}, expected uint8 {(hw[0], hw[1], 3)}")
+    return a
+
+
+def _render_pair(i: int, plan: _PairPlan, ctx: _Context, world: Any, runs: Sequence[Any], class_raster: Any,
+                 class_region: Any, aerial_appearance: Any) -> dict[str, np.ndarray]:
+    """All arrays of pair i (no leading pair dim)."""
+    from ..geo import Region
+
+    cfg = ctx.config
+    Vn, (H, W) = cfg.scene.num_views, cfg.scene.image_hw
+    sx, sy = cfg.scene.size_m[:2]
+    V = ctx.views
+    T_sw = T_scene_world(plan.scene_origin, ctx.world_origin)
+
+    out: dict[str, np.ndarray] = {
+        "map_image": np.zeros((Vn, H, W, 3), np.uint8),
+        "map_T_scene_view": np.tile(np.eye(4), (Vn, 1, 1)),
+        "map_camera": np.zeros((Vn, 8)),
+        "map_camera_model": np.full(Vn, -1, np.int8),
+        "map_run": np.full(Vn, -1, np.int16),
+        "map_frame": np.full(Vn, -1, np.int32),
+        "map_camera_name": np.full(Vn, -1, np.int8),
+        "map_time_days": np.zeros(Vn),
+        "map_view_mask": np.zeros(Vn, bool),
+    }
+    for k, v in enumerate(plan.views):
+        cam, run = V.cameras[v], runs[V.run[v]]
+        T = T_sw @ V.T_world_cam[v]
+        _check_pose(T, f"pair {i} map view {k}")
+        r = world.render(cam, V.T_world_cam[v], run.appearance)
+        out["map_image"][k] = _image_u8(r.rgb, (H, W), f"pair {i} map view {k}")
+        out["map_T_scene_view"][k] = T
+        out["map_camera"][k] = _intrinsics(cam)
+        out["map_camera_model"][k] = _camera_model(cam)
+        out["map_run"][k] = V.run[v]
+        out["map_frame"][k] = V.frame[v]
+        out["map_camera_name"][k] = V.name[v]
+        out["map_time_days"][k] = V.time_days[v]
+        out["map_view_mask"][k] = True
+
+    q = plan.query
+    cam, run = V.cameras[q], runs[V.run[q]]
+    Tq = T_sw @ V.T_world_cam[q]
+    _check_pose(Tq, f"pair {i} query")
+    r = world.render(cam, V.T_world_cam[q], run.appearance)
+    out["query_image"] = _image_u8(r.rgb, (H, W), f"pair {i} query")
+    out["query_depth"] = np.asarray(r.depth, dtype=np.float32).reshape(H, W)
+    out["query_labels"] = np.asarray(r.labels).astype(np.uint8).reshape(H, W)
+    out["query_T_scene_cam"] = Tq
+    out["query_camera"] = _intrinsics(cam)
+    out["query_camera_model"] = np.int8(_camera_model(cam))
+    out["query_run"] = np.int16(V.run[q])
+    out["query_frame"] = np.int32(V.frame[q])
+    out["query_camera_name"] = np.int8(V.name[q])
+    out["query_time_days"] = np.float64(V.time_days[q])
+    out["query_time_delta_days"] = np.float32(np.abs(V.time_days[plan.views] - V.time_days[q]).min())
+    out["query_overlap"] = np.float32(plan.overlap)
+    out["query_observed"] = np.float32(plan.observed)
+
+    # Rasters of the scene, north-up at cell_m: aerial rendered per scene, semantics cropped.
+    scene_bounds = (plan.scene_origin[0], plan.scene_origin[1], plan.scene_origin[0] + sx, plan.scene_origin[1] + sy)
+    scene_region = Region.from_bounds(scene_bounds, class_region.crs, cfg.scene.cell_m)
+    ny, nx = round(sy / cfg.scene.cell_m), round(sx / cfg.scene.cell_m)
+    if scene_region.shape != (ny, nx):
+        raise ValueError(f"pair {i}: scene grid {scene_region.shape} != expected {(ny, nx)}")
+    ys, xs = class_region.slices_of(scene_region)
+    sem = np.asarray(class_raster[:, ys, xs]).astype(np.uint8)
+    if sem.shape != (len(CLASS_NAMES), ny, nx):
+        raise ValueError(f"pair {i}: scene lies outside the class raster ({sem.shape})")
+    local = np.subtract(scene_bounds, np.r_[ctx.world_origin, ctx.world_origin])
+    aerial = np.asarray(world.render_orthophoto(tuple(local), cfg.scene.cell_m, aerial_appearance))
+    if aerial.shape != (ny, nx, 3):
+        raise ValueError(f"pair {i}: orthophoto renderer returned {aerial.shape}, expected {(ny, nx, 3)}")
+    out["aerial"] = np.ascontiguousarray(aerial.transpose(2, 0, 1))
+    out["semantic"] = sem
+    out["scene_origin"] = np.asarray(plan.scene_origin, np.float64)
+    out["split"] = np.int8(plan.split)
+    out["block"] = np.asarray(plan.block, np.int32)
+    return out
+
+
+# -- the store ---------------------------------------------------------------------------------------
+def _schema(config: Config) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str, Any]]:
+    """name -> (dims without `pair`, shape without pair, dtype, fill) of every per-pair variable."""
+    Vn, (H, W) = config.scene.num_views, config.scene.image_hw
+    sx, sy = config.scene.size_m[:2]
+    X, Y = round(sx / config.scene.cell_m), round(sy / config.scene.cell_m)
+    K = len(CLASS_NAMES)
+    return {
+        "map_image": (("view", "y_img", "x_img", "rgb"), (Vn, H, W, 3), "uint8", 0),
+        "map_T_scene_view": (("view", "row", "col"), (Vn, 4, 4), "float64", np.nan),
+        "map_camera": (("view", "intrinsic"), (Vn, 8), "float64", np.nan),
+        "map_camera_model": (("view",), (Vn,), "int8", -1),
+        "map_run": (("view",), (Vn,), "int16", -1),
+        "map_frame": (("view",), (Vn,), "int32", -1),
+        "map_camera_name": (("view",), (Vn,), "int8", -1),
+        "map_time_days": (("view",), (Vn,), "float64", np.nan),
+        "map_view_mask": (("view",), (Vn,), "bool", False),
+        "scene_origin": (("en",), (2,), "float64", np.nan),
+        "aerial": (("band", "y", "x"), (3, Y, X), "uint8", 0),
+        "semantic": (("class", "y", "x"), (K, Y, X), "uint8", 0),
+        "query_image": (("y_img", "x_img", "rgb"), (H, W, 3), "uint8", 0),
+        "query_depth": (("y_img", "x_img"), (H, W), "float32", np.nan),
+        "query_labels": (("y_img", "x_img"), (H, W), "uint8", 0),
+        "query_T_scene_cam": (("row", "col"), (4, 4), "float64", np.nan),
+        "query_camera": (("intrinsic",), (8,), "float64", np.nan),
+        "query_camera_model": ((), (), "int8", -1),
+        "query_run": ((), (), "int16", -1),
+        "query_frame": ((), (), "int32", -1),
+        "query_camera_name": ((), (), "int8", -1),
+        "query_time_days": ((), (), "float64", np.nan),
+        "query_time_delta_days": ((), (), "float32", np.nan),
+        "query_overlap": ((), (), "float32", np.nan),
+        "query_observed": ((), (), "float32", np.nan),
+        "split": ((), (), "int8", -1),
+        "block": (("ij",), (2,), "int32", 0),
+    }
+
+
+VARIABLE_DOCS = {
+    "map_image": "map-run views, uint8 RGB (y_img, x_img, rgb); padding views are zero",
+    "map_T_scene_view": "camera-to-scene poses (OpenCV camera frame; scene frame x east, y north, z up, SW corner)",
+    "map_camera": "intrinsics [w, h, fx, fy, cx, cy, k1, k2] (pixels; pixel centres at +0.5)",
+    "map_camera_model": "index into attrs camera_models; -1 = padding",
+    "map_run": "index into attrs runs; -1 = padding",
+    "map_time_days": "capture time (days since the POSIX epoch)",
+    "scene_origin": "CRS easting, northing (m) of the scene's SW corner",
+    "aerial": "orthophoto of the scene, north-up (row 0 north), cell_m, fixed 'aerial' appearance",
+    "semantic": "class raster of the scene {0,1}, north-up, channels = attrs class_names",
+    "query_depth": "renderer depth of the query view (m), NaN/inf where no hit",
+    "query_labels": "renderer per-pixel labels of the query view",
+    "query_T_scene_cam": "ground-truth query camera-to-scene pose",
+    "query_time_delta_days": "min |query time - map view time| (days)",
+    "query_overlap": "area fraction of the query BEV frustum (query_depth_m, query_hfov_deg) inside the scene",
+    "query_observed": "area fraction of the query BEV frustum inside the scene and seen by a map view (ground)",
+    "split": "index into attrs split_names; assigned by split block (attrs split_blocks)",
+    "block": "(bx, by) split block: CRS x in [bx, bx+1) * split_block_m, same for y",
+    "pair_done": "True once every other variable of the pair's chunk is written (written last)",
+}
+
+
+def _template(num_pairs: int, config: Config, crs: Any, attrs: dict, pairs_per_chunk: int):
+    import dask.array as da
+    import rioxarray  # noqa: F401
+    import xarray as xr
+
+    data_vars = {}
+    for name, (dims, shape, dtype, fill) in _schema(config).items():
+        arr = da.zeros((num_pairs, *shape), dtype=dtype, chunks=(pairs_per_chunk, *shape))
+        data_vars[name] = (("pair", *dims), arr, {"description": VARIABLE_DOCS.get(name, "")})
+    data_vars["pair_done"] = (("pair",), da.zeros((num_pairs,), bool, chunks=(pairs_per_chunk,)),
+                              {"description": VARIABLE_DOCS["pair_done"]})
+    ds = xr.Dataset(data_vars, attrs=attrs)
+    ds = ds.rio.write_crs(crs)
+    encoding = {name: {"fill_value": fill} for name, (_, _, _, fill) in _schema(config).items()}
+    encoding["pair_done"] = {"fill_value": False}
+    return ds, encoding
+
+
+def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source_sha: str, runs: Sequence[Any],
+                 views: _Views, layout: dict[str, str], bounds: tuple, world_origin, pairs_per_chunk: int,
+                 run_counts: tuple[int, int]) -> dict:
+    vehicle_types = sorted({str(getattr(r, "vehicle", "")) for r in runs})
+    return {
+        "title": "neuralmaps training chunks (map scene / query pairs)",
+        "store_format_version": STORE_FORMAT_VERSION,
+        "neuralmaps_version": __version__,
+        "class_names": list(CLASS_NAMES),
+        "config": json.dumps(config.to_dict()),
+        "config_fingerprint": config.fingerprint(),
+        "data_fingerprint": data_fingerprint(config),
+        "scene_fingerprint": config.fingerprint("scene"),
+        "seed": int(seed),
+        "num_pairs": int(num_pairs),
+        "pairs_per_chunk": int(pairs_per_chunk),
+        "source_path": str(source),
+        "source_sha256": source_sha,
+        "num_map_runs": int(run_counts[0]),
+        "num_query_runs": int(run_counts[1]),
+        "world_origin_en": [float(v) for v in world_origin],
+        "scene_bounds_limit": [float(v) for v in bounds],
+        "pair_done_semantics": PAIR_DONE_SEMANTICS,
+        "split_names": list(SPLIT_NAMES),
+        "split_fractions": list(config.synth.split_fractions),
+        "split_block_m": SPLIT_BLOCK_M,
+        "split_block_rule": "block (bx, by) = floor(CRS (x, y) / split_block_m); a pair's scene, query "
+                            "camera and map cameras all lie in one block; split = sha256 hash of the block",
+        "split_blocks": json.dumps(layout),
+        "camera_models": list(CAMERA_MODELS),
+        "camera_names": list(views.camera_names),
+        "vehicle_types": vehicle_types,
+        "runs": json.dumps([
+            {"index": k, "run_id": str(r.run_id), "kind": str(r.kind), "vehicle": str(getattr(r, "vehicle", "")),
+             "time_days": _days(r.time), "num_frames": len(r.frames)}
+            for k, r in enumerate(runs)
+        ]),
+        "aerial_appearance": "fixed 'aerial' appearance (distinct from every run's)",
+        "frames": "scene: x east, y north, z up, origin at SW corner at ground; cameras: OpenCV",
+    }
+
+
+def _split_layout(bounds: tuple, fractions: Sequence[float], block_m: float) -> dict[str, str]:
+    """'bx,by' -> split name for every block touching `bounds` (CRS)."""
+    bx0, by0 = block_of_xy(bounds[0], bounds[1], block_m)
+    bx1, by1 = block_of_xy(bounds[2], bounds[3], block_m)
+    return {f"{bx},{by}": SPLIT_NAMES[split_of_block(bx, by, fractions)]
+            for bx in range(int(bx0), int(bx1) + 1) for by in range(int(by0), int(by1) + 1)}
+
+
+def _open_existing(out: Path, expect: dict) -> np.ndarray | None:
+    """pair_done of a compatible existing store, or None when there is no store at `out`."""
+    import zarr
+
+    if not out.exists():
+        return None
+    try:
+        g = zarr.open_group(str(out), mode="r")
+        attrs = dict(g.attrs)
+        check_store_attrs(attrs, out, expect)
+        return np.asarray(g["pair_done"][:], dtype=bool)
+    except ValueError:
+        raise
+    except Exception as e:  # not a zarr store, or unreadable
+        raise ValueError(f"{out}: exists but is not a readable training-chunk store ({e}); "
+                         "use another --out or pass --overwrite") from None
+
+
+def _write_chunk(out: Path, start: int, items: list[dict[str, np.ndarray]], config: Config) -> None:
+    """Write pairs [start, start + len(items)) (one chunk), then their pair_done marker."""
+    import xarray as xr
+
+    schema = _schema(config)
+    sl = {"pair": slice(start, start + len(items))}
+    data = {name: (("pair", *schema[name][0]), np.stack([it[name] for it in items]).astype(schema[name][2]))
+            for name in schema}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        xr.Dataset(data).to_zarr(str(out), region=sl, mode="r+", zarr_format=3)
+        xr.Dataset({"pair_done": (("pair",), np.ones(len(items), bool))}).to_zarr(
+            str(out), region=sl, mode="r+", zarr_format=3)
+
+
+# -- the entry point ---------------------------------------------------------------------------------
+def write_training_chunks(
+    osm: str | os.PathLike,
+    out: str | os.PathLike,
+    num_pairs: int,
+    seed: int = 0,
+    config: Config | None = None,
+    preview_dir: str | os.PathLike | None = None,
+    *,
+    region: Any = None,
+    overwrite: bool = False,
+    world: Any = None,
+    runs: Sequence[Any] | None = None,
+    num_map_runs: int = 4,
+    num_query_runs: int = 3,
+    pairs_per_chunk: int = 1,
+    progress: bool = True,
+    on_pair_written: Callable[[int], None] | None = None,
+    num_previews: int = 4,
+) -> Path:
+    """Write `num_pairs` map-scene/query pairs of the OSM extract `osm` to the Zarr store `out`.
+
+    Resumes an existing store written by the same command (same format, config data sections,
+    seed, source file and N; anything else is a ValueError unless `overwrite`). `world` / `runs`
+    may be passed pre-built (then `region`, `num_*_runs` only go into the attrs). `region` crops
+    the extract (a `neuralmaps.geo.Region`, or a lon/lat box). `on_pair_written(i)` is called after
+    each pair's chunk is marked done. Returns the store path.
+    """
+    from tqdm.auto import tqdm
+
+    config = config if config is not None else preset("cpu-tiny")
+    osm, out = Path(osm), Path(out)
+    if not osm.is_file():
+        raise FileNotFoundError(f"OSM file not found: {osm}")
+    num_pairs, pairs_per_chunk = int(num_pairs), int(pairs_per_chunk)
+    if num_pairs <= 0 or pairs_per_chunk <= 0:
+        raise ValueError(f"num_pairs and pairs_per_chunk must be positive, got {num_pairs}, {pairs_per_chunk}")
+    sx, sy = config.scene.size_m[:2]
+    for s in (sx, sy):
+        if not math.isclose(s / config.scene.cell_m, round(s / config.scene.cell_m), abs_tol=1e-6):
+            raise ValueError(f"scene size {s} m is not a multiple of cell_m {config.scene.cell_m}")
+    source_sha = _sha256_file(osm)
+    expect = {"data_fingerprint": data_fingerprint(config), "seed": int(seed), "num_pairs": num_pairs,
+              "source_sha256": source_sha, "pairs_per_chunk": pairs_per_chunk}
+
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    done = _open_existing(out, expect)
+    if done is not None and done.all():
+        if preview_dir is not None:
+            _previews(out, preview_dir, num_previews)
+        return out
+
+    if world is None:
+        from .world import World
+
+        world = World.from_osm(str(osm), region=region, seed=seed)
+    if runs is None:
+        from .capture import simulate_runs
+
+        runs = simulate_runs(world, num_map_runs, num_query_runs, seed)
+    views = _view_table(runs)  # validates every pose
+    run_counts = (sum(r.kind != "query" for r in runs), sum(r.kind == "query" for r in runs))
+
+    from ..geo import Region, rasterize_osm
+
+    wreg = world.region
+    class_region = Region.from_bounds(wreg.bounds, wreg.crs, config.scene.cell_m)
+    world_origin = np.asarray(world.origin, dtype=np.float64)[:2]
+    bounds = tuple(float(b) for b in wreg.bounds)
+    fractions = tuple(config.synth.split_fractions)
+    ctx = _Context(config, views, world_origin, bounds, fractions, SPLIT_BLOCK_M)
+
+    if done is None:
+        attrs = _store_attrs(config, seed, num_pairs, osm.resolve(), source_sha, runs, views,
+                             _split_layout(bounds, fractions, SPLIT_BLOCK_M), bounds, world_origin,
+                             pairs_per_chunk, run_counts)
+        _create_store(out, num_pairs, config, wreg.crs, attrs, pairs_per_chunk)
+        done = np.zeros(num_pairs, bool)
+
+    class_raster = np.asarray(rasterize_osm(world.layers, class_region))
+    aerial_appearance = _aerial_appearance()
+
+    todo = [s for s in range(0, num_pairs, pairs_per_chunk) if not done[s:s + pairs_per_chunk].all()]
+    bar = tqdm(total=num_pairs, initial=int(done.sum()), desc="pairs", unit="pair", disable=not progress)
+    for start in todo:
+        stop = min(start + pairs_per_chunk, num_pairs)
+        items = []
+        for i in range(start, stop):
+            plan = _sample_pair(i, seed, ctx)
+            items.append(_render_pair(i, plan, ctx, world, runs, class_raster, class_region, aerial_appearance))
+        _write_chunk(out, start, items, config)
+        bar.update(stop - start - int(done[start:stop].sum()))
+        if on_pair_written is not None:
+            for i in range(start, stop):
+                on_pair_written(i)
+    bar.close()
+    if preview_dir is not None:
+        _previews(out, preview_dir, num_previews)
+    return out
+
+
+def _create_store(out: Path, num_pairs: int, config: Config, crs: Any, attrs: dict, pairs_per_chunk: int) -> None:
+    """Write the template (metadata, no data) to a temporary path, then move it into place, so a
+    crash never leaves a half-made template at `out`."""
+    ds, encoding = _template(num_pairs, config, crs, attrs, pairs_per_chunk)
+    tmp = out.with_name(out.name + ".tmp-template")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        ds.to_zarr(str(tmp), compute=False, mode="w", zarr_format=3, encoding=encoding, consolidated=True)
+    os.replace(tmp, out)
+
+
+def _aerial_appearance() -> Any:
+    from .render import Appearance
+
+    return Appearance.aerial()
+
+
+def _previews(out: Path, preview_dir: str | os.PathLike, n: int) -> None:
+    from .preview import write_previews
+
+    write_previews(out, preview_dir, max_pairs=n)
