@@ -60,6 +60,16 @@ def _index_with_tail(idx: Any, tail: int) -> Any:
     return idx + (slice(None),) * tail
 
 
+def _check_batch(a: Any, b: Any, op: str) -> None:
+    """Raise a clear error when two batched objects' shapes do not broadcast."""
+    try:
+        torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{type(a).__name__}.{op}: batch shapes {tuple(a.shape)} and {tuple(b.shape)} do not broadcast"
+        ) from None
+
+
 def rotation_matrix_2d(angle: Tensor) -> Tensor:
     """Rotation matrices (..., 2, 2) for CCW angles (...,) in radians."""
     c, s = torch.cos(angle), torch.sin(angle)
@@ -176,6 +186,7 @@ class Transform2D:
 
     def compose(self, other: "Transform2D") -> "Transform2D":
         """self @ other: first other, then self."""
+        _check_batch(self, other, "compose")
         t = self.t + (self.R @ other.t[..., None])[..., 0]
         return self.__class__(self.angle + other.angle, t)
 
@@ -319,6 +330,7 @@ class Transform3D:
 
     def compose(self, other: "Transform3D") -> "Transform3D":
         """self @ other: first other, then self."""
+        _check_batch(self, other, "compose")
         return self.__class__(self.R @ other.R, self.t + (self.R @ other.t[..., None])[..., 0])
 
     def transform(self, p: Tensor) -> Tensor:
@@ -414,7 +426,7 @@ def bev_pose_to_camera(
     c, s = torch.cos(pitch), torch.sin(pitch)
     one, zero = torch.ones_like(c), torch.zeros_like(c)
     # Rotation about the camera x axis that tilts the optical axis towards image-up (-y).
-    R_level_cam = torch.stack([one, zero, zero, zero, c, s, zero, -s, c], -1).unflatten(-1, (3, 3))
+    R_level_cam = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], -1).unflatten(-1, (3, 3))
     cy, sy = torch.cos(T_scene_bev.angle), torch.sin(T_scene_bev.angle)
     one, zero = torch.ones_like(cy), torch.zeros_like(cy)
     R_scene_bev = torch.stack([cy, -sy, zero, sy, cy, zero, zero, zero, one], -1).unflatten(-1, (3, 3))
@@ -637,7 +649,12 @@ class FisheyeCamera(Camera):
         shape = data.shape[:-1]
         try:
             mf = self.max_fov_deg.to(dtype=data.dtype, device=data.device).expand(shape)
-        except RuntimeError:  # new batch shape (indexing / stacking): keep one value if uniform
+        except RuntimeError:
+            if not (self.max_fov_deg == self.max_fov_deg.reshape(-1)[0]).all():
+                raise ValueError(
+                    f"FisheyeCamera: cannot map per-camera max_fov_deg {tuple(self.max_fov_deg.shape)} "
+                    f"to the new batch shape {tuple(shape)}"
+                ) from None
             mf = self.max_fov_deg.reshape(-1)[0].to(dtype=data.dtype, device=data.device)
         return self.__class__(data, mf)
 
