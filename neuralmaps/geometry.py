@@ -212,6 +212,16 @@ class Transform2D:
         dr = torch.minimum(dr, 360 - dr)
         return dr, torch.linalg.norm(self.t, dim=-1)
 
+    def to_3d(self, z: Tensor | float = 0.0) -> "Transform3D":
+        """This pose as SE(3): a rotation about the z axis (up) and translation (t, z) metres."""
+        z = _as_tensor(z, like=self.t)
+        shape = torch.broadcast_shapes(self.shape, z.shape)
+        c, s = torch.cos(self.angle), torch.sin(self.angle)
+        one, zero = torch.ones_like(c), torch.zeros_like(c)
+        R = torch.stack([c, -s, zero, s, c, zero, zero, zero, one], -1).unflatten(-1, (3, 3))
+        t = torch.cat([self.t.expand(*shape, 2), z.expand(shape)[..., None]], -1)
+        return Transform3D(R.expand(*shape, 3, 3), t)
+
     # -- tensor plumbing ---------------------------------------------------------------------
     def to(self, *args: Any, **kwargs: Any) -> "Transform2D":
         return self.__class__(self.angle.to(*args, **kwargs), self.t.to(*args, **kwargs))
@@ -427,13 +437,8 @@ def bev_pose_to_camera(
     one, zero = torch.ones_like(c), torch.zeros_like(c)
     # Rotation about the camera x axis that tilts the optical axis towards image-up (-y).
     R_level_cam = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], -1).unflatten(-1, (3, 3))
-    cy, sy = torch.cos(T_scene_bev.angle), torch.sin(T_scene_bev.angle)
-    one, zero = torch.ones_like(cy), torch.zeros_like(cy)
-    R_scene_bev = torch.stack([cy, -sy, zero, sy, cy, zero, zero, zero, one], -1).unflatten(-1, (3, 3))
-    R = R_scene_bev @ R_bev_level @ R_level_cam
-    shape = torch.broadcast_shapes(T_scene_bev.shape, height.shape, pitch.shape)
-    t = torch.cat([T_scene_bev.t.expand(*shape, 2), height.expand(shape)[..., None]], -1)
-    return Transform3D(R.expand(*shape, 3, 3), t)
+    T_bev_cam = Transform3D(R_bev_level @ R_level_cam, torch.zeros(3, dtype=ref.dtype, device=ref.device))
+    return T_scene_bev.to_3d(height) @ T_bev_cam
 
 
 # ------------------------------------------------------------------------------------------------

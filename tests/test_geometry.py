@@ -216,6 +216,18 @@ def test_bev_pose_round_trip_with_pitch():
     assert dr.max() < 1e-7 and dt.max() < 1e-9
 
 
+def test_transform2d_to_3d_rotates_about_up():
+    gen = torch.Generator().manual_seed(9)
+    T = random_transform2d((3,), gen)
+    p = torch.randn(3, 4, 3, generator=gen, dtype=torch.float64)
+    q = T.to_3d(1.5)(p)
+    torch.testing.assert_close(q[..., :2], T(p[..., :2]))
+    torch.testing.assert_close(q[..., 2], p[..., 2] + 1.5)
+    # A camera moved by a 2D pose has its BEV pose composed with it.
+    cam = bev_pose_to_camera(T[0], 1.6, 0.2)
+    torch.testing.assert_close(camera_pose_to_bev(T[1].to_3d() @ cam).matrix(), (T[1] @ T[0]).matrix())
+
+
 def test_camera_looking_down_uses_image_up_as_forward():
     # Straight down, image up (-y) points north.
     R = torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]])
