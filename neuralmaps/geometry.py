@@ -688,12 +688,18 @@ class FisheyeCamera(Camera):
         dtype: torch.dtype | None = None,
         device: Any = None,
     ) -> "FisheyeCamera":
-        """Centred square-pixel fisheye whose horizontal FOV spans the image width exactly."""
+        """Centred square-pixel fisheye whose horizontal FOV spans the image width exactly.
+
+        `max_fov_deg` defaults to the FOV of the image diagonal (so every pixel is valid), at most
+        179 degrees."""
+        if not 0 < hfov_deg < 180:
+            raise ValueError(f"FisheyeCamera.from_fov: hfov_deg must be in (0, 180), got {hfov_deg}")
         theta = math.radians(hfov_deg) / 2
         f = 0.5 * w / (theta * (1 + k1 * theta**2 + k2 * theta**4))
-        if max_fov_deg is None:
-            max_fov_deg = min(max(cls.default_max_fov_deg, hfov_deg), 179.0)
         data = torch.tensor([w, h, f, f, w / 2, h / 2, k1, k2], dtype=dtype, device=device)
+        if max_fov_deg is None:
+            corner = cls(data.double(), 179.0).unproject(torch.zeros(1, 2, dtype=torch.float64, device=device))
+            max_fov_deg = min(2 * math.degrees(math.acos(float(corner[0, 2]))) + 1e-3, 179.0)
         return cls(data, max_fov_deg)
 
     def _radial(self, theta: Tensor) -> tuple[Tensor, Tensor]:

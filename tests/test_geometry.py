@@ -348,6 +348,10 @@ def test_from_fov_edges():
     t = math.radians(75.0)
     p2d, _ = fe.project(torch.tensor([[-math.sin(t), 0.0, math.cos(t)]], dtype=torch.float64))
     torch.testing.assert_close(p2d[0, 0], torch.tensor(0.0, dtype=torch.float64), atol=1e-9, rtol=0)
+    # The default max FOV covers the whole image, corners included.
+    corners = torch.tensor([[0.001, 0.001], [255.999, 127.999]], dtype=torch.float64)
+    _, valid = fe.project(fe.unproject(corners))
+    assert valid.all() and 150.0 < float(fe.max_fov_deg) < 179.0
 
 
 @pytest.mark.parametrize("make", [_pinhole, _fisheye])
@@ -393,6 +397,7 @@ def test_batched_cameras_and_points():
     torch.testing.assert_close(p2d[1], cams[1].project(p3d[1])[0])
     assert Camera.stack([cams[0], cams[1]]).to_tensor().equal(data)
     assert cams.float().dtype == torch.float32
+    assert isinstance(Camera.from_tensor(data[0], "fisheye"), FisheyeCamera)
     fe = camera_from_tensor(data, "fisheye", max_fov_deg=120.0)
     assert isinstance(fe, FisheyeCamera) and fe[1].max_fov_deg.item() == 120.0
     assert FisheyeCamera.stack([fe[0], fe[1]]).shape == (2,)
