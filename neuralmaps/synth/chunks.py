@@ -506,8 +506,11 @@ def _template(num_pairs: int, config: Config, crs: Any, attrs: dict, pairs_per_c
                               {"description": VARIABLE_DOCS["pair_done"]})
     ds = xr.Dataset(data_vars, attrs=attrs)
     ds = ds.rio.write_crs(crs)
-    encoding = {name: {"fill_value": fill} for name, (_, _, _, fill) in _schema(config).items()}
-    encoding["pair_done"] = {"fill_value": False}
+    # An explicit encoding replaces rioxarray's grid_mapping: put it back on every variable so
+    # `open_zarr(decode_coords="all").rio.crs` finds the CRS (DESIGN.md §6).
+    encoding = {name: {"fill_value": fill, "grid_mapping": "spatial_ref"}
+                for name, (_, _, _, fill) in _schema(config).items()}
+    encoding["pair_done"] = {"fill_value": False, "grid_mapping": "spatial_ref"}
     return ds, encoding
 
 
@@ -658,7 +661,7 @@ def write_training_chunks(
     views = _view_table(runs)  # validates every pose
     run_counts = (sum(r.kind != "query" for r in runs), sum(r.kind == "query" for r in runs))
 
-    from ..geo import Region, rasterize_osm
+    from ..geo import Region
 
     wreg = world.region
     class_region = Region.from_bounds(wreg.bounds, wreg.crs, config.scene.cell_m)
@@ -674,7 +677,7 @@ def write_training_chunks(
         _create_store(out, num_pairs, config, wreg.crs, attrs, pairs_per_chunk)
         done = np.zeros(num_pairs, bool)
 
-    class_raster = np.asarray(rasterize_osm(world.layers, class_region))
+    class_raster = _class_raster(world, class_region)
     aerial_appearance = _aerial_appearance()
 
     todo = [s for s in range(0, num_pairs, pairs_per_chunk) if not done[s:s + pairs_per_chunk].all()]
@@ -708,6 +711,16 @@ def _create_store(out: Path, num_pairs: int, config: Config, crs: Any, attrs: di
         warnings.simplefilter("ignore", category=UserWarning)
         ds.to_zarr(str(tmp), compute=False, mode="w", zarr_format=3, encoding=encoding, consolidated=True)
     os.replace(tmp, out)
+
+
+def _class_raster(world: Any, region: Any) -> np.ndarray:
+    """(K, H, W) uint8 class raster of the whole world on `region`'s grid (computed once)."""
+    from ..geo import rasterize_osm
+
+    r = np.asarray(rasterize_osm(world.layers, region))
+    if r.shape != (len(CLASS_NAMES), *region.shape):
+        raise ValueError(f"rasterize_osm returned {r.shape}, expected {(len(CLASS_NAMES), *region.shape)}")
+    return r.astype(np.uint8)
 
 
 def _aerial_appearance() -> Any:
