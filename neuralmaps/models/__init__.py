@@ -1,1 +1,24 @@
-"""neuralmaps.models."""
+"""neuralmaps.models: the SNAP network (encoders, street-view encoder, BEV mapper, localizer,
+semantic net) in PyTorch."""
+
+from .bev import BEVMapper, FeaturePlane, MatchingHead, VerticalPooling, fuse_modalities, query_grid
+from .encoders import ImageEncoder, SemanticRasterEncoder
+from .semantic import SemanticNet
+from .snap import SNAP, NeuralMapTile
+from .streetview import StreetViewEncoder, lift_views_to_points
+
+__all__ = [
+    "SNAP",
+    "NeuralMapTile",
+    "BEVMapper",
+    "FeaturePlane",
+    "MatchingHead",
+    "VerticalPooling",
+    "fuse_modalities",
+    "query_grid",
+    "ImageEncoder",
+    "SemanticRasterEncoder",
+    "SemanticNet",
+    "StreetViewEncoder",
+    "lift_views_to_points",
+]

@@ -1,0 +1,268 @@
+"""SNAP: neural maps from street-level, aerial and semantic inputs; localization; semantics.
+
+Batches follow the SceneDataset contract (docs/architecture.md). Map grids are in the scene
+frame (x east, y north, origin at the SW corner, model-grid layout (..., X, Y)); estimated query
+poses `T_map_query` are `Transform2D`s of the query BEV frame in that frame.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__, geometry
+from ..config import Config
+from .bev import BEVMapper, FeaturePlane, camera_in_query_bev, fuse_modalities
+from .semantic import SemanticNet
+
+CHECKPOINT_FORMAT = "neuralmaps.SNAP/1"
+
+# Model fields that do not change the weights: they may differ between a checkpoint and the
+# config it is loaded with (sampling, training and view-selection knobs).
+RUNTIME_FIELDS = frozenset({
+    "model.num_pose_samples", "model.num_pose_retries", "model.refine_grid", "model.modality_dropout",
+    "model.z_jitter_m", "model.top_k_views", "model.max_view_distance_m", "model.temperature_init",
+    "model.area_frequencies", "model.object_frequencies",
+})
+# Scene fields that define what the weights mean (voxel size, column height).
+SCENE_ARCH_FIELDS = ("cell_m",)
+
+
+@dataclass
+class NeuralMapTile:
+    """A neural map over a scene grid (model-grid layout, scene frame).
+
+    features (B, D, X, Y), matching (B, M, X, Y) L2-normalised, valid (B, X, Y) bool,
+    confidence (B, X, Y) in [0, 1], cell_m: cell size in metres.
+    """
+
+    features: torch.Tensor
+    matching: torch.Tensor
+    valid: torch.Tensor
+    confidence: torch.Tensor
+    cell_m: float
+
+    def detach(self) -> "NeuralMapTile":
+        return NeuralMapTile(self.features.detach(), self.matching.detach(), self.valid,
+                             self.confidence.detach(), self.cell_m)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def architecture_fields(config: Config) -> dict[str, Any]:
+    """The config fields that define the network's weights, flattened ("model.feature_dim": 128)."""
+    flat = _flatten(config.to_dict())
+    arch = {k: v for k, v in flat.items() if k.startswith("model.") and k not in RUNTIME_FIELDS}
+    scene = config.to_dict()["scene"]
+    arch |= {f"scene.{k}": scene[k] for k in SCENE_ARCH_FIELDS}
+    arch["scene.size_m[2]"] = scene["size_m"][2]
+    return arch
+
+
+def architecture_diff(a: Config, b: Config) -> list[str]:
+    """Human-readable differences of the architecture fields of two configs."""
+    fa, fb = architecture_fields(a), architecture_fields(b)
+    return [f"{k}: {fa.get(k)!r} != {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+class SNAP(nn.Module):
+    """The full model. `SNAP(config)` with `config = neuralmaps.config.preset("cpu-tiny")` etc.
+
+    camera_model: "pinhole" (the digital twin) or "fisheye", for all views of a batch.
+    """
+
+    def __init__(self, config: Config, camera_model: str = "pinhole"):
+        super().__init__()
+        try:
+            from .localizer import Localizer
+        except ImportError as e:  # pragma: no cover - while the localizer is being written
+            raise ImportError(f"neuralmaps.models.localizer is missing or broken: {e}") from e
+        self.config = config
+        self.camera_model = camera_model
+        self.mapper = BEVMapper(config.model, config.scene)
+        self.localizer = Localizer(config.model)
+        self.semantic_net = SemanticNet(config.model)
+
+    # -- mapping -------------------------------------------------------------------------------
+    def map(self, scene_batch: dict, generator: torch.Generator | None = None) -> NeuralMapTile:
+        """Neural map of a batch of scenes: street-view volumes pooled vertically, aerial and
+        semantic planes, max-fused (with modality dropout while training), plus the heads."""
+        planes = self.mapper.map_planes(scene_batch, self.camera_model)
+        dropout = self.config.model.modality_dropout if self.training else 0.0
+        plane = fuse_modalities(planes, dropout, generator)
+        matching, confidence = self.mapper.heads(plane)
+        return NeuralMapTile(plane.features, matching, plane.valid, confidence, self.config.scene.cell_m)
+
+    # -- query ---------------------------------------------------------------------------------
+    def query_T_bev_cam(self, query_batch: dict) -> torch.Tensor:
+        """The query camera in its BEV frame (B, 4, 4): from `query_T_bev_cam` if given, else from
+        the gravity direction and height of `query_T_scene_cam` (its yaw and x-y are dropped),
+        else a level camera at `scene.query_camera_height_m`."""
+        if "query_T_bev_cam" in query_batch:
+            return query_batch["query_T_bev_cam"].float()
+        if "query_T_scene_cam" in query_batch:
+            T = geometry.Transform3D.from_matrix(query_batch["query_T_scene_cam"].float())
+            return camera_in_query_bev(T).matrix()
+        image = query_batch["query_image"]
+        T_bev = geometry.Transform2D.identity((image.shape[0],), device=image.device)
+        return geometry.bev_pose_to_camera(T_bev, self.config.scene.query_camera_height_m).matrix()
+
+    def query(self, query_batch: dict, generator: torch.Generator | None = None) -> FeaturePlane:
+        """Query BEV matching features (B, M, Xq, Yq) and validity (B, Xq, Yq) over `query_xy`."""
+        for key in ("query_image", "query_camera"):
+            if key not in query_batch:
+                raise KeyError(f"query batch needs {key!r}; got keys {sorted(query_batch)}")
+        plane = self.mapper.query_plane(
+            query_batch["query_image"], self.query_T_bev_cam(query_batch), query_batch["query_camera"],
+            self.camera_model, generator,
+        )
+        return FeaturePlane(self.mapper.matching(plane), plane.valid)
+
+    @property
+    def query_xy(self) -> torch.Tensor:
+        """(Xq, Yq, 2) query BEV cell centres, metres (x forward, y left)."""
+        return self.mapper.query_xy
+
+    # -- localization --------------------------------------------------------------------------
+    def localize(
+        self,
+        query_batch: dict,
+        neural_map: NeuralMapTile,
+        mode: str = "ransac",
+        prior=None,
+        *,
+        with_loss: bool | None = None,
+        num_rotations: int = 64,
+        generator: torch.Generator | None = None,
+    ):
+        """Pose of each query in the map frame -> `LocalizerOutput` (T_map_query (B,), ...).
+
+        The loss is filled when `query_T_scene_cam` is in the batch and the model is training
+        (or `with_loss=True`)."""
+        q = self.query(query_batch, generator)
+        T_gt = None
+        if with_loss is None:
+            with_loss = self.training
+        if with_loss:
+            if "query_T_scene_cam" not in query_batch:
+                raise KeyError("localize(with_loss=True) needs 'query_T_scene_cam' in the query batch")
+            T_gt = geometry.camera_pose_to_bev(
+                geometry.Transform3D.from_matrix(query_batch["query_T_scene_cam"].float())
+            )
+        return self.localizer(
+            neural_map.matching, neural_map.valid, q.features, q.valid, self.query_xy, neural_map.cell_m,
+            mode=mode, T_gt=T_gt, prior=prior, num_rotations=num_rotations, generator=generator,
+        )
+
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Localization training loss: map from the scene inputs, query BEV from the query view,
+        NLL of the ground-truth pose. Returns `total` (scalar), `nll` (B,), and detached pose
+        errors `err_xy_m`, `err_yaw_deg` (B,) of the estimate."""
+        neural_map = self.map(batch, generator)
+        out = self.localize(batch, neural_map, with_loss=True, generator=generator)
+        T_gt = geometry.camera_pose_to_bev(geometry.Transform3D.from_matrix(batch["query_T_scene_cam"].float()))
+        d_yaw, d_xy = (T_gt.inv() @ out.T_map_query.detach().to(T_gt.device)).magnitude()
+        return {"total": out.loss.mean(), "nll": out.loss, "err_xy_m": d_xy.detach(), "err_yaw_deg": d_yaw.detach()}
+
+    # -- semantics -----------------------------------------------------------------------------
+    def semantics(self, neural_map: NeuralMapTile) -> dict[str, torch.Tensor]:
+        """Logits, probabilities and class maps per group (see `SemanticNet.predict`)."""
+        logits = self.semantic_net(neural_map.features, neural_map.valid)
+        return self.semantic_net.predict(logits, neural_map.valid)
+
+    def semantic_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Semantic-net loss on the frozen map: the mapper runs in eval mode without gradients.
+        Returns the losses (`total` scalar, per-group (B,)) and the metrics."""
+        was_training = self.mapper.training
+        self.mapper.eval()
+        try:
+            with torch.no_grad():
+                neural_map = self.map(batch)
+        finally:
+            self.mapper.train(was_training)
+        logits = self.semantic_net(neural_map.features, neural_map.valid)
+        losses, metrics = self.semantic_net.loss(logits, batch["semantic"], neural_map.valid)
+        return {"total": losses["total"].mean()} | {k: v for k, v in losses.items() if k != "total"} | metrics
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """One file with the weights, `config.to_dict()` and the neuralmaps version (atomic)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "camera_model": self.camera_model,
+            "config": self.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: Any = "cpu", config: Config | None = None) -> "SNAP":
+        """Load a checkpoint written by `save` (weights only, no pickled code).
+
+        `config`: run with this config instead of the saved one; its architecture fields must match
+        the checkpoint's (runtime knobs such as `num_pose_samples` may differ)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"SNAP checkpoint not found: {path}")
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable SNAP checkpoint ({type(e).__name__}: {e})") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a SNAP checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+        try:
+            saved = Config.from_dict(ckpt["config"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: checkpoint config is invalid: {e}") from None
+        if config is not None:
+            diff = architecture_diff(saved, config)
+            if diff:
+                raise ValueError(
+                    f"{path}: the given config does not match the checkpoint's architecture "
+                    f"(checkpoint != given): {'; '.join(diff)}"
+                )
+        model = cls(config or saved, camera_model=ckpt.get("camera_model", "pinhole"))
+        state = ckpt["state_dict"]
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{k}: {tuple(state[k].shape)} in file, {tuple(own[k].shape)} in model"
+                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            parts = []
+            if shapes:
+                parts.append("shape mismatches: " + "; ".join(shapes[:10]))
+            if missing:
+                parts.append(f"missing weights: {missing[:10]}")
+            if unexpected:
+                parts.append(f"unexpected weights: {unexpected[:10]}")
+            raise ValueError(
+                f"{path}: weights do not match the architecture of its config "
+                f"(version {ckpt.get('version')}): " + " | ".join(parts)
+            )
+        model.load_state_dict(state)
+        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
