@@ -70,6 +70,8 @@ class ModelConfig:
     min_depth_m: float = 1.0
     max_depth_m: float = 32.0
     top_k_views: int = 3
+    max_view_distance_m: float | None = None  # voxels whose nearest observing view is farther are invalid
+    fusion_minmax: bool = False  # also pool min/max over views (SNAP default: mean + variance only)
     pooling: str = "max"  # vertical pooling: max, mean, sum, weighted, softmax, mlp
     z_offset_m: float = -4.0  # bottom of the vertical pooling range w.r.t. the camera height
     z_jitter_m: float = 0.5  # training-time jitter of the query z offset
@@ -82,6 +84,17 @@ class ModelConfig:
     num_pose_samples: int = 20000
     num_pose_retries: int = 8
     refine_grid: int = 5
+    # Semantic-raster encoder: class embedding size before its ResNet (SNAP: 8).
+    semantic_embedding_dim: int = 8
+    # Semantic net (decoder over the frozen map): "mlp" (SNAP default) or "resnet".
+    semantic_decoder: str = "mlp"
+    semantic_dim: int = 128
+    semantic_layers: int = 2
+    # Class frequencies for the loss weights (SNAP's, from its cities): AREA_CLASSES order, and
+    # OBJECT_CLASSES + BINARY_CLASSES + void. `neuralmaps.models.semantic.class_frequencies`
+    # measures them on a training set.
+    area_frequencies: tuple[float, ...] = (0.036434, 0.226553, 0.446990, 0.085374, 0.204649)
+    object_frequencies: tuple[float, ...] = (0.006257, 0.001172, 0.001924, 0.000960, 0.000559, 0.000738, 0.988391)
 
 
 @dataclass
