@@ -1,0 +1,339 @@
+"""Ray-cast renderer of a `World`: street-level views (pinhole / fisheye) and top-down orthophotos.
+
+Single-threaded numpy + Embree (embreex). One primary ray per pixel through the pixel centre
+(half-integer pixel coordinates, from `neuralmaps.geometry` cameras so that the renderer and the
+model agree exactly), the ground is the plane z = 0 hit analytically and coloured from the world's
+ground raster, and every lit hit casts one shadow ray toward the sun (static world + the run's
+occluders). Shading: Lambert sun + ambient sky light; sky: appearance-dependent gradient with
+cloud noise, labelled void.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from neuralmaps.geometry import Camera, FisheyeCamera, PinholeCamera, Transform2D, Transform3D, bev_pose_to_camera
+
+from .appearance import Appearance
+from .materials import VOID, FaceMat
+from .noise import value_noise
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .world import World
+
+__all__ = ["RenderOutput", "render_view", "render_orthophoto", "camera_rays", "trace",
+           "benchmark_render", "benchmark_ortho", "camera_pose"]
+
+SHADOW_BIAS_M = 0.02  # shadow rays start this far off the surface (float32 self-hit margin)
+_SUN_COLOR = np.array((1.0, 0.96, 0.90), np.float32)
+_CLOUD_COLOR = np.array((0.86, 0.87, 0.90), np.float32)
+_HIT_SKY, _HIT_MESH, _HIT_OCC, _HIT_GROUND = 0, 1, 2, 3
+DEFAULT_APPEARANCE = Appearance()
+
+
+@dataclass
+class RenderOutput:
+    """One rendered view. rgb (H, W, 3) uint8; depth (H, W) float32 z-depth along the camera axis in
+    metres (inf for sky / outside a fisheye's field of view); labels (H, W) uint8 class index
+    (CLASS_NAMES), 255 for sky, void ground and dynamic occluders."""
+
+    rgb: np.ndarray
+    depth: np.ndarray
+    labels: np.ndarray
+
+
+# -- cameras ------------------------------------------------------------------------------------
+def camera_rays(camera: Camera) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rays (H, W, 3) float32 in the OpenCV camera frame through every pixel centre, and the
+    valid mask (H, W) bool (False outside a fisheye's field of view). Cached per intrinsics."""
+    if not isinstance(camera, Camera):
+        raise TypeError(f"render: camera must be a neuralmaps.geometry PinholeCamera / FisheyeCamera, got {type(camera).__name__}")
+    data = camera.to_tensor()
+    if data.dim() != 1:
+        raise ValueError(f"render: one camera at a time, got a batch of shape {tuple(camera.shape)}")
+    max_fov = float(camera.max_fov_deg) if isinstance(camera, FisheyeCamera) else 0.0
+    rays, valid = _camera_rays_cached(type(camera).__name__, tuple(float(v) for v in data.tolist()), max_fov)
+    return rays, valid
+
+
+@lru_cache(maxsize=32)
+def _camera_rays_cached(model: str, data: tuple[float, ...], max_fov_deg: float) -> tuple[np.ndarray, np.ndarray]:
+    w, h = int(round(data[0])), int(round(data[1]))
+    if w <= 0 or h <= 0:
+        raise ValueError(f"render: camera image size must be positive, got {w}x{h}")
+    cam = FisheyeCamera(torch.tensor(data, dtype=torch.float64), max_fov_deg) if model == "FisheyeCamera" \
+        else PinholeCamera(torch.tensor(data, dtype=torch.float64))
+    jj, ii = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)  # pixel centres are half-integers
+    p2d = torch.from_numpy(np.stack([jj, ii], -1).reshape(-1, 2))
+    rays = cam.unproject(p2d).numpy().reshape(h, w, 3)
+    valid = rays[..., 2] > 1e-6
+    if model == "FisheyeCamera":
+        valid &= np.arccos(np.clip(rays[..., 2], -1, 1)) < math.radians(max_fov_deg) / 2
+    rays = rays.astype(np.float32)
+    rays.setflags(write=False)
+    valid.setflags(write=False)
+    return rays, valid
+
+
+def _pose_numpy(T: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(R (3, 3), t (3,)) float64 of a Transform3D or a (4, 4) matrix."""
+    if isinstance(T, Transform3D):
+        if T.R.dim() != 2:
+            raise ValueError(f"render: one pose at a time, got a batch of shape {tuple(T.shape)}")
+        return T.R.detach().cpu().double().numpy(), T.t.detach().cpu().double().numpy()
+    M = np.asarray(T, np.float64)
+    if M.shape != (4, 4):
+        raise ValueError(f"render: T_world_cam must be a Transform3D or a (4, 4) matrix, got shape {M.shape}")
+    return M[:3, :3], M[:3, 3]
+
+
+# -- public renderers -----------------------------------------------------------------------------
+def render_view(world: "World", camera: Camera, T_world_cam: Any, appearance: Appearance | None = None) -> RenderOutput:
+    """Render one camera at pose `T_world_cam` (camera to world-local, OpenCV camera frame).
+
+    appearance: sun, season, exposure, sky and the run's occluders (None: a default summer day)."""
+    app = DEFAULT_APPEARANCE if appearance is None else appearance
+    rays_cam, valid = camera_rays(camera)
+    h, w = valid.shape
+    R, t = _pose_numpy(T_world_cam)
+    d_cam = rays_cam.reshape(-1, 3)
+    sel = valid.reshape(-1)
+    dirs = d_cam[sel] @ R.T.astype(np.float32)
+    origins = np.broadcast_to(t.astype(np.float32), dirs.shape)
+    rgb_lin, dist, lab = trace(world, app, origins, dirs)
+    rgb = np.zeros((h * w, 3), np.uint8)
+    depth = np.full(h * w, np.inf, np.float32)
+    labels = np.full(h * w, VOID, np.uint8)
+    rgb[sel] = tonemap(rgb_lin, app)
+    depth[sel] = dist * d_cam[sel, 2]  # distance along the unit ray -> z-depth
+    labels[sel] = lab
+    return RenderOutput(rgb.reshape(h, w, 3), depth.reshape(h, w), labels.reshape(h, w))
+
+
+def render_orthophoto(
+    world: "World", bounds_local: tuple[float, float, float, float], resolution_m: float,
+    appearance: Appearance | None = None, progress: bool = False, max_rays: int = 1 << 20,
+) -> np.ndarray:
+    """Top-down orthographic image (H, W, 3) uint8 of `bounds_local` (xmin, ymin, xmax, ymax, local
+    metres), north-up: row 0 is the north edge, pixel (i, j) is centred at
+    (xmin + (j + 0.5) res, ymax - (i + 0.5) res). H, W = round(extent / res). Shaded, with shadows."""
+    app = DEFAULT_APPEARANCE if appearance is None else appearance
+    xmin, ymin, xmax, ymax = (float(b) for b in bounds_local)
+    if not (resolution_m > 0 and xmax > xmin and ymax > ymin):
+        raise ValueError(f"render_orthophoto: need resolution > 0 and non-empty bounds, got {bounds_local}, {resolution_m}")
+    w, h = max(1, round((xmax - xmin) / resolution_m)), max(1, round((ymax - ymin) / resolution_m))
+    top = float(world.vertices[:, 2].max()) + 5.0 if len(world.vertices) else 10.0
+    if app.occluders is not None and len(app.occluders.vertices):
+        top = max(top, float(app.occluders.vertices[:, 2].max()) + 5.0)
+    out = np.zeros((h, w, 3), np.uint8)
+    x = (xmin + (np.arange(w) + 0.5) * resolution_m).astype(np.float32)
+    rows = max(1, max_rays // w)
+    for r0 in tqdm(range(0, h, rows), desc="orthophoto", disable=not progress, leave=False):
+        r1 = min(h, r0 + rows)
+        y = (ymax - (np.arange(r0, r1) + 0.5) * resolution_m).astype(np.float32)
+        xx, yy = np.meshgrid(x, y)
+        origins = np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, top, np.float32)], -1)
+        dirs = np.broadcast_to(np.array((0, 0, -1), np.float32), origins.shape)
+        rgb_lin, _, _ = trace(world, app, origins, dirs)
+        out[r0:r1] = tonemap(rgb_lin, app).reshape(r1 - r0, w, 3)
+    return out
+
+
+# -- the core: trace and shade rays ------------------------------------------------------------------
+def trace(world: "World", app: Appearance, origins: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shade rays (N, 3) (unit dirs, world-local metres): linear rgb (N, 3) float32, hit distance
+    along the ray (N,) float32 (inf: sky) and labels (N,) uint8."""
+    n = len(origins)
+    origins = np.ascontiguousarray(origins, np.float32)
+    dirs = np.ascontiguousarray(dirs, np.float32)
+    t_mesh, f_mesh = world.scene.first_hit(origins, dirs)
+    occ = app.occluders if app.occluders is not None and len(app.occluders.faces) else None
+    if occ is not None:
+        t_occ, f_occ = occ.scene.first_hit(origins, dirs)
+    else:
+        t_occ, f_occ = np.full(n, np.inf, np.float32), None
+    dz = dirs[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_gnd = np.where((dz < -1e-7) & (origins[:, 2] > 0), -origins[:, 2] / dz, np.inf).astype(np.float32)
+    t = np.minimum(np.minimum(t_mesh, t_occ), t_gnd)
+    kind = np.full(n, _HIT_SKY, np.int8)
+    hit = np.isfinite(t)
+    kind[hit & (t == t_gnd)] = _HIT_GROUND
+    kind[hit & (t == t_occ)] = _HIT_OCC
+    kind[hit & (t == t_mesh)] = _HIT_MESH
+
+    albedo = np.zeros((n, 3), np.float32)
+    normal = np.zeros((n, 3), np.float32)
+    labels = np.full(n, VOID, np.uint8)
+    p = origins + dirs * np.where(hit, t, 0)[:, None]
+
+    m = np.flatnonzero(kind == _HIT_MESH)
+    if len(m):
+        fi = f_mesh[m]
+        normal[m] = world.face_normals[fi]
+        labels[m] = world.face_class[fi]
+        albedo[m] = _mesh_albedo(world, app, fi, p[m], normal[m])
+    o = np.flatnonzero(kind == _HIT_OCC)
+    if len(o):
+        fi = f_occ[o]
+        normal[o] = occ.face_normals[fi]
+        albedo[o] = occ.colors[fi]
+    g = np.flatnonzero(kind == _HIT_GROUND)
+    if len(g):
+        mat, lab = world.ground_lookup(p[g, 0], p[g, 1])
+        labels[g] = lab
+        normal[g] = (0, 0, 1)
+        tex = 1 + 0.15 * world.texture.sample(p[g, 0], p[g, 1])
+        albedo[g] = app.ground_albedo()[mat] * tex[:, None]
+
+    rgb = np.zeros((n, 3), np.float32)
+    s = np.flatnonzero(kind != _HIT_SKY)
+    if len(s):
+        rgb[s] = _shade(world, app, occ, p[s], normal[s], dirs[s], albedo[s])
+    k = np.flatnonzero(kind == _HIT_SKY)
+    if len(k):
+        rgb[k] = sky_color(app, dirs[k])
+    return rgb, np.where(hit, t, np.inf).astype(np.float32), labels
+
+
+def _shade(world, app: Appearance, occ, p, normal, dirs, albedo) -> np.ndarray:
+    """Lambert sun (with one shadow ray per lit point) + ambient; all (M, 3) float32."""
+    flip = np.sum(normal * dirs, axis=1) > 0  # face the viewer (fences, occluder interiors)
+    normal = np.where(flip[:, None], -normal, normal)
+    L = app.sun_direction()
+    lam = np.clip(normal @ L, 0, 1)
+    lit = np.flatnonzero(lam > 0)
+    if len(lit):
+        so = p[lit] + normal[lit] * SHADOW_BIAS_M
+        sd = np.broadcast_to(L, so.shape)
+        blocked = world.scene.occluded(so, sd)
+        if occ is not None:
+            rest = np.flatnonzero(~blocked)
+            blocked[rest] = occ.scene.occluded(so[rest], sd[rest])
+        lam[lit[blocked]] = 0
+    sky_amb = 0.5 * (np.asarray(app.sky_zenith, np.float32) + np.asarray(app.sky_horizon, np.float32))
+    # Up-facing surfaces see more sky than walls.
+    amb = app.ambient * (0.75 + 0.25 * normal[:, 2:3]) * (sky_amb / max(float(sky_amb.mean()), 1e-3))[None]
+    light = amb + (app.sun_strength * 1.4 * lam)[:, None] * _SUN_COLOR[None]
+    return albedo * light
+
+
+def _mesh_albedo(world: "World", app: Appearance, fi: np.ndarray, p: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    mat = world.face_mat[fi]
+    out = world.face_color[fi].copy()
+    st = world.styles
+    f = np.flatnonzero(mat == FaceMat.FACADE)
+    if len(f):
+        b = world.face_owner[fi[f]]
+        n = normal[f]
+        tang = np.stack([-n[:, 1], n[:, 0]], 1)
+        tang /= np.maximum(np.linalg.norm(tang, axis=1, keepdims=True), 1e-6)
+        u = np.sum(p[f, :2] * tang, axis=1)
+        v = p[f, 2]
+        storey, bay = st.storey_m[b], st.bay_m[b]
+        fu, fv = np.mod(u / bay, 1.0), np.mod(v / storey, 1.0)
+        level = np.floor(v / storey)
+        below_roof = v < world.building_heights[b] - 0.7
+        win = (np.abs(fu - 0.5) < st.win_w[b] / 2) & (fv > 0.3) & (fv < 0.3 + st.win_h[b]) & (level >= 1) & below_roof
+        shop = st.ground_floor[b] & (level == 0) & (np.abs(fu - 0.5) < 0.42) & (fv > 0.08) & (fv < 0.8)
+        col = st.facade[b] * (1 + 0.12 * world.texture.lookup(u, v, scale=0.5))[:, None]
+        col = np.where((fv < 0.035)[:, None], col * 0.72, col)  # storey line
+        col = np.where((win | shop)[:, None], st.window[b], col)
+        out[f] = col
+    r = np.flatnonzero(mat == FaceMat.ROOF)
+    if len(r):
+        b = world.face_owner[fi[r]]
+        a = st.roof_dir[b]
+        s = p[r, 0] * np.cos(a) + p[r, 1] * np.sin(a)
+        seam = np.mod(s / 0.6, 1.0) < 0.15
+        tex = 1 + 0.12 * world.texture.sample(p[r, 1], p[r, 0])
+        out[r] = st.roof[b] * (tex * np.where(seam, 0.85, 1.0))[:, None]
+    c = np.flatnonzero(mat == FaceMat.FOLIAGE)
+    if len(c):
+        tex = 1 + 0.3 * world.texture.lookup(p[c, 0] + p[c, 2], p[c, 1] - p[c, 2], scale=0.4)
+        out[c] = app.foliage()[None] * out[c] * tex[:, None]
+    return np.clip(out, 0, 1)
+
+
+def sky_color(app: Appearance, dirs: np.ndarray) -> np.ndarray:
+    """Linear sky radiance (N, 3) for unit directions (N, 3): gradient + clouds + sun glow."""
+    el = np.clip(dirs[:, 2], 0, 1)
+    zen, hor = np.asarray(app.sky_zenith, np.float32), np.asarray(app.sky_horizon, np.float32)
+    col = hor[None] + (zen - hor)[None] * np.sqrt(el)[:, None]
+    # Clouds on a plane 1 km up, textured by value noise in the run's seed.
+    k = 1000.0 / np.maximum(el, 0.03)
+    cx, cy = dirs[:, 0] * k, dirs[:, 1] * k
+    c = 0.6 * value_noise(cx, cy, 700.0, app.seed + 101) + 0.4 * value_noise(cx, cy, 180.0, app.seed + 103)
+    cover = np.clip((c + 1) / 2 - (1 - app.cloud_cover), 0, 1) / max(app.cloud_cover, 1e-3)
+    cover = np.clip(cover * 2.0, 0, 1) * np.clip(el * 8, 0, 1)  # fade out at the horizon
+    col = col * (1 - cover[:, None]) + _CLOUD_COLOR[None] * cover[:, None] * (0.7 + 0.3 * app.sun_strength)
+    glow = np.exp((dirs @ app.sun_direction() - 1) * 60.0) * app.sun_strength
+    return col + glow[:, None] * 0.5 * _SUN_COLOR[None]
+
+
+def tonemap(rgb_linear: np.ndarray, app: Appearance) -> np.ndarray:
+    """Linear radiance (..., 3) -> display uint8 (..., 3): exposure, white balance, gamma 2.2."""
+    v = rgb_linear * (app.exposure * np.asarray(app.white_balance, np.float32))
+    v = np.clip(v, 0, 1) ** (1 / 2.2)
+    return (v * 255 + 0.5).astype(np.uint8)
+
+
+# -- benchmarks (called by benchmarks/bench_synth.py) -------------------------------------------------
+def benchmark_render(world: "World", hw: tuple[int, int] = (128, 256), n: int = 50, appearance: Appearance | None = None,
+                     seed: int = 0) -> float:
+    """Views per second of `render_view` for n random pinhole views (90 deg HFOV) at 2 m height
+    inside the world, with shading and shadows. Uses the current process's threads."""
+    h, w = hw
+    cam = PinholeCamera.from_fov(w, h, 90.0)
+    rng = np.random.default_rng(seed)
+    poses = [_street_pose(world, rng) for _ in range(n)]
+    app = appearance if appearance is not None else Appearance.sample(seed)
+    render_view(world, cam, poses[0], app)  # warm-up: builds the Embree scene and the ray cache
+    t0 = time.perf_counter()
+    for T in poses:
+        render_view(world, cam, T, app)
+    return n / (time.perf_counter() - t0)
+
+
+def benchmark_ortho(world: "World", resolution: float = 0.2, area_m2: float = 250_000.0,
+                    appearance: Appearance | None = None) -> float:
+    """Seconds per km² of `render_orthophoto` at `resolution` m on a square of `area_m2` (clipped to
+    the world) at the world's centre."""
+    W, H = world.size_m
+    side = min(math.sqrt(area_m2), W, H)
+    cx, cy = W / 2, H / 2
+    b = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+    app = appearance if appearance is not None else Appearance.sample(0)
+    world.scene  # noqa: B018  (build the Embree scene outside the timing)
+    t0 = time.perf_counter()
+    render_orthophoto(world, b, resolution, app)
+    return (time.perf_counter() - t0) / (side * side / 1e6)
+
+
+def _street_pose(world: "World", rng: np.random.Generator, height: float = 2.0) -> Transform3D:
+    """A random horizontal camera pose at `height` m over ground that is road if the world has roads."""
+    from .materials import class_id
+
+    road = np.argwhere(world.ground_label == class_id("road"))
+    hgt = world.ground_mat.shape[0]
+    if len(road):
+        r, c = road[rng.integers(len(road))]
+        x, y = (c + 0.5) * world.ground_res, (hgt - r - 0.5) * world.ground_res
+    else:
+        x, y = rng.uniform(0, world.size_m[0]), rng.uniform(0, world.size_m[1])
+    return camera_pose(x, y, height, yaw=float(rng.uniform(-math.pi, math.pi)))
+
+
+def camera_pose(x: float, y: float, z: float, yaw: float, pitch: float = 0.0) -> Transform3D:
+    """T_world_cam (float64) of a level OpenCV camera at (x, y, z) local metres looking along `yaw`
+    (radians counter-clockwise from east), tilted up by `pitch` radians (geometry.bev_pose_to_camera)."""
+    T_bev = Transform2D(torch.tensor(float(yaw), dtype=torch.float64), torch.tensor([x, y], dtype=torch.float64))
+    return bev_pose_to_camera(T_bev, float(z), float(pitch))

@@ -1,0 +1,601 @@
+"""The digital twin's static world: extruded buildings, street furniture and a painted ground raster.
+
+Local frame: UTM coordinates (~4e5, ~7e6) lose precision in float32 ray casting, so the world lives
+in a local frame whose origin is the region's south-west corner: x = E - origin_E, y = N - origin_N,
+z up, z = 0 on the (flat) ground. `World.to_local` / `World.to_crs` are the only places that
+apply this offset.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import shapely
+import trimesh
+from tqdm.auto import tqdm
+
+from neuralmaps.config import CLASS_NAMES
+
+from .noise import NoiseTexture
+from .materials import VOID, FaceMat, GroundMat, class_id
+from .raycast import RayScene
+
+if TYPE_CHECKING:  # pragma: no cover
+    from neuralmaps.geo import OSMLayers, Region
+
+    from .appearance import Appearance
+    from .render import RenderOutput
+
+__all__ = ["World", "WorldBuilder", "BuildingStyles"]
+
+GROUND_PRIORITY = ("crosswalk", "sidewalk", "road", "building", "terrain")  # label of a multi-hot pixel
+_LABEL_TO_MAT = {
+    "crosswalk": GroundMat.ASPHALT, "sidewalk": GroundMat.PAVING, "road": GroundMat.ASPHALT,
+    "building": GroundMat.FOOTPRINT, "terrain": GroundMat.GRASS,
+}
+_AREA_TO_MAT = {
+    "grass": GroundMat.GRASS, "park": GroundMat.GRASS, "garden": GroundMat.GRASS,
+    "playground": GroundMat.SAND, "pitch": GroundMat.GRASS, "water": GroundMat.WATER,
+    "parking": GroundMat.PARKING, "pedestrian": GroundMat.PLAZA, "scrub": GroundMat.FOREST,
+    "wood": GroundMat.FOREST, "sand": GroundMat.SAND, "rock": GroundMat.BARE,
+}
+TRAM_GAUGE_M = 1.435
+
+
+@dataclass
+class BuildingStyles:
+    """Per-building facade / roof parameters (B,) arrays, drawn from (building id, seed).
+
+    storey_m: storey height; bay_m: horizontal window spacing; win_w / win_h: window size as a
+    fraction of bay / storey; facade, window, roof: linear RGB (B, 3); roof_dir: seam direction
+    (radians); ground_floor: whether the ground floor has shop windows."""
+
+    storey_m: np.ndarray
+    bay_m: np.ndarray
+    win_w: np.ndarray
+    win_h: np.ndarray
+    facade: np.ndarray
+    window: np.ndarray
+    roof: np.ndarray
+    roof_dir: np.ndarray
+    ground_floor: np.ndarray
+
+    @classmethod
+    def draw(cls, ids: np.ndarray, seed: int) -> "BuildingStyles":
+        facade_palette = np.array([
+            (0.62, 0.55, 0.45), (0.70, 0.66, 0.58), (0.55, 0.35, 0.27), (0.72, 0.62, 0.40),
+            (0.45, 0.47, 0.50), (0.78, 0.75, 0.70), (0.60, 0.42, 0.32), (0.50, 0.55, 0.50),
+            (0.68, 0.50, 0.42), (0.36, 0.33, 0.30),
+        ], np.float32)
+        roof_palette = np.array([
+            (0.18, 0.18, 0.19), (0.35, 0.16, 0.12), (0.25, 0.42, 0.36), (0.30, 0.30, 0.32),
+            (0.45, 0.44, 0.42), (0.12, 0.12, 0.13), (0.40, 0.25, 0.18),
+        ], np.float32)
+        out = {k: [] for k in cls.__dataclass_fields__}
+        for bid in np.asarray(ids, np.int64):
+            r = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(bid) & 0xFFFFFFFF, int(bid) >> 32 & 0xFFFFFFFF, 7])
+            out["storey_m"].append(r.uniform(2.8, 3.8))
+            out["bay_m"].append(r.uniform(1.8, 4.0))
+            out["win_w"].append(r.uniform(0.3, 0.7))
+            out["win_h"].append(r.uniform(0.35, 0.6))
+            out["facade"].append(facade_palette[r.integers(len(facade_palette))] * r.uniform(0.8, 1.15, 3))
+            out["window"].append(np.array((0.08, 0.10, 0.13)) * r.uniform(0.7, 1.6) + r.uniform(0, 0.05, 3))
+            out["roof"].append(roof_palette[r.integers(len(roof_palette))] * r.uniform(0.85, 1.15, 3))
+            out["roof_dir"].append(r.uniform(0, math.pi))
+            out["ground_floor"].append(r.random() < 0.5)
+        n = len(out["storey_m"])
+        arr = {}
+        for k, v in out.items():
+            a = np.asarray(v) if n else np.zeros((0, 3) if k in ("facade", "window", "roof") else (0,))
+            arr[k] = a.astype(bool if k == "ground_floor" else np.float32)
+        arr["facade"] = np.clip(arr["facade"], 0, 1)
+        arr["roof"] = np.clip(arr["roof"], 0, 1)
+        return cls(**arr)
+
+
+# -- unit primitives (built once) ------------------------------------------------------------
+def _template(mesh: trimesh.Trimesh) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int32)
+
+
+_CYL = _template(trimesh.creation.cylinder(radius=1.0, height=1.0, sections=8))  # centred at 0, z in [-.5, .5]
+_SPHERE = _template(trimesh.creation.icosphere(subdivisions=1, radius=1.0))
+_BOX = _template(trimesh.creation.box((1.0, 1.0, 1.0)))
+
+
+class WorldBuilder:
+    """Accumulates triangles (with class, material, colour and owner) and the ground raster.
+
+    Coordinates are world-local metres (see the module docstring). `build()` returns the World."""
+
+    def __init__(self, crs: Any, origin: tuple[float, float], size_m: tuple[float, float], seed: int = 0):
+        self.crs, self.origin, self.size_m, self.seed = crs, np.asarray(origin, np.float64), tuple(size_m), int(seed)
+        self._v: list[np.ndarray] = []
+        self._f: list[np.ndarray] = []
+        self._cls: list[np.ndarray] = []
+        self._mat: list[np.ndarray] = []
+        self._col: list[np.ndarray] = []
+        self._own: list[np.ndarray] = []
+        self._nv = 0
+        self.building_ids: list[int] = []
+        self.building_heights: list[float] = []
+        self.ground_mat: np.ndarray | None = None
+        self.ground_label: np.ndarray | None = None
+        self.ground_res = 0.1
+
+    # -- low level ---------------------------------------------------------------------------
+    def add_mesh(self, vertices: np.ndarray, faces: np.ndarray, cls: int, mat: int, color, owner: int = -1) -> None:
+        """Triangles (V, 3) / (F, 3) of one class and material; `color` (3,) or (F, 3) linear RGB."""
+        nf = len(faces)
+        if nf == 0:
+            return
+        self._v.append(np.asarray(vertices, np.float32))
+        self._f.append(np.asarray(faces, np.int64) + self._nv)
+        self._nv += len(vertices)
+        self._cls.append(np.full(nf, cls, np.uint8))
+        self._mat.append(np.full(nf, mat, np.uint8))
+        self._col.append(np.broadcast_to(np.asarray(color, np.float32), (nf, 3)))
+        self._own.append(np.full(nf, owner, np.int32))
+
+    def _add_template(self, tpl, scale, offset, cls, mat, color) -> None:
+        v, f = tpl
+        self.add_mesh(v * np.asarray(scale, np.float32) + np.asarray(offset, np.float32), f, cls, mat, color)
+
+    # -- features ----------------------------------------------------------------------------
+    def add_building(self, polygon: shapely.Polygon, height_m: float, building_id: int) -> int:
+        """Extrude a footprint (local metres) to `height_m`; walls get the facade material, the top
+        the roof material. Returns the number of triangles added (0 for degenerate footprints)."""
+        polys = [polygon] if polygon.geom_type == "Polygon" else list(getattr(polygon, "geoms", []))
+        owner = len(self.building_ids)
+        added = 0
+        for p in polys:
+            if p.is_empty or p.area < 1.0:
+                continue
+            p = shapely.orient_polygons(p) if hasattr(shapely, "orient_polygons") else shapely.geometry.polygon.orient(p)
+            try:
+                m = trimesh.creation.extrude_polygon(p, float(height_m))
+            except Exception:  # noqa: BLE001 (triangulation of a degenerate ring)
+                continue
+            n = m.face_normals
+            keep = n[:, 2] > -0.5  # the bottom faces lie on the ground: never visible
+            faces = np.asarray(m.faces)[keep]
+            roof = n[keep, 2] > 0.5
+            v = np.asarray(m.vertices, np.float32)
+            bcls = class_id("building")
+            self.add_mesh(v, faces[~roof], bcls, FaceMat.FACADE, (0.6, 0.6, 0.6), owner)
+            self.add_mesh(v, faces[roof], bcls, FaceMat.ROOF, (0.3, 0.3, 0.3), owner)
+            added += int(keep.sum())
+        if added:
+            self.building_ids.append(int(building_id))
+            self.building_heights.append(float(height_m))
+        return added
+
+    def add_tree(self, x: float, y: float, height_m: float = 8.0, crown_radius_m: float = 2.5, tint: float = 1.0) -> None:
+        trunk_h = height_m - 1.6 * crown_radius_m
+        tree = class_id("tree")
+        self._add_template(_CYL, (0.15 + 0.02 * height_m, 0.15 + 0.02 * height_m, trunk_h + 0.5),
+                           (x, y, (trunk_h + 0.5) / 2), tree, FaceMat.PLAIN, (0.22, 0.16, 0.11))
+        self._add_template(_SPHERE, (crown_radius_m, crown_radius_m, 1.2 * crown_radius_m),
+                           (x, y, height_m - 1.2 * crown_radius_m), tree, FaceMat.FOLIAGE, (tint, tint, tint))
+
+    def add_pole(self, x: float, y: float, height_m: float, radius_m: float, cls: int, color=(0.35, 0.35, 0.36)) -> None:
+        self._add_template(_CYL, (radius_m, radius_m, height_m), (x, y, height_m / 2), cls, FaceMat.PLAIN, color)
+
+    def add_box(self, center, size, cls: int, color, yaw: float = 0.0) -> None:
+        v, f = _BOX
+        c, s = math.cos(yaw), math.sin(yaw)
+        R = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], np.float32)
+        self.add_mesh((v * np.asarray(size, np.float32)) @ R.T + np.asarray(center, np.float32), f, cls, FaceMat.PLAIN, color)
+
+    def add_street_light(self, x: float, y: float, yaw: float = 0.0) -> None:
+        sl = class_id("street_light")
+        self.add_pole(x, y, 6.5, 0.08, sl)
+        self.add_box((x + 0.4 * math.cos(yaw), y + 0.4 * math.sin(yaw), 6.45), (0.9, 0.3, 0.18), sl, (0.75, 0.75, 0.7), yaw)
+
+    def add_traffic_light(self, x: float, y: float, yaw: float = 0.0) -> None:
+        tl = class_id("traffic_light")
+        self.add_pole(x, y, 3.2, 0.07, tl, (0.15, 0.16, 0.15))
+        self.add_box((x, y, 2.9), (0.32, 0.3, 0.95), tl, (0.08, 0.09, 0.08), yaw)
+
+    def add_traffic_sign(self, x: float, y: float, yaw: float = 0.0, color=(0.15, 0.25, 0.6)) -> None:
+        ts = class_id("traffic_sign")
+        self.add_pole(x, y, 2.6, 0.04, ts, (0.5, 0.5, 0.52))
+        self.add_box((x, y, 2.3), (0.06, 0.65, 0.65), ts, color, yaw)
+
+    def add_fence(self, line_xy: np.ndarray, height_m: float = 1.2, color=(0.30, 0.28, 0.25)) -> None:
+        """A thin vertical wall (two triangles per segment, hit from both sides) along a polyline (N, 2)."""
+        p = np.asarray(line_xy, np.float32)
+        if len(p) < 2:
+            return
+        n = len(p)
+        v = np.concatenate([np.c_[p, np.zeros(n)], np.c_[p, np.full(n, height_m)]]).astype(np.float32)
+        i = np.arange(n - 1)
+        f = np.concatenate([np.c_[i, i + 1, n + i + 1], np.c_[i, n + i + 1, n + i]])
+        self.add_mesh(v, f, class_id("fence"), FaceMat.PLAIN, color)
+
+    def set_ground(self, mat: np.ndarray, label: np.ndarray, resolution_m: float) -> None:
+        """Ground raster, north-up (row 0 north), covering exactly (0, 0)-(size_m) in local metres."""
+        h, w = mat.shape
+        if label.shape != mat.shape:
+            raise ValueError(f"ground material {mat.shape} and label {label.shape} rasters differ in shape")
+        if not (math.isclose(w * resolution_m, self.size_m[0], rel_tol=1e-6) and math.isclose(h * resolution_m, self.size_m[1], rel_tol=1e-6)):
+            raise ValueError(f"ground raster {h}x{w} px at {resolution_m} m does not cover the world {self.size_m} m")
+        self.ground_mat, self.ground_label, self.ground_res = mat.astype(np.uint8), label.astype(np.uint8), float(resolution_m)
+
+    def build(self) -> "World":
+        if self.ground_mat is None:
+            res = self.ground_res
+            shape = (max(1, round(self.size_m[1] / res)), max(1, round(self.size_m[0] / res)))
+            self.ground_mat = np.full(shape, GroundMat.BARE, np.uint8)
+            self.ground_label = np.full(shape, VOID, np.uint8)
+            self.size_m = (shape[1] * res, shape[0] * res)
+        cat = lambda xs, shape, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt)  # noqa: E731
+        v = cat(self._v, (0, 3), np.float32)
+        f = cat(self._f, (0, 3), np.int32)
+        styles = BuildingStyles.draw(np.asarray(self.building_ids, np.int64), self.seed)
+        return World(
+            crs=self.crs, origin=self.origin, size_m=tuple(float(s) for s in self.size_m), seed=self.seed,
+            vertices=v, faces=f,
+            face_class=cat(self._cls, (0,), np.uint8), face_mat=cat(self._mat, (0,), np.uint8),
+            face_color=cat(self._col, (0, 3), np.float32), face_owner=cat(self._own, (0,), np.int32),
+            styles=styles, building_ids=np.asarray(self.building_ids, np.int64),
+            building_heights=np.asarray(self.building_heights, np.float32),
+            ground_mat=self.ground_mat, ground_label=self.ground_label, ground_res=self.ground_res,
+        )
+
+
+@dataclass(eq=False)
+class World:
+    """A static digital twin in world-local metres (x east, y north, z up; origin = region SW corner).
+
+    Mesh: vertices (V, 3) float32, faces (F, 3) int32 with per-face `face_class` (CLASS_NAMES index),
+    `face_mat` (FaceMat), `face_color` (F, 3) linear RGB and `face_owner` (building index or -1).
+    Ground: `ground_mat` (GroundMat) and `ground_label` (class index, 255 void), (H, W) uint8,
+    north-up, `ground_res` metres per pixel, covering [0, size_m[0]] x [0, size_m[1]].
+    `layers`: the OSMLayers it was built from (CRS coordinates), used by the capture simulation.
+    """
+
+    crs: Any
+    origin: np.ndarray  # (2,) float64: CRS easting, northing of the local frame's origin
+    size_m: tuple[float, float]  # (width east, height north) of the region, metres
+    seed: int
+    vertices: np.ndarray
+    faces: np.ndarray
+    face_class: np.ndarray
+    face_mat: np.ndarray
+    face_color: np.ndarray
+    face_owner: np.ndarray
+    styles: BuildingStyles
+    building_ids: np.ndarray
+    building_heights: np.ndarray
+    ground_mat: np.ndarray
+    ground_label: np.ndarray
+    ground_res: float
+    layers: "OSMLayers | None" = None
+    region: "Region | None" = None
+    build_seconds: float = float("nan")
+    _scene: RayScene | None = field(default=None, repr=False)
+    _normals: np.ndarray | None = field(default=None, repr=False)
+    _texture: NoiseTexture | None = field(default=None, repr=False)
+
+    # -- the one place of the local-frame offset ---------------------------------------------
+    def to_local(self, xy_crs: np.ndarray) -> np.ndarray:
+        """CRS (easting, northing) (..., 2) float64 -> world-local (x, y) (..., 2) float64."""
+        return np.asarray(xy_crs, np.float64) - self.origin
+
+    def to_crs(self, xy_local: np.ndarray) -> np.ndarray:
+        """World-local (x, y) (..., 2) -> CRS (easting, northing) (..., 2) float64."""
+        return np.asarray(xy_local, np.float64) + self.origin
+
+    def geometry_to_local(self, geom):
+        """A shapely geometry (or array of them) from CRS coordinates to world-local ones."""
+        return shapely.transform(geom, lambda xy: self.to_local(xy))
+
+    @property
+    def bounds_local(self) -> tuple[float, float, float, float]:
+        """(xmin, ymin, xmax, ymax) of the region in local metres."""
+        return (0.0, 0.0, float(self.size_m[0]), float(self.size_m[1]))
+
+    # -- ray casting ---------------------------------------------------------------------------
+    @property
+    def scene(self) -> RayScene:
+        """Embree scene of the static mesh (built on first use)."""
+        if self._scene is None:
+            self._scene = RayScene(self.vertices, self.faces)
+        return self._scene
+
+    @property
+    def face_normals(self) -> np.ndarray:
+        """Unit face normals (F, 3) float32 (outward for buildings)."""
+        if self._normals is None:
+            v = self.vertices[self.faces]
+            n = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
+            self._normals = (n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return self._normals
+
+    @property
+    def texture(self) -> NoiseTexture:
+        """The world's periodic noise texture (surface texture of ground, facades, roofs, foliage)."""
+        if self._texture is None:
+            self._texture = NoiseTexture(self.seed + 11)
+        return self._texture
+
+    def ground_lookup(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ground (material, label) at local points (N,) each; outside the raster: (BARE, 255)."""
+        h, w = self.ground_mat.shape
+        col = np.floor(np.asarray(x) / self.ground_res).astype(np.int64)
+        row = np.floor((h * self.ground_res - np.asarray(y)) / self.ground_res).astype(np.int64)
+        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        r, c = np.where(inside, row, 0), np.where(inside, col, 0)
+        mat = np.where(inside, self.ground_mat[r, c], GroundMat.BARE).astype(np.uint8)
+        lab = np.where(inside, self.ground_label[r, c], VOID).astype(np.uint8)
+        return mat, lab
+
+    def ground_dataset(self):
+        """The ground rasters as an xarray Dataset (`material`, `label`) carrying the CRS."""
+        from neuralmaps.geo import Region
+
+        (w, h), res = self.size_m, self.ground_res
+        region = Region.from_bounds((self.origin[0], self.origin[1], self.origin[0] + w, self.origin[1] + h), self.crs, res)
+        import xarray as xr
+
+        return xr.Dataset({"material": region.to_xarray(self.ground_mat), "label": region.to_xarray(self.ground_label)})
+
+    # -- rendering (see render.py) -----------------------------------------------------------
+    def render(self, camera, T_world_cam, appearance: "Appearance | None" = None) -> "RenderOutput":
+        """Render one camera (PinholeCamera / FisheyeCamera) at `T_world_cam` (Transform3D, camera to
+        world-local). See `neuralmaps.synth.render.render_view`."""
+        from .render import render_view
+
+        return render_view(self, camera, T_world_cam, appearance)
+
+    def render_orthophoto(self, bounds_local, resolution_m: float, appearance: "Appearance | None" = None) -> np.ndarray:
+        """North-up top-down orthophoto (H, W, 3) uint8 of `bounds_local` (xmin, ymin, xmax, ymax)."""
+        from .render import render_orthophoto
+
+        return render_orthophoto(self, bounds_local, resolution_m, appearance)
+
+    def __repr__(self) -> str:
+        return (f"World(origin=({self.origin[0]:.1f}, {self.origin[1]:.1f}), size={self.size_m[0]:.0f}x{self.size_m[1]:.0f} m, "
+                f"{len(self.building_ids)} buildings, {len(self.faces)} triangles, ground {self.ground_mat.shape} @ {self.ground_res} m)")
+
+    # -- construction from OSM ---------------------------------------------------------------
+    @classmethod
+    def from_osm(
+        cls, path_or_layers: Any, region: "Region | None" = None, seed: int = 0, ground_resolution_m: float = 0.1,
+        progress: bool = True,
+    ) -> "World":
+        """Build the world of an OSM extract (.pbf / GeoPackage path, dict of GeoDataFrames or
+        OSMLayers) inside `region` (None: the whole extract). Deterministic in `seed`.
+
+        Raises neuralmaps.geo.GeoInputError for unreadable input, and when no building could be
+        extruded although the input has buildings (e.g. a missing triangulation engine)."""
+        from neuralmaps.geo import GeoInputError, Region, read_osm
+
+        t0 = time.perf_counter()
+        layers = read_osm(path_or_layers, region=region)
+        region = layers.region if region is None else region
+        ground_region = Region.from_bounds(region.bounds, region.crs, ground_resolution_m)
+        xmin, ymin, xmax, ymax = ground_region.bounds
+        b = WorldBuilder(region.crs, (xmin, ymin), (xmax - xmin, ymax - ymin), seed)
+        name = getattr(layers, "source", "<layers>")
+
+        # Buildings.
+        bl = layers.buildings
+        ids = bl["id"].to_numpy() if "id" in bl.columns else np.arange(len(bl))
+        geoms = b_geoms = shapely.make_valid(shapely.transform(bl.geometry.values, lambda xy: xy - b.origin)) if len(bl) else []
+        heights = bl["height_m"].to_numpy(np.float64) if len(bl) else []
+        for g, h, bid in tqdm(list(zip(b_geoms, heights, ids)), desc="buildings", disable=not progress, leave=False):
+            g = _polygonal(g)
+            if g is None:
+                continue
+            h = float(h) if np.isfinite(h) and h > 0 else 12.0
+            b.add_building(g, float(np.clip(h, 2.5, 150.0)), _as_int_id(bid))
+        if len(bl) and not b.building_ids:
+            raise GeoInputError(
+                f"{name}: {len(bl)} buildings in the region but none could be extruded "
+                "(is `mapbox_earcut` installed? trimesh needs it to triangulate footprints)"
+            )
+        del geoms
+
+        _add_points(b, layers, seed)
+        for line in _lines_local(layers.fences, b.origin):
+            b.add_fence(line)
+
+        mat, label = _ground_raster(layers, ground_region, b.origin, seed, progress)
+        b.set_ground(mat, label, ground_resolution_m)
+        world = b.build()
+        world.layers, world.region = layers, region
+        world.build_seconds = time.perf_counter() - t0
+        return world
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _as_int_id(v: Any) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return int.from_bytes(str(v).encode()[:8].ljust(8, b"\0"), "little") & 0x7FFFFFFFFFFFFFFF
+
+
+def _polygonal(g):
+    if g is None or g.is_empty:
+        return None
+    if g.geom_type in ("Polygon", "MultiPolygon"):
+        return g
+    polys = [p for p in getattr(g, "geoms", []) if p.geom_type in ("Polygon", "MultiPolygon")]
+    return shapely.union_all(polys) if polys else None
+
+
+def _lines_local(frame, origin: np.ndarray) -> list[np.ndarray]:
+    """Polylines (N, 2) float64 in local metres of a GeoDataFrame of (Multi)LineStrings."""
+    out = []
+    if frame is None or len(frame) == 0:
+        return out
+    for g in frame.geometry.values:
+        if g is None or g.is_empty:
+            continue
+        for part in getattr(g, "geoms", [g]):
+            c = np.asarray(part.coords)[:, :2] - origin
+            if len(c) >= 2:
+                out.append(c)
+    return out
+
+
+def _point_rng(seed: int, x: float, y: float) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(round(x * 10)) & 0xFFFFFFFF, int(round(y * 10)) & 0xFFFFFFFF, 3])
+
+
+def _add_points(b: WorldBuilder, layers: "OSMLayers", seed: int) -> None:
+    """Trees, street lights, traffic lights, signs and poles from the point layer, sizes from the seed."""
+    pts = layers.points
+    if len(pts) == 0:
+        return
+    xy = np.c_[shapely.get_x(pts.geometry.values), shapely.get_y(pts.geometry.values)] - b.origin
+    W, H = b.size_m
+    for (x, y), kind in zip(xy, pts["kind"].to_numpy()):
+        if not (-5 <= x <= W + 5 and -5 <= y <= H + 5):
+            continue
+        r = _point_rng(seed, x, y)
+        yaw = float(r.uniform(0, 2 * math.pi))
+        if kind == "tree":
+            h = float(r.uniform(5.0, 14.0))
+            b.add_tree(x, y, h, crown_radius_m=float(r.uniform(0.22, 0.35)) * h, tint=float(r.uniform(0.8, 1.2)))
+        elif kind == "street_light":
+            b.add_street_light(x, y, yaw)
+        elif kind == "traffic_light":
+            b.add_traffic_light(x, y, yaw)
+        elif kind == "traffic_sign":
+            col = [(0.15, 0.25, 0.6), (0.7, 0.1, 0.08), (0.8, 0.7, 0.1), (0.8, 0.8, 0.8)][int(r.integers(4))]
+            b.add_traffic_sign(x, y, yaw, col)
+        elif kind == "pole":
+            b.add_pole(x, y, float(r.uniform(6.0, 9.0)), 0.12, class_id("pole"), (0.30, 0.25, 0.20))
+
+
+def _ground_raster(layers: "OSMLayers", ground_region: "Region", origin: np.ndarray, seed: int, progress: bool):
+    """(material, label) uint8 rasters (H, W), north-up, of the ground region.
+
+    Labels come from `rasterize_osm` (the same classes the model's semantic raster has), one class
+    per pixel by GROUND_PRIORITY; materials add area kinds (water, parking, ...) and the painted
+    markings (dashed lane lines, zebra stripes, tram rails)."""
+    from rasterio import features
+
+    from neuralmaps.geo.rasterize import rasterize_osm
+
+    h, w = ground_region.shape
+    label = np.full((h, w), VOID, np.uint8)
+    mat = np.full((h, w), GroundMat.BARE, np.uint8)
+    strip = max(1, int(4_000_000 // max(w, 1)))  # rows per strip: bounds the multi-hot raster's memory
+    prio = [CLASS_NAMES.index(c) for c in GROUND_PRIORITY]
+    for r0 in tqdm(range(0, h, strip), desc="ground classes", disable=not progress, leave=False):
+        sub = ground_region.window(slice(r0, min(h, r0 + strip)), slice(0, w))
+        hot = np.asarray(rasterize_osm(layers, sub))
+        lab = label[r0:r0 + sub.shape[0]]
+        m = mat[r0:r0 + sub.shape[0]]
+        for c in reversed(prio):  # highest priority last
+            on = hot[c] > 0
+            lab[on] = c
+            m[on] = _LABEL_TO_MAT[CLASS_NAMES[c]]
+    tr = ground_region.transform
+    # Area kinds: override unlabelled / terrain pixels (and road pixels for parking lots).
+    areas = layers.areas
+    if len(areas):
+        shapes = [(g, int(_AREA_TO_MAT[k])) for g, k in zip(areas.geometry.values, areas["kind"]) if k in _AREA_TO_MAT and g is not None]
+        if shapes:
+            am = features.rasterize(shapes, out_shape=(h, w), transform=tr, fill=255, dtype="uint8")
+            free = (label == VOID) | (label == class_id("terrain"))
+            sel = (am != 255) & (free | ((am == GroundMat.PARKING) & (label == class_id("road"))))
+            mat[sel] = am[sel]
+    road_px = label == class_id("road")
+    # Dashed centre lines on two-way roads wide enough for two lanes.
+    roads = layers.roads
+    if len(roads):
+        dashes = []
+        for g, width, drivable in zip(roads.geometry.values, roads["width_m"], roads["drivable"]):
+            if not drivable or not (width >= 5.5) or g is None:
+                continue
+            for part in getattr(g, "geoms", [g]):
+                dashes += _dashes(part, dash=3.0, gap=6.0, width=0.15)
+        if dashes:
+            paint = features.rasterize(dashes, out_shape=(h, w), transform=tr, fill=0, default_value=1, dtype="uint8")
+            mat[(paint > 0) & road_px] = GroundMat.LANE
+    # Zebra crossings: stripes across the walking direction, 0.5 m paint / 0.5 m gap.
+    fw = layers.footways
+    stripes = []
+    if len(fw):
+        for g, kind, width in zip(fw.geometry.values, fw["kind"], fw["width_m"]):
+            if kind != "crossing" or g is None:
+                continue
+            for part in getattr(g, "geoms", [g]):
+                stripes += _dashes(part, dash=0.5, gap=0.5, width=max(float(width), 2.5))
+    stripes += _crossing_nodes(layers)
+    if stripes:
+        paint = features.rasterize(stripes, out_shape=(h, w), transform=tr, fill=0, default_value=1, dtype="uint8")
+        zebra_ok = road_px | (label == class_id("crosswalk"))
+        mat[(paint > 0) & zebra_ok] = GroundMat.ZEBRA
+    # Tram rails: two thin dark lines a gauge apart.
+    rails = layers.rails
+    if len(rails):
+        lines = []
+        for g in rails.geometry.values:
+            for part in getattr(g, "geoms", [g]) if g is not None else []:
+                for off in (-TRAM_GAUGE_M / 2, TRAM_GAUGE_M / 2):
+                    o = part.offset_curve(off)
+                    if not o.is_empty:
+                        lines.append(o.buffer(0.04, cap_style="flat"))
+        if lines:
+            paint = features.rasterize(lines, out_shape=(h, w), transform=tr, fill=0, default_value=1,
+                                       dtype="uint8", all_touched=True)
+            mat[paint > 0] = GroundMat.RAIL
+    return mat, label
+
+
+def _dashes(line: shapely.LineString, dash: float, gap: float, width: float) -> list:
+    """Rectangles of length `dash` every `dash + gap` metres along a line, `width` metres wide."""
+    length = line.length
+    if length < dash:
+        return []
+    starts = np.arange(0.5 * gap, length - dash + 1e-9, dash + gap)
+    segs = [shapely.ops.substring(line, s, s + dash) for s in starts]
+    return [s.buffer(width / 2, cap_style="flat") for s in segs if s.length > 0]
+
+
+def _crossing_nodes(layers: "OSMLayers") -> list:
+    """Zebra stripes for crossing nodes that no crossing way covers: across the nearest road."""
+    pts = layers.points
+    roads = layers.roads
+    if len(pts) == 0 or len(roads) == 0:
+        return []
+    cross = pts[pts["kind"] == "crossing"]
+    if len(cross) == 0:
+        return []
+    fw = layers.footways
+    ways = fw[fw["kind"] == "crossing"] if len(fw) else fw
+    covered = shapely.union_all(ways.geometry.values).buffer(2.0) if len(ways) else None
+    tree = shapely.STRtree(roads.geometry.values)
+    out = []
+    for p in cross.geometry.values:
+        if covered is not None and covered.contains(p):
+            continue
+        i = tree.nearest(p)
+        road = roads.geometry.values[i]
+        if road.distance(p) > 3.0:
+            continue
+        s = road.project(p)
+        a, c = road.interpolate(max(0.0, s - 1.0)), road.interpolate(min(road.length, s + 1.0))
+        d = np.array([c.x - a.x, c.y - a.y])
+        if np.linalg.norm(d) < 1e-6:
+            continue
+        d /= np.linalg.norm(d)
+        half = float(roads["width_m"].iloc[i]) / 2 + 0.5
+        n = np.array([-d[1], d[0]])
+        walk = shapely.LineString([(p.x - n[0] * half, p.y - n[1] * half), (p.x + n[0] * half, p.y + n[1] * half)])
+        out += _dashes(walk, dash=0.5, gap=0.5, width=3.0)
+    return out
+
+
+import shapely.ops  # noqa: E402  (substring)
