@@ -1,9 +1,15 @@
-"""neuralmaps.geo: CRS and regions, OSM layers, rasterizing, orthophotos, Zarr stores."""
+"""neuralmaps.geo: CRS and regions, OSM layers, rasterizing, orthophotos, Zarr stores.
+
+Every bad input raises `GeoInputError` (a ValueError) whose message names the file and the problem.
+"""
 
 from .crs import heading_to_yaw, utm_crs_for, yaw_to_heading
 from .errors import GeoInputError
+from .ortho import read_orthophoto, write_geotiff
 from .osm import OSMLayers, read_osm
+from .rasterize import rasterize_osm
 from .region import Region, Tile
+from .zarr_io import open_zarr, write_zarr
 
 __all__ = [
     "GeoInputError",
@@ -11,7 +17,12 @@ __all__ = [
     "Region",
     "Tile",
     "heading_to_yaw",
+    "open_zarr",
+    "rasterize_osm",
+    "read_orthophoto",
     "read_osm",
     "utm_crs_for",
+    "write_geotiff",
+    "write_zarr",
     "yaw_to_heading",
 ]

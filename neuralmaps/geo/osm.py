@@ -119,11 +119,13 @@ class OSMLayers:
         return all(len(g) == 0 for g in self.layers().values())
 
     def crop(self, region: Region, margin_m: float = 0.0) -> "OSMLayers":
-        """These layers clipped to a sub-region (same CRS)."""
-        if region.crs != self.region.crs:
-            raise GeoInputError(f"OSMLayers.crop: region CRS differs from the layers' ({self.source})")
+        """These layers clipped to `region` (+ `margin_m`), reprojected if its CRS differs."""
         clip = box(*region.bounds).buffer(margin_m, join_style="mitre")
-        return OSMLayers(**{n: _clip(g, clip) for n, g in self.layers().items()},
+        layers = self.layers()
+        if region.crs != self.region.crs:
+            pre = _reproject_geom(clip.buffer(5.0), region.crs, self.region.crs).envelope
+            layers = {n: _clip(g, pre, cut=False).to_crs(region.crs) for n, g in layers.items()}
+        return OSMLayers(**{n: _clip(g, clip) for n, g in layers.items()},
                          region=region, source=self.source, margin_m=margin_m)
 
     def __repr__(self) -> str:

@@ -1,0 +1,114 @@
+"""rasterize_osm: a real Helsinki landmark found where QGIS would find it."""
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+
+from neuralmaps.config import CLASS_NAMES
+from neuralmaps.geo import Region, rasterize_osm, read_osm, write_geotiff
+
+CATHEDRAL = (24.9522, 60.1704)  # Helsingin tuomiokirkko, checked against its OSM name tag below
+
+
+@pytest.fixture(scope="module")
+def centre(helsinki_pbf):
+    lon, lat = CATHEDRAL
+    region = Region.from_bbox(lon - 0.0025, lat - 0.0012, lon + 0.0010, lat + 0.0012, resolution=0.2)
+    layers = read_osm(helsinki_pbf, region)
+    return region, layers, rasterize_osm(layers, region)
+
+
+def test_cathedral_is_building_in_xarray_and_geotiff(centre, tmp_path):
+    region, layers, da = centre
+    lon, lat = CATHEDRAL
+    names = layers.buildings.name.fillna("")
+    cathedral = layers.buildings[names.str.contains("tuomiokirkko", case=False)].geometry.iloc[0]
+    x, y = region.lonlat_to_xy(lon, lat)
+    assert cathedral.contains(shapely.Point(x, y))  # the landmark really is that building
+
+    assert da.dims == ("class", "y", "x") and da.dtype == np.uint8
+    assert list(da["class"].values) == list(CLASS_NAMES)
+    assert da.rio.crs.to_epsg() == 32635
+    px = da.sel(x=x, y=y, method="nearest")
+    assert px.sel({"class": "building"}).item() == 1
+    assert px.sel({"class": ["road", "sidewalk", "terrain", "crosswalk"]}).sum().item() == 0
+
+    path = write_geotiff(da, tmp_path / "classes.tif")
+    with rasterio.open(path) as src:
+        assert src.crs.to_epsg() == 32635
+        assert list(src.descriptions) == list(CLASS_NAMES)
+        row, col = src.index(x, y)
+        band = CLASS_NAMES.index("building") + 1
+        assert src.read(band)[row, col] == 1
+        # a pixel 60 m south-west is outside the cathedral (Senate Square / streets)
+        r2, c2 = src.index(x - 60, y - 60)
+        assert src.read(band)[r2, c2] == 0
+
+
+def test_road_centreline_is_road(centre):
+    region, layers, da = centre
+    roads = layers.roads[layers.roads.drivable & (layers.roads.highway == "secondary")]
+    assert len(roads) > 0
+    road = roads.loc[roads.length.idxmax()]
+    p = road.geometry.interpolate(0.5, normalized=True)
+    px = da.sel(x=p.x, y=p.y, method="nearest")
+    # a crossing may lie on the centreline; either way the surface is road-like, never building
+    assert px.sel({"class": "road"}).item() + px.sel({"class": "crosswalk"}).item() == 1
+    assert px.sel({"class": "building"}).item() == 0
+    counts = da.sum(("y", "x")).to_series()
+    assert counts["road"] > 0 and counts["sidewalk"] > 0 and counts["crosswalk"] > 0
+    assert counts["street_light"] > 0 and counts["pole"] > 0 and counts["fence"] > 0
+
+
+def test_exclusive_groups(centre):
+    _, _, da = centre
+    areas = da.sel({"class": ["crosswalk", "sidewalk", "road", "terrain", "building"]}).sum("class")
+    objects = da.sel({"class": ["fence", "pole", "tree"]}).sum("class")
+    assert int(areas.max()) == 1 and int(objects.max()) == 1
+    assert set(np.unique(da.values)) == {0, 1}
+    assert "terrain < road < sidewalk < crosswalk < building" in da.attrs["area_priority"]
+
+
+def test_widths_and_priorities_on_synthetic_layers():
+    """A 10 m wide road, a building overlapping it, a tiny pole: exact areas on a 0.5 m grid."""
+    region = Region.from_bounds((500000.0, 6650000.0, 500100.0, 6650040.0), 32635, 0.5)
+    road = shapely.LineString([(500000.0, 6650020.0), (500100.0, 6650020.0)])
+    bld = shapely.box(500080.0, 6650000.0, 500100.0, 6650040.0)
+    pole = shapely.Point(500010.1, 6650035.1)
+    layers = {
+        "osm": gpd.GeoDataFrame(
+            {"highway": ["primary", None, None], "width": ["10", None, None],
+             "building": [None, "yes", None], "power": [None, None, "pole"]},
+            geometry=[road, bld, pole], crs=32635,
+        )
+    }
+    da = rasterize_osm(layers, region)
+    road_px = int(da.sel({"class": "road"}).sum())
+    # 80 m of road outside the building × 10 m width (+ the round cap at the west end is cut off)
+    assert road_px * 0.25 == pytest.approx(80 * 10, rel=0.02)
+    assert int(da.sel({"class": "building"}).sum()) * 0.25 == pytest.approx(20 * 40, rel=0.01)
+    pole_px = da.sel({"class": "pole"})
+    assert 1 <= int(pole_px.sum()) <= 4
+    assert pole_px.sel(x=pole.x, y=pole.y, method="nearest").item() == 1
+
+
+def test_trees_are_discs_at_their_nodes(helsinki_pbf):
+    region = Region.from_bbox(24.9425, 60.1720, 24.9450, 60.1740, resolution=0.5)
+    layers = read_osm(helsinki_pbf, region, margin_m=0.0)
+    trees = layers.points[layers.points.kind == "tree"]
+    assert len(trees) >= 20
+    da = rasterize_osm(layers, region)
+    at = da.sel(x=_points(trees.geometry.x), y=_points(trees.geometry.y), method="nearest")
+    # every tree node is tree (or a pole standing in the crown, which wins)
+    assert (at.sel({"class": ["tree", "pole"]}).sum("class") == 1).all()
+    # a 2 m disc is ~50 pixels at 0.5 m; overlapping crowns make it less per tree
+    n = int(da.sel({"class": "tree"}).sum())
+    assert 10 * len(trees) < n <= 55 * len(trees)
+
+
+def _points(v):
+    import xarray as xr
+
+    return xr.DataArray(np.asarray(v), dims="pt")
