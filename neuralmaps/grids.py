@@ -153,7 +153,8 @@ def interpolate_nd(values: Tensor, points: Tensor, *, align: str = "center") -> 
             convention) cell i's centre is at i + 0.5, so point p samples array index p - 0.5;
             with align="index" cell i's centre is at i.
     Returns:
-        out: (B, N, C), zero where not valid, dtype of `values`.
+        out: (B, N, C), zero where not valid, dtype of `values` (a transposed view of a
+            contiguous (B, C, N) tensor).
         valid: (B, N) bool, the point lies within [0.5, S - 0.5] on every axis (between cell centres).
 
     Differentiable w.r.t. values and points. Half/bfloat16 inputs (e.g. under autocast) are
