@@ -724,9 +724,12 @@ def _class_raster(world: Any, region: Any) -> np.ndarray:
 
 
 def _aerial_appearance() -> Any:
-    from .render import Appearance
+    """The fixed look of every aerial crop: a clear spring midday, distinct from the runs' sampled
+    appearances (so the aerial modality cannot be matched pixel-for-pixel to street views)."""
+    from .appearance import Appearance
 
-    return Appearance.aerial()
+    return Appearance(seed=0xAE1, sun_azimuth_deg=165.0, sun_elevation_deg=50.0, season="spring",
+                      exposure=1.05, cloud_cover=0.1, sun_strength=1.0, ambient=0.4)
 
 
 def _previews(out: Path, preview_dir: str | os.PathLike, n: int) -> None:
