@@ -46,11 +46,18 @@ def _as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
 
 
 def _float_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Cast two tensors to a common floating dtype (and a's device)."""
+    """Cast two tensors to a common floating dtype and device (a CPU scalar follows the other)."""
     dtype = torch.promote_types(a.dtype, b.dtype)
     if not dtype.is_floating_point:
         dtype = torch.get_default_dtype()
-    return a.to(dtype), b.to(dtype=dtype, device=a.device)
+    if a.device != b.device:
+        if a.dim() == 0 and a.device.type == "cpu":
+            a = a.to(b.device)
+        elif b.dim() == 0 and b.device.type == "cpu":
+            b = b.to(a.device)
+        else:
+            raise ValueError(f"tensors on different devices: {a.device} and {b.device}")
+    return a.to(dtype), b.to(dtype)
 
 
 def _index_with_tail(idx: Any, tail: int) -> Any:
@@ -214,7 +221,7 @@ class Transform2D:
 
     def to_3d(self, z: Tensor | float = 0.0) -> "Transform3D":
         """This pose as SE(3): a rotation about the z axis (up) and translation (t, z) metres."""
-        z = _as_tensor(z, like=self.t)
+        z = _as_tensor(z, like=self.t).to(self.t)
         shape = torch.broadcast_shapes(self.shape, z.shape)
         c, s = torch.cos(self.angle), torch.sin(self.angle)
         one, zero = torch.ones_like(c), torch.zeros_like(c)
@@ -428,8 +435,7 @@ def bev_pose_to_camera(
     Returns `T_scene_cam` with batch shape of `T_scene_bev` (broadcast with height and pitch).
     """
     ref = T_scene_bev.t
-    height = _as_tensor(height_m, like=ref)
-    pitch = _as_tensor(pitch, like=ref)
+    pitch = _as_tensor(pitch, like=ref).to(ref)
     # Level camera in the BEV frame: cam x -> -y (right), cam y -> -z (down), cam z -> +x (forward).
     R_bev_level = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]],
                                dtype=ref.dtype, device=ref.device)
@@ -438,7 +444,7 @@ def bev_pose_to_camera(
     # Rotation about the camera x axis that tilts the optical axis towards image-up (-y).
     R_level_cam = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], -1).unflatten(-1, (3, 3))
     T_bev_cam = Transform3D(R_bev_level @ R_level_cam, torch.zeros(3, dtype=ref.dtype, device=ref.device))
-    return T_scene_bev.to_3d(height) @ T_bev_cam
+    return T_scene_bev.to_3d(height_m) @ T_bev_cam
 
 
 # ------------------------------------------------------------------------------------------------

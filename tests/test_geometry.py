@@ -93,6 +93,14 @@ def test_transform2d_batching_indexing_dtype():
     assert T[0, 0](p).shape == (2, 6, 2)
 
 
+def test_mixed_dtypes_promote():
+    T = Transform2D(torch.tensor(0.3), torch.zeros(2, dtype=torch.float64))
+    assert T.angle.dtype == T.t.dtype == torch.float64
+    cam = bev_pose_to_camera(T, torch.tensor(1.6), torch.tensor(0.1))
+    assert cam.dtype == torch.float64 and cam.shape == ()
+    assert Transform2D(0, [1, 2]).dtype == torch.get_default_dtype()
+
+
 def test_transform2d_bad_input_raises():
     with pytest.raises(ValueError, match=r"\(\.\.\., 2\)"):
         Transform2D(0.0, torch.zeros(3))
