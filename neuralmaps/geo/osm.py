@@ -7,6 +7,7 @@ here, so the rasterizer and the digital twin agree.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import re
@@ -170,20 +171,32 @@ def read_osm(source: Any, region: Region | None = None, margin_m: float = 20.0) 
 def clear_osm_cache() -> None:
     """Forget cached pbf parses (they are keyed by path, mtime and size, so this is rarely needed)."""
     _parse_pbf_cached.cache_clear()
+    _read_pbf_cached.cache_clear()
 
 
 # -- pbf ---------------------------------------------------------------------------------------
 def _read_pbf(path: Path, region: Region | None, margin_m: float) -> OSMLayers:
     st = path.stat()
+    key = json.dumps(region.to_dict()) if region is not None else None
+    layers = _read_pbf_cached(str(path), str(path.resolve()), st.st_mtime_ns, st.st_size, key, float(margin_m))
+    # Copies: callers may add columns without touching the cache.
+    return OSMLayers(**{n: g.copy() for n, g in layers.layers().items()}, region=layers.region,
+                     source=layers.source, margin_m=layers.margin_m)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_pbf_cached(name: str, path: str, mtime_ns: int, size: int, region_key: str | None,
+                     margin_m: float) -> OSMLayers:
+    region = Region.from_dict(json.loads(region_key)) if region_key is not None else None
     bbox = None
     if region is not None:
         ll = _reproject_geom(box(*region.bounds).buffer(margin_m + 5.0, join_style="mitre"), region.crs, WGS84)
         bbox = tuple(round(v, 7) for v in ll.bounds)
-    raw = _parse_pbf_cached(str(path.resolve()), st.st_mtime_ns, st.st_size, bbox)
+    raw = _parse_pbf_cached(path, mtime_ns, size, bbox)
     if all(len(f) == 0 for f in raw.values()):
         where = "inside the region " + repr(region) if region is not None else "in the file"
-        raise GeoInputError(f"{path}: no OSM features {where} (is the region outside the extract?)")
-    return _from_frames({k: v.copy() for k, v in raw.items()}, region, str(path), margin_m, classify_all=True)
+        raise GeoInputError(f"{name}: no OSM features {where} (is the region outside the extract?)")
+    return _from_frames({k: v.copy() for k, v in raw.items()}, region, name, margin_m, classify_all=True)
 
 
 @functools.lru_cache(maxsize=16)
@@ -284,8 +297,10 @@ def _clip(f: gpd.GeoDataFrame, clip_geom, cut: bool = True) -> gpd.GeoDataFrame:
     """Features intersecting `clip_geom`; with `cut`, their geometry is also cut to it."""
     if len(f) == 0:
         return f
-    f = f[f.geometry.notna() & ~f.geometry.is_empty]
-    f = f[f.intersects(clip_geom)]
+    # The spatial index is built once per frame and kept on it (OSMLayers are cropped repeatedly).
+    hits = np.sort(f.sindex.query(clip_geom, predicate="intersects"))
+    f = f.iloc[hits]
+    f = f[~shapely.is_empty(f.geometry.values)]
     if cut and len(f):
         f = f.copy()
         geoms = f.geometry.values
