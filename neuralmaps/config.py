@@ -79,7 +79,8 @@ class ModelConfig:
     use_aerial: bool = True
     use_semantic: bool = True
     modality_dropout: float = 0.3
-    confidence_head: bool = True
+    # Map confidence head (sigmoid). Off as in SNAP: the localization loss does not train it.
+    confidence_head: bool = False
     temperature_init: float = 2.0
     num_pose_samples: int = 20000
     num_pose_retries: int = 8

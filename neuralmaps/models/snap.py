@@ -221,7 +221,7 @@ class SNAP(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, map_location: Any = "cpu", config: Config | None = None) -> "SNAP":
-        """Load a checkpoint written by `save` (weights only, no pickled code).
+        """Load a checkpoint written by `save` (weights only, no pickled code), in eval mode.
 
         `config`: run with this config instead of the saved one; its architecture fields must match
         the checkpoint's (runtime knobs such as `num_pose_samples` may differ)."""
@@ -265,4 +265,5 @@ class SNAP(nn.Module):
                 f"(version {ckpt.get('version')}): " + " | ".join(parts)
             )
         model.load_state_dict(state)
+        model.eval()  # ready for inference; call .train() to fine-tune
         return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model

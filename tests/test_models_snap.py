@@ -1,0 +1,188 @@
+"""SNAP end to end on tiny configs: gradients, bfloat16 autocast, checkpoints, devices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models_helpers import tiny_batch, tiny_config, to_device
+from neuralmaps.config import preset
+from neuralmaps.models import SNAP, NeuralMapTile
+from neuralmaps.models.bev import query_grid
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def _model(cfg, device="cpu", seed=0) -> SNAP:
+    torch.manual_seed(seed)
+    return SNAP(cfg).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_localization_loss_reaches_every_mapper_parameter(device):
+    cfg = tiny_config(norm="group", pooling="softmax")
+    cfg.model.modality_dropout = 0.0  # else a dropped modality's encoder gets no gradient this step
+    model = _model(cfg, device).train()
+    out = model.loss(to_device(tiny_batch(cfg), device), generator=torch.Generator(device).manual_seed(0))
+    assert out["total"].ndim == 0 and torch.isfinite(out["total"])
+    assert out["nll"].shape == (2,) and out["err_xy_m"].shape == (2,)
+    out["total"].backward()
+    no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0)
+    # Only the semantic net is outside the localization loss (it is trained on the frozen map).
+    assert no_grad and all(n.startswith("semantic_net.") for n in no_grad), no_grad
+    assert model.localizer.log_temperature.grad.abs() > 0
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+
+
+def test_semantic_loss_trains_only_the_decoder_and_leaves_the_map_frozen():
+    cfg = tiny_config(norm="batch")
+    model = _model(cfg).train()
+    batch = tiny_batch(cfg)
+    bn_before = {k: v.clone() for k, v in model.mapper.state_dict().items() if "running" in k}
+    out = model.semantic_loss(batch)
+    out["total"].backward()
+    for name, p in model.named_parameters():
+        has = p.grad is not None and p.grad.abs().sum() > 0
+        assert has == name.startswith("semantic_net."), name
+    for k, v in model.mapper.state_dict().items():
+        if k in bn_before:
+            assert torch.equal(v, bn_before[k]), f"{k} changed: the map must stay frozen"
+    assert model.mapper.training  # mode restored
+    for key in ("areas/accuracy", "areas/iou/road", "objects/recall/void", "binary/iou/street_light"):
+        assert key in out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_autocast_matches_float32(device):
+    cfg = tiny_config(norm="group")
+    model = _model(cfg, device).eval()
+    batch = to_device(tiny_batch(cfg), device)
+    with torch.no_grad():
+        ref, q_ref = model.map(batch), model.query(batch)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            low, q_low = model.map(batch), model.query(batch)
+            loc = model.localize(batch, low, generator=torch.Generator(device).manual_seed(0))
+    assert torch.equal(ref.valid, low.valid) and torch.equal(q_ref.valid, q_low.valid)
+    rel = (ref.features - low.features.float()).norm() / ref.features.norm()
+    assert rel < 0.08, rel
+    for a, b, v in ((ref.matching, low.matching, ref.valid), (q_ref.features, q_low.features, q_ref.valid)):
+        cos = F.cosine_similarity(a, b.float(), dim=1)[v]
+        assert cos.mean() > 0.995 and torch.quantile(cos, 0.01) > 0.97, (cos.mean(), cos.min())
+    assert torch.isfinite(loc.score).all() and torch.isfinite(loc.T_map_query.t).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, device):
+    cfg = tiny_config(norm="batch", pooling="mlp")
+    model = _model(cfg, device)
+    model.train()
+    model.loss(to_device(tiny_batch(cfg, seed=1), device))  # move the BatchNorm statistics off init
+    model.eval()
+    path = tmp_path / "ckpt" / "snap.pt"
+    model.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["snap.pt"]  # no temporary left behind
+    loaded = SNAP.load(path, map_location=device)
+    assert loaded.config.to_dict() == cfg.to_dict() and not loaded.training
+    batch = to_device(tiny_batch(cfg), device)
+    with torch.no_grad():
+        a, b = model.map(batch), loaded.map(batch)
+        sa, sb = model.semantics(a), loaded.semantics(b)
+        qa, qb = model.query(batch), loaded.query(batch)
+    for x, y in ((a.features, b.features), (a.matching, b.matching), (qa.features, qb.features),
+                 (sa["areas_prob"], sb["areas_prob"])):
+        assert torch.equal(x, y)
+    # Runtime knobs may differ from the checkpoint.
+    run_cfg = tiny_config(norm="batch", pooling="mlp")
+    run_cfg.model.num_pose_samples = 64
+    assert SNAP.load(path, config=run_cfg).localizer.num_pose_samples == 64
+
+
+def test_load_rejects_mismatched_configs(tmp_path):
+    cfg = tiny_config()
+    path = tmp_path / "snap.pt"
+    _model(cfg).save(path)
+    other = tiny_config()
+    other.model.feature_dim = 32
+    other.model.pooling = "mean"
+    with pytest.raises(ValueError, match=r"model\.feature_dim: 16 != 32.*model\.pooling: 'max' != 'mean'"):
+        SNAP.load(path, config=other)
+    # A checkpoint whose stored config disagrees with its weights names the mismatching tensors.
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["model"]["matching_dim"] = 4
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"snap\.pt: weights do not match.*mapper\.matching\.proj\.weight"):
+        SNAP.load(path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: not a readable SNAP checkpoint"):
+        SNAP.load(tmp_path / "junk.pt")
+
+
+def test_map_outputs_shapes_and_invariants():
+    cfg = tiny_config()
+    cfg.model.confidence_head = True
+    model = _model(cfg).eval()
+    with torch.no_grad():
+        nm = model.map(tiny_batch(cfg))
+        sem = model.semantics(nm)
+    assert isinstance(nm, NeuralMapTile) and nm.cell_m == 0.5
+    assert nm.features.shape == (2, 16, 16, 16) and nm.matching.shape == (2, 8, 16, 16)
+    assert nm.valid.all()  # aerial and semantic rasters cover the whole scene
+    torch.testing.assert_close(nm.matching.norm(dim=1), torch.ones(2, 16, 16))
+    assert ((nm.confidence > 0) & (nm.confidence < 1)).all()
+    assert sem["areas_class"].shape == (2, 16, 16) and sem["areas_class"].dtype == torch.uint8
+    torch.testing.assert_close(sem["objects_prob"].sum(1), torch.ones(2, 16, 16))
+    assert sem["binary_prob"].shape == (2, 3, 16, 16)
+
+
+def test_streetview_only_map_is_invalid_where_no_view_looks():
+    cfg = tiny_config()
+    cfg.model.use_aerial = cfg.model.use_semantic = False
+    model = _model(cfg).eval()
+    batch = tiny_batch(cfg)
+    with torch.no_grad():
+        nm = model.map(batch)
+    # Views stand on the south edge looking north: cells behind them (y < 0.5 m) are unseen.
+    assert not nm.valid[:, :, 0].any() and nm.valid.float().mean() > 0.3
+    assert (nm.features[~nm.valid[:, None].expand_as(nm.features)] == 0).all()
+    assert (nm.matching.norm(dim=1)[~nm.valid] == 0).all()
+
+
+def test_query_grid_is_the_frustum():
+    scene = preset("paper").scene
+    xy, inside = query_grid(scene)
+    assert xy.shape == (80, 120, 2)  # 16 m forward x 24 m wide at 0.2 m
+    torch.testing.assert_close(xy[0, 0], torch.tensor([0.1, -11.9]))
+    torch.testing.assert_close(xy[-1, -1], torch.tensor([15.9, 11.9]))
+    angle = torch.rad2deg(torch.atan2(xy[..., 1], xy[..., 0]).abs())
+    assert torch.equal(inside, angle <= 36.0 + 1e-4)
+
+
+def test_modality_dropout_never_drops_everything():
+    cfg = tiny_config()
+    cfg.model.use_streetview = False
+    cfg.model.modality_dropout = 0.9
+    model = _model(cfg).train()
+    batch = tiny_batch(cfg, B=2)
+    g = torch.Generator().manual_seed(0)
+    kept = []
+    for _ in range(12):
+        nm = model.map(batch, generator=g)
+        assert nm.valid.flatten(1).all(1).all()  # never all modalities dropped
+        kept.append(nm.features.detach())
+    # With p = 0.9 most steps keep one modality at random: the fused maps differ between steps.
+    assert any(not torch.equal(kept[0], k) for k in kept[1:])
+
+
+def test_presets_construct():
+    tiny = SNAP(preset("cpu-tiny"))
+    paper = SNAP(preset("paper"))
+    n_tiny = sum(p.numel() for p in tiny.parameters())
+    n_paper = sum(p.numel() for p in paper.parameters())
+    assert n_paper > 20 * n_tiny
+    assert paper.query_xy.shape == (80, 120, 2)
+    assert math.isclose(paper.config.scene.cell_m, 0.2)
