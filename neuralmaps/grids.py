@@ -121,14 +121,16 @@ def _check_interp_args(values: Tensor, points: Tensor, fname: str) -> int:
     return d
 
 
-def _sample(values: Tensor, points: Tensor, align: str) -> tuple[Tensor, Tensor]:
-    """grid_sample for continuous grid coordinates: unmasked out (B, N, C), valid (B, N)."""
+def _sample(values: Tensor, points: Tensor, align: str, bounds: str) -> tuple[Tensor, Tensor]:
+    """grid_sample for continuous grid coordinates: unmasked out (B, C, N), valid (B, N)."""
     if align == "center":
         shift = 0.0
     elif align == "index":  # cell i's centre at i: shift to the "center" convention
         shift = 0.5
     else:
         raise ValueError(f"interpolate_nd: align must be 'center' or 'index', got {align!r}")
+    if bounds not in ("centers", "cells"):
+        raise ValueError(f"interpolate_nd: bounds must be 'centers' or 'cells', got {bounds!r}")
     B, N, d = points.shape
     sizes = values.shape[2:]
     coords = points.unbind(-1)
@@ -138,13 +140,19 @@ def _sample(values: Tensor, points: Tensor, align: str) -> tuple[Tensor, Tensor]
     g = torch.stack([coords[k] * (2.0 / sizes[k]) + (2.0 * shift / sizes[k] - 1.0) for k in reversed(range(d))], -1)
     valid = torch.ones((B, N), dtype=torch.bool, device=points.device)
     for k in range(d):
-        valid &= (coords[k] >= 0.5 - shift) & (coords[k] <= sizes[k] - 0.5 - shift)
+        if bounds == "centers":
+            valid &= (coords[k] >= 0.5 - shift) & (coords[k] <= sizes[k] - 0.5 - shift)
+        else:
+            valid &= (coords[k] >= -shift) & (coords[k] < sizes[k] - shift)
     g = g.reshape(B, N, *([1] * (d - 1)), d)
-    out = F.grid_sample(values, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+    padding = "zeros" if bounds == "centers" else "border"
+    out = F.grid_sample(values, g, mode="bilinear", padding_mode=padding, align_corners=False)
     return out.reshape(B, values.shape[1], N), valid  # (B, C, N)
 
 
-def interpolate_nd(values: Tensor, points: Tensor, *, align: str = "center") -> tuple[Tensor, Tensor]:
+def interpolate_nd(
+    values: Tensor, points: Tensor, *, align: str = "center", bounds: str = "centers"
+) -> tuple[Tensor, Tensor]:
     """Bilinear (d = 2) or trilinear (d = 3) interpolation of a model grid.
 
     Args:
@@ -155,7 +163,10 @@ def interpolate_nd(values: Tensor, points: Tensor, *, align: str = "center") -> 
     Returns:
         out: (B, N, C), zero where not valid, dtype of `values` (a transposed view of a
             contiguous (B, C, N) tensor).
-        valid: (B, N) bool, the point lies within [0.5, S - 0.5] on every axis (between cell centres).
+        valid: (B, N) bool. With bounds="centers" (default) the point lies within [0.5, S - 0.5]
+            on every axis (between the outer cell centres). With bounds="cells" (SNAP's
+            `interpolate_nd`) it lies within [0, S) and values beyond the outer centres are
+            clamped to the edge cells (scipy mode="nearest").
 
     Differentiable w.r.t. values and points. Half/bfloat16 inputs (e.g. under autocast) are
     interpolated in float32 and returned in the input dtype.
@@ -167,15 +178,21 @@ def interpolate_nd(values: Tensor, points: Tensor, *, align: str = "center") -> 
         compute = torch.float32
     if torch.is_autocast_enabled(values.device.type):
         with torch.autocast(device_type=values.device.type, enabled=False):
-            out, valid = _sample(values.to(compute), points.to(compute), align)
+            out, valid = _sample(values.to(compute), points.to(compute), align, bounds)
     else:
-        out, valid = _sample(values.to(compute), points.to(compute), align)
+        out, valid = _sample(values.to(compute), points.to(compute), align, bounds)
     # Mask in the contiguous (B, C, N) layout; the (B, N, C) result is a transposed view.
     return out.masked_fill(~valid[:, None], 0).to(out_dtype).transpose(1, 2), valid
 
 
 def interpolate_nd_with_mask(
-    values: Tensor, mask: Tensor, points: Tensor, *, align: str = "center", tol: float = 1e-6
+    values: Tensor,
+    mask: Tensor,
+    points: Tensor,
+    *,
+    align: str = "center",
+    bounds: str = "centers",
+    tol: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
     """`interpolate_nd` where valid also requires every contributing corner cell to be valid.
 
@@ -190,10 +207,10 @@ def interpolate_nd_with_mask(
             f"interpolate_nd_with_mask: mask must be (B, *S) = {(values.shape[0], *values.shape[2:])}, "
             f"got {tuple(mask.shape)}"
         )
-    out, valid = interpolate_nd(values, points, align=align)
+    out, valid = interpolate_nd(values, points, align=align, bounds=bounds)
     invalid = (~mask.bool())[:, None].to(torch.float32)
     with torch.no_grad():
-        bad, _ = interpolate_nd(invalid, points.detach().float(), align=align)
+        bad, _ = interpolate_nd(invalid, points.detach().float(), align=align, bounds=bounds)
     valid = valid & (bad[..., 0] <= tol)
     return out.masked_fill(~valid[..., None], 0), valid
 

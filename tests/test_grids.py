@@ -111,6 +111,26 @@ def test_interpolate_float32_and_index_alignment():
         interpolate_nd(values, points, align="corner")
 
 
+def test_interpolate_cell_bounds_match_snap_nearest_mode():
+    gen = torch.Generator().manual_seed(4)
+    values = torch.randn(1, 2, 6, 5, 4, generator=gen, dtype=torch.float64)
+    # Anywhere in [0, S): includes the outer half cells that the default bounds reject.
+    points = torch.rand(1, 80, 3, generator=gen, dtype=torch.float64) * torch.tensor([6.0, 5.0, 4.0])
+    points[0, 0] = 0.0
+    points[0, 1] = torch.tensor([5.9999, 4.9999, 3.9999], dtype=torch.float64)
+    out, valid = interpolate_nd(values, points, bounds="cells")
+    assert valid.all()
+    v, p = values.numpy(), points.numpy()
+    for c in range(2):
+        ref = map_coordinates(v[0, c], (p[0] - 0.5).T, order=1, mode="nearest")
+        np.testing.assert_allclose(out[0, :, c].numpy(), ref, atol=1e-12)
+    _, valid = interpolate_nd(values, torch.tensor([[[6.0, 1.0, 1.0], [-0.01, 1.0, 1.0]]], dtype=torch.float64),
+                              bounds="cells")
+    assert not valid.any()
+    with pytest.raises(ValueError, match="bounds"):
+        interpolate_nd(values, points, bounds="inside")
+
+
 def test_interpolate_outside_is_invalid_and_zero():
     values = torch.ones(1, 2, 4, 5)
     points = torch.tensor([[[0.49, 2.0], [2.0, 4.51], [-3.0, 1.0], [2.0, 100.0], [0.5, 4.5], [2.0, 2.0]]])
