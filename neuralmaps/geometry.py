@@ -651,8 +651,9 @@ class FisheyeCamera(Camera):
         super().__init__(data)
         if max_fov_deg is None:
             max_fov_deg = self.default_max_fov_deg
-        mf = _as_tensor(max_fov_deg, like=self._data)
-        if (mf <= 0).any() or (mf >= 180).any():
+        mf = _as_tensor(max_fov_deg, like=self._data).to(self._data)
+        # Checked for python numbers and CPU tensors only: a check on GPU would force a sync.
+        if mf.device.type == "cpu" and ((mf <= 0).any() or (mf >= 180).any()):
             raise ValueError(f"FisheyeCamera: max_fov_deg must be in (0, 180), got {max_fov_deg}")
         self.max_fov_deg = mf.expand(self.shape)
 
