@@ -7,7 +7,8 @@ Rules (the class raster every store and the semantic net train on):
   road: drivable roads buffered by half their width, parking areas;
   sidewalk: sidewalk/footway/cycleway/path/steps ways buffered by half their width, pedestrian
   streets (non-drivable roads) and pedestrian areas/squares;
-  crosswalk: crossing ways buffered by half their width, crossing nodes as 1.5 m discs;
+  crosswalk: crossing ways buffered by half their width; crossing nodes without a crossing way
+  as 3 m wide rectangles across the nearest road (1.5 m discs when no road is within 3 m);
   building: footprints.
 - Object classes are exclusive, later wins: tree < fence < pole.
   tree: 2 m discs (trunk + crown footprint); fence: fences/walls as 1-pixel lines;
@@ -22,6 +23,7 @@ from typing import Any, Iterable
 
 import geopandas as gpd
 import numpy as np
+import shapely
 import xarray as xr
 from rasterio.features import rasterize as _rio_rasterize
 from shapely.geometry.base import BaseGeometry
@@ -30,13 +32,14 @@ from ..config import CLASS_NAMES
 from .osm import OSMLayers, read_osm
 from .region import Region
 
-__all__ = ["rasterize_osm", "AREA_PRIORITY", "OBJECT_PRIORITY", "burn"]
+__all__ = ["rasterize_osm", "AREA_PRIORITY", "OBJECT_PRIORITY", "burn", "crossing_node_shapes"]
 
 AREA_PRIORITY = ("terrain", "road", "sidewalk", "crosswalk", "building")  # later wins
 OBJECT_PRIORITY = ("tree", "fence", "pole")  # later wins
 TERRAIN_KINDS = {"grass", "park", "garden", "playground", "pitch", "scrub", "wood", "sand", "rock"}
 SIDEWALK_FOOTWAYS = {"sidewalk", "footway", "cycleway", "path", "steps"}
-CROSSING_NODE_RADIUS_M = 1.5
+CROSSING_NODE_RADIUS_M = 1.5  # crossing nodes off any road
+CROSSING_WIDTH_M = 3.0  # along the road, for crossing nodes on a road
 POINT_RADII_M = {  # point kind -> (class, disc radius in metres)
     "tree": ("tree", 2.0),
     "pole": ("pole", 0.3),
@@ -72,6 +75,45 @@ def _discs(pts: gpd.GeoDataFrame, radius: float) -> list[BaseGeometry]:
     return list(pts.geometry.buffer(radius, quad_segs=4).values) + list(pts.geometry.values)
 
 
+def crossing_node_shapes(layers: OSMLayers) -> list[BaseGeometry]:
+    """Crosswalk footprints of `highway=crossing` nodes that no crossing way already draws.
+
+    A node on (within 3 m of) a drivable road becomes a rectangle across that road: its width
+    + 1 m long, CROSSING_WIDTH_M wide along the road. Other nodes become CROSSING_NODE_RADIUS_M discs.
+    """
+    p, f, r = layers.points, layers.footways, layers.roads
+    nodes = p[p.kind == "crossing"].geometry
+    if len(nodes) == 0:
+        return []
+    ways = f[f.kind == "crossing"].geometry
+    if len(ways):  # the node where a crossing way meets the road is drawn by the way
+        near, _ = ways.sindex.query(nodes.values, predicate="dwithin", distance=1.0)
+        nodes = nodes[~np.isin(np.arange(len(nodes)), near)]
+    roads = r[r.drivable.astype(bool)].reset_index(drop=True)
+    out: list[BaseGeometry] = []
+    if len(roads) == 0 or len(nodes) == 0:
+        return out + list(nodes.buffer(CROSSING_NODE_RADIUS_M, quad_segs=4).values)
+    (i_node, i_road), dist = roads.sindex.nearest(nodes.values, max_distance=3.0, return_distance=True)
+    on_road = np.zeros(len(nodes), bool)
+    on_road[i_node] = True
+    for n, k in zip(i_node, i_road):
+        pt, line, width = nodes.values[n], roads.geometry.values[k], float(roads.width_m.values[k])
+        d = line.project(pt)
+        a, b = line.interpolate(max(d - 1.0, 0.0)), line.interpolate(min(d + 1.0, line.length))
+        t = np.array([b.x - a.x, b.y - a.y])
+        if not np.linalg.norm(t) > 0:
+            out.append(pt.buffer(CROSSING_NODE_RADIUS_M, quad_segs=4))
+            continue
+        t /= np.linalg.norm(t)
+        nrm = np.array([-t[1], t[0]])
+        c = np.array([pt.x, pt.y])
+        ht, hn = CROSSING_WIDTH_M / 2, width / 2 + 0.5
+        corners = [c + ht * t + hn * nrm, c - ht * t + hn * nrm, c - ht * t - hn * nrm, c + ht * t - hn * nrm]
+        out.append(shapely.Polygon(corners))
+    out += list(nodes[~on_road].buffer(CROSSING_NODE_RADIUS_M, quad_segs=4).values)
+    return out
+
+
 def _area_shapes(layers: OSMLayers) -> dict[str, list[BaseGeometry]]:
     a, r, f, p = layers.areas, layers.roads, layers.footways, layers.points
     drivable = r[r.drivable.astype(bool)]
@@ -83,8 +125,7 @@ def _area_shapes(layers: OSMLayers) -> dict[str, list[BaseGeometry]]:
         "road": _buffered(drivable, drivable.width_m / 2) + list(a[a.kind == "parking"].geometry.values),
         "sidewalk": _buffered(walks, walks.width_m / 2) + _buffered(pedestrian, pedestrian.width_m / 2)
         + list(a[a.kind == "pedestrian"].geometry.values),
-        "crosswalk": _buffered(crossings, crossings.width_m / 2)
-        + list(p[p.kind == "crossing"].geometry.buffer(CROSSING_NODE_RADIUS_M, quad_segs=4).values),
+        "crosswalk": _buffered(crossings, crossings.width_m / 2) + crossing_node_shapes(layers),
         "building": list(layers.buildings.geometry.values),
     }
 
