@@ -121,6 +121,13 @@ def _check_interp_args(values: Tensor, points: Tensor, fname: str) -> int:
     return d
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast (e.g. "meta")
+        return False
+
+
 def _sample(values: Tensor, points: Tensor, align: str, bounds: str) -> tuple[Tensor, Tensor]:
     """grid_sample for continuous grid coordinates: unmasked out (B, C, N), valid (B, N)."""
     if align == "center":
@@ -176,7 +183,7 @@ def interpolate_nd(
     compute = torch.promote_types(values.dtype, points.dtype)
     if compute in _LOW_PRECISION or not compute.is_floating_point:
         compute = torch.float32
-    if torch.is_autocast_enabled(values.device.type):
+    if _autocast_enabled(values.device.type):
         with torch.autocast(device_type=values.device.type, enabled=False):
             out, valid = _sample(values.to(compute), points.to(compute), align, bounds)
     else:

@@ -432,3 +432,19 @@ def test_camera_gradients_finite_on_axis(make):
     pix = cam.c[None].clone().requires_grad_(True)
     cam.unproject(pix).sum().backward()
     assert torch.isfinite(pix.grad).all()
+
+
+def test_no_hidden_cpu_tensors_meta_device():
+    """Everything runs on the 'meta' device: no tensor is created on a hard-coded device."""
+    d = "meta"
+    T = Transform2D(torch.zeros(3, device=d), torch.zeros(3, 2, device=d))
+    assert (T @ T.inv()).matrix().device.type == d and T(torch.zeros(3, 5, 2, device=d)).device.type == d
+    T3 = Transform3D.from_axis_angle(torch.zeros(3, 3, device=d), torch.zeros(3, 3, device=d))
+    assert (T3 @ T3.inv()).magnitude()[0].device.type == d
+    assert camera_pose_to_bev(T3).t.device.type == d
+    assert bev_pose_to_camera(T, 1.6, 0.1).R.device.type == d
+    for cls in (PinholeCamera, FisheyeCamera):
+        cam = cls(torch.zeros(3, 8, device=d))
+        p2d, valid = cam.project(torch.zeros(3, 4, 3, device=d))
+        assert p2d.device.type == valid.device.type == cam.unproject(p2d).device.type == d
+        assert cam.scale(0.5).crop(torch.zeros(2, device=d), torch.ones(2, device=d)).K.device.type == d

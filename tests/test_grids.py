@@ -232,3 +232,12 @@ def test_grid_to_raster_numpy():
     np.testing.assert_array_equal(grid_to_raster(torch.from_numpy(grid)).numpy(), raster)
     with pytest.raises(TypeError, match="grid_to_raster"):
         grid_to_raster([[1, 2]])
+
+
+def test_no_hidden_cpu_tensors_meta_device():
+    d = "meta"
+    out, valid = interpolate_nd_with_mask(torch.zeros(2, 3, 4, 5, 6, device=d),
+                                          torch.ones(2, 4, 5, 6, dtype=torch.bool, device=d), torch.zeros(2, 7, 3, device=d))
+    assert out.shape == (2, 7, 3) and out.device.type == valid.device.type == d
+    assert Grid2D((4.0, 4.0), 1.0).cell_centers(device=d).device.type == d
+    assert grid_to_raster(torch.zeros(3, 4, device=d)).shape == (4, 3)
