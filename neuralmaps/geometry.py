@@ -472,8 +472,9 @@ class Camera:
         self._data = data
 
     @staticmethod
-    def from_tensor(data: Tensor, model: str = "pinhole") -> "PinholeCamera | FisheyeCamera":
-        return camera_from_tensor(data, model)
+    def from_tensor(data: Tensor, model: str = "pinhole", **kwargs: Any) -> "PinholeCamera | FisheyeCamera":
+        """Same as `camera_from_tensor`."""
+        return camera_from_tensor(data, model, **kwargs)
 
     # -- accessors ---------------------------------------------------------------------------
     @property
@@ -525,7 +526,7 @@ class Camera:
     # -- image operations --------------------------------------------------------------------
     def scale(self, s: Tensor | float | Sequence[float]) -> "Camera":
         """The camera of the image resized by `s` (scalar or (..., 2) = (sx, sy))."""
-        s = _as_tensor(s, like=self._data)
+        s = _as_tensor(s, like=self._data).to(self._data)
         if s.dim() == 0:
             s = s.expand(2)
         if s.shape[-1] != 2:
@@ -535,8 +536,8 @@ class Camera:
 
     def crop(self, left_top: Tensor | Sequence[float], size: Tensor | Sequence[float]) -> "Camera":
         """The camera of the crop starting at pixel corner `left_top` (..., 2) with `size` (..., 2)."""
-        left_top = _as_tensor(left_top, like=self._data)
-        size = _as_tensor(size, like=self._data)
+        left_top = _as_tensor(left_top, like=self._data).to(self._data)
+        size = _as_tensor(size, like=self._data).to(self._data)
         shape = torch.broadcast_shapes(self.shape, left_top.shape[:-1], size.shape[:-1])
         parts = [size, self.f, self.c - left_top, self.dist]
         return self._replace(torch.cat([p.expand(*shape, 2) for p in parts], -1))
