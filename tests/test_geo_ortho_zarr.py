@@ -59,6 +59,26 @@ def test_orthophoto_partial_cover_is_nan_and_geotiff_round_trip(tmp_path):
         np.testing.assert_array_equal(src.read(), da.values)
 
 
+def test_orthophoto_alpha_band_masks(tmp_path):
+    """An RGBA source: its own alpha (west half transparent) is the coverage mask."""
+    x, y = Transformer.from_crs(4326, 3067, always_xy=True).transform(LON, LAT)
+    data = np.full((4, 400, 400), 100, np.uint8)
+    data[3] = 255
+    data[3, :, :200] = 0
+    path = tmp_path / "rgba.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=400, width=400, count=4, dtype="uint8",
+                       crs="EPSG:3067", transform=from_origin(x - 50, y + 50, 0.25, 0.25),
+                       photometric="RGB", alpha="YES") as dst:
+        dst.write(data)
+    region = Region.from_bbox(LON - 0.0005, LAT - 0.0003, LON + 0.0005, LAT + 0.0003, resolution=0.5)
+    da = read_orthophoto(path, region)
+    assert da.shape[0] == 3  # alpha is not returned as a colour band
+    x_east = region.coords()[0] > region.lonlat_to_xy(LON, LAT)[0] + 1.0
+    x_west = region.coords()[0] < region.lonlat_to_xy(LON, LAT)[0] - 1.0
+    assert np.isnan(da.values[:, :, x_west]).all()
+    np.testing.assert_allclose(da.values[:, :, x_east], 100 / 255, atol=1e-6)
+
+
 def test_zarr_round_trip_keeps_crs_transform_and_region_writes(tmp_path):
     region = Region.from_bbox(LON - 0.0006, LAT - 0.0003, LON + 0.0006, LAT + 0.0003, resolution=0.5)
     feats = np.zeros((4,) + region.shape, np.float32)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import xarray as xr
-from rasterio.enums import Resampling
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
@@ -57,10 +57,12 @@ def read_orthophoto(path: str | os.PathLike, region: Region, resampling: str = "
             )
         scale = {"uint8": 1 / 255, "uint16": 1 / 65535}.get(src.dtypes[0], 1.0)
         h, w = region.shape
+        # The coverage mask comes from an alpha band: the source's own, or one the warp adds.
+        has_alpha = any(ci == ColorInterp.alpha for ci in src.colorinterp)
         try:
             with WarpedVRT(
                 src, crs=region.crs.to_wkt(), transform=region.transform, width=w, height=h,
-                resampling=rs, add_alpha=True,
+                resampling=rs, add_alpha=not has_alpha,
             ) as vrt:
                 bands = [i for i in range(1, vrt.count + 1) if vrt.colorinterp[i - 1].name != "alpha"]
                 data = vrt.read(bands).astype(np.float32)

@@ -29,8 +29,9 @@ _SNAP_TOL = 1e-6  # in pixels: bounds this close to a grid line are not pushed o
 def _snap_bounds(bounds: Sequence[float], res: float) -> tuple[float, float, float, float]:
     """Bounds snapped outward to multiples of `res` (ignoring float noise below _SNAP_TOL px)."""
     xmin, ymin, xmax, ymax = (float(b) for b in bounds)
-    f = lambda v: math.floor(v / res + _SNAP_TOL) * res  # noqa: E731
-    c = lambda v: math.ceil(v / res - _SNAP_TOL) * res  # noqa: E731
+    # round(.., 6): the nearest double to the decimal grid line, not k * res with its float noise
+    f = lambda v: round(math.floor(v / res + _SNAP_TOL) * res, 6)  # noqa: E731
+    c = lambda v: round(math.ceil(v / res - _SNAP_TOL) * res, 6)  # noqa: E731
     return f(xmin), f(ymin), c(xmax), c(ymax)
 
 
