@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = preset(args.preset)
     t0 = time.perf_counter()
-    runs = simulate_runs(world, 4, 3, 0)
+    runs = simulate_runs(world, 8, 6, 0, config=config)
     runs_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.zarr"

@@ -39,6 +39,17 @@ def _run_synth(args: argparse.Namespace) -> int:
     if args.pairs <= 0:
         raise ValueError(f"--pairs must be a positive integer, got {args.pairs}")
     config = preset(args.preset)
+    region = None
+    if args.bbox is not None:
+        from .geo import Region
+
+        try:
+            box = [float(v) for v in args.bbox.split(",")]
+        except ValueError:
+            box = []
+        if len(box) != 4:
+            raise ValueError(f"--bbox must be lon_min,lat_min,lon_max,lat_max (degrees), got {args.bbox!r}")
+        region = Region.from_bbox(*box)
     out = write_training_chunks(
         osm,
         args.out,
@@ -48,6 +59,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         preview_dir=args.preview,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        region=region,
     )
     if not args.quiet:
         print(f"wrote {args.pairs} pairs to {out}", file=sys.stderr)
@@ -66,6 +78,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", required=True, type=int, help="number of pairs to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (pair i depends only on seed, i)")
     p.add_argument("--preset", default="cpu-tiny", choices=["cpu-tiny", "paper"], help="config preset")
+    p.add_argument("--bbox", default=None, metavar="LON0,LAT0,LON1,LAT1",
+                   help="crop the extract to this WGS84 box (default: the whole extract)")
     p.add_argument("--preview", default=None, metavar="DIR", help="write preview PNGs to DIR")
     p.add_argument("--overwrite", action="store_true", help="delete an existing store at --out first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

