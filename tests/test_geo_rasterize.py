@@ -112,3 +112,12 @@ def _points(v):
     import xarray as xr
 
     return xr.DataArray(np.asarray(v), dims="pt")
+
+
+def test_empty_part_of_layers_rasterizes_to_zeros(centre):
+    region, layers, _ = centre
+    xmin, ymin, _, _ = region.bounds
+    x0, y0 = round(xmin) - 5000, round(ymin) - 5000
+    far = Region.from_bounds((x0, y0, x0 + 50, y0 + 50), region.crs, 0.5)
+    da = rasterize_osm(layers, far)
+    assert da.shape == (len(CLASS_NAMES), 100, 100) and int(da.sum()) == 0

@@ -139,7 +139,8 @@ def rasterize_osm(source: Any, region: Region) -> xr.DataArray:
     Priorities (later wins) - areas: terrain < road < sidewalk < crosswalk < building;
     objects: tree < fence < pole; traffic_sign / traffic_light / street_light independent.
     """
-    layers = read_osm(source, region)
+    # Already-read layers are only cropped: an empty tile or strip of them rasterizes to zeros.
+    layers = source.crop(region, margin_m=5.0) if isinstance(source, OSMLayers) else read_osm(source, region)
     idx = {c: i for i, c in enumerate(CLASS_NAMES)}
     out = np.zeros((len(CLASS_NAMES),) + region.shape, np.uint8)
 
