@@ -185,7 +185,11 @@ class WorldBuilder:
     def add_pole(self, x: float, y: float, height_m: float, radius_m: float, cls: int, color=(0.35, 0.35, 0.36)) -> None:
         self._add_template(_CYL, (radius_m, radius_m, height_m), (x, y, height_m / 2), cls, FaceMat.PLAIN, color)
 
+    def add_sphere(self, center, radii, cls: int, color) -> None:
+        self._add_template(_SPHERE, radii, center, cls, FaceMat.PLAIN, color)
+
     def add_box(self, center, size, cls: int, color, yaw: float = 0.0) -> None:
+        """An axis-aligned box of `size` (x, y, z) metres centred at `center`, rotated by `yaw` about z."""
         v, f = _BOX
         c, s = math.cos(yaw), math.sin(yaw)
         R = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], np.float32)
@@ -216,6 +220,13 @@ class WorldBuilder:
         i = np.arange(n - 1)
         f = np.concatenate([np.c_[i, i + 1, n + i + 1], np.c_[i, n + i + 1, n + i]])
         self.add_mesh(v, f, class_id("fence"), FaceMat.PLAIN, color)
+
+    def mesh_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What was added so far as (vertices (V, 3) float32, faces (F, 3) int32, colours (F, 3) float32)."""
+        if not self._f:
+            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.float32)
+        return (np.concatenate(self._v).astype(np.float32), np.concatenate(self._f).astype(np.int32),
+                np.concatenate(self._col).astype(np.float32))
 
     def set_ground(self, mat: np.ndarray, label: np.ndarray, resolution_m: float) -> None:
         """Ground raster, north-up (row 0 north), covering exactly (0, 0)-(size_m) in local metres."""
@@ -285,15 +296,15 @@ class World:
     # -- the one place of the local-frame offset ---------------------------------------------
     def to_local(self, xy_crs: np.ndarray) -> np.ndarray:
         """CRS (easting, northing) (..., 2) float64 -> world-local (x, y) (..., 2) float64."""
-        return np.asarray(xy_crs, np.float64) - self.origin
+        return crs_to_local(xy_crs, self.origin)
 
     def to_crs(self, xy_local: np.ndarray) -> np.ndarray:
         """World-local (x, y) (..., 2) -> CRS (easting, northing) (..., 2) float64."""
-        return np.asarray(xy_local, np.float64) + self.origin
+        return local_to_crs(xy_local, self.origin)
 
-    def geometry_to_local(self, geom):
-        """A shapely geometry (or array of them) from CRS coordinates to world-local ones."""
-        return shapely.transform(geom, lambda xy: self.to_local(xy))
+    def lines_local(self, geom) -> list[np.ndarray]:
+        """The parts of a (Multi)LineString in CRS coordinates as local polylines (N, 2) float64."""
+        return _parts_local(geom, self.origin)
 
     @property
     def bounds_local(self) -> tuple[float, float, float, float]:
@@ -339,8 +350,8 @@ class World:
         """The ground rasters as an xarray Dataset (`material`, `label`) carrying the CRS."""
         from neuralmaps.geo import Region
 
-        (w, h), res = self.size_m, self.ground_res
-        region = Region.from_bounds((self.origin[0], self.origin[1], self.origin[0] + w, self.origin[1] + h), self.crs, res)
+        (x0, y0), (x1, y1) = self.to_crs(np.array([[0.0, 0.0], self.size_m]))
+        region = Region.from_bounds((x0, y0, x1, y1), self.crs, self.ground_res)
         import xarray as xr
 
         return xr.Dataset({"material": region.to_xarray(self.ground_mat), "label": region.to_xarray(self.ground_label)})
@@ -387,7 +398,7 @@ class World:
         # Buildings.
         bl = layers.buildings
         ids = bl["id"].to_numpy() if "id" in bl.columns else np.arange(len(bl))
-        geoms = b_geoms = shapely.make_valid(shapely.transform(bl.geometry.values, lambda xy: xy - b.origin)) if len(bl) else []
+        b_geoms = shapely.make_valid(shapely.transform(bl.geometry.values, lambda xy: crs_to_local(xy, b.origin))) if len(bl) else []
         heights = bl["height_m"].to_numpy(np.float64) if len(bl) else []
         for g, h, bid in tqdm(list(zip(b_geoms, heights, ids)), desc="buildings", disable=not progress, leave=False):
             g = _polygonal(g)
@@ -400,13 +411,12 @@ class World:
                 f"{name}: {len(bl)} buildings in the region but none could be extruded "
                 "(is `mapbox_earcut` installed? trimesh needs it to triangulate footprints)"
             )
-        del geoms
 
         _add_points(b, layers, seed)
         for line in _lines_local(layers.fences, b.origin):
             b.add_fence(line)
 
-        mat, label = _ground_raster(layers, ground_region, b.origin, seed, progress)
+        mat, label = _ground_raster(layers, ground_region, progress)
         b.set_ground(mat, label, ground_resolution_m)
         world = b.build()
         world.layers, world.region = layers, region
@@ -415,6 +425,26 @@ class World:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def crs_to_local(xy_crs: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """CRS (E, N) (..., 2) -> local (x, y) (..., 2), float64: the one place of the origin offset."""
+    return np.asarray(xy_crs, np.float64) - np.asarray(origin, np.float64)
+
+
+def local_to_crs(xy_local: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """Local (x, y) (..., 2) -> CRS (E, N) (..., 2), float64 (inverse of `crs_to_local`)."""
+    return np.asarray(xy_local, np.float64) + np.asarray(origin, np.float64)
+
+
+def _parts_local(g, origin: np.ndarray) -> list[np.ndarray]:
+    if g is None or g.is_empty:
+        return []
+    out = []
+    for part in getattr(g, "geoms", [g]):
+        c = crs_to_local(np.asarray(part.coords)[:, :2], origin)
+        if len(c) >= 2:
+            out.append(c)
+    return out
+
 def _as_int_id(v: Any) -> int:
     try:
         return int(v)
@@ -433,17 +463,9 @@ def _polygonal(g):
 
 def _lines_local(frame, origin: np.ndarray) -> list[np.ndarray]:
     """Polylines (N, 2) float64 in local metres of a GeoDataFrame of (Multi)LineStrings."""
-    out = []
     if frame is None or len(frame) == 0:
-        return out
-    for g in frame.geometry.values:
-        if g is None or g.is_empty:
-            continue
-        for part in getattr(g, "geoms", [g]):
-            c = np.asarray(part.coords)[:, :2] - origin
-            if len(c) >= 2:
-                out.append(c)
-    return out
+        return []
+    return [c for g in frame.geometry.values for c in _parts_local(g, origin)]
 
 
 def _point_rng(seed: int, x: float, y: float) -> np.random.Generator:
@@ -455,7 +477,7 @@ def _add_points(b: WorldBuilder, layers: "OSMLayers", seed: int) -> None:
     pts = layers.points
     if len(pts) == 0:
         return
-    xy = np.c_[shapely.get_x(pts.geometry.values), shapely.get_y(pts.geometry.values)] - b.origin
+    xy = crs_to_local(np.c_[shapely.get_x(pts.geometry.values), shapely.get_y(pts.geometry.values)], b.origin)
     W, H = b.size_m
     for (x, y), kind in zip(xy, pts["kind"].to_numpy()):
         if not (-5 <= x <= W + 5 and -5 <= y <= H + 5):
@@ -476,7 +498,7 @@ def _add_points(b: WorldBuilder, layers: "OSMLayers", seed: int) -> None:
             b.add_pole(x, y, float(r.uniform(6.0, 9.0)), 0.12, class_id("pole"), (0.30, 0.25, 0.20))
 
 
-def _ground_raster(layers: "OSMLayers", ground_region: "Region", origin: np.ndarray, seed: int, progress: bool):
+def _ground_raster(layers: "OSMLayers", ground_region: "Region", progress: bool):
     """(material, label) uint8 rasters (H, W), north-up, of the ground region.
 
     Labels come from `rasterize_osm` (the same classes the model's semantic raster has), one class
@@ -484,6 +506,7 @@ def _ground_raster(layers: "OSMLayers", ground_region: "Region", origin: np.ndar
     markings (dashed lane lines, zebra stripes, tram rails)."""
     from rasterio import features
 
+    from neuralmaps.geo import GeoInputError
     from neuralmaps.geo.rasterize import rasterize_osm
 
     h, w = ground_region.shape
@@ -493,7 +516,10 @@ def _ground_raster(layers: "OSMLayers", ground_region: "Region", origin: np.ndar
     prio = [CLASS_NAMES.index(c) for c in GROUND_PRIORITY]
     for r0 in tqdm(range(0, h, strip), desc="ground classes", disable=not progress, leave=False):
         sub = ground_region.window(slice(r0, min(h, r0 + strip)), slice(0, w))
-        hot = np.asarray(rasterize_osm(layers, sub))
+        try:
+            hot = np.asarray(rasterize_osm(layers, sub))
+        except GeoInputError:  # no OSM feature in this strip: it stays unlabelled bare ground
+            continue
         lab = label[r0:r0 + sub.shape[0]]
         m = mat[r0:r0 + sub.shape[0]]
         for c in reversed(prio):  # highest priority last
