@@ -130,3 +130,6 @@ def test_bad_orthophoto_input(tmp_path):
         read_orthophoto(junk, region)
     with pytest.raises(GeoInputError, match="missing.zarr"):
         open_zarr(tmp_path / "missing.zarr")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(GeoInputError, match="empty.zarr"):
+        open_zarr(tmp_path / "empty.zarr")

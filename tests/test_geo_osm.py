@@ -108,5 +108,13 @@ def test_bad_osm_input(helsinki_pbf, tmp_path):
     far = Region.from_bbox(10.0, 50.0, 10.002, 50.002)  # Germany, far from the Helsinki extract
     with pytest.raises(GeoInputError, match="Helsinki.osm.pbf"):
         read_osm(helsinki_pbf, far)
+    junk = tmp_path / "junk.gpkg"
+    junk.write_bytes(b"SQLite format 3\x00" + bytes(200))
+    with pytest.raises(GeoInputError, match="junk.gpkg"):
+        read_osm(junk)
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    with pytest.raises(GeoInputError, match="notes.txt.*unsupported"):
+        read_osm(txt)
     with pytest.raises(GeoInputError, match="no CRS"):
         read_osm({"x": gpd.GeoDataFrame({"building": ["yes"]}, geometry=[shapely.box(0, 0, 1, 1)])})

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import shapely
 from shapely.geometry import box
+from tqdm.auto import tqdm
 
 from .crs import WGS84, to_crs
 from .errors import GeoInputError
@@ -205,12 +206,15 @@ def _parse_pbf_cached(path: str, mtime_ns: int, size: int, bbox: tuple | None) -
     import pyrosm
     from pyrosm.exceptions import InvalidOSMFileError  # type: ignore[import-not-found]
 
+    bar = tqdm(total=3, desc=f"reading {Path(path).name}", unit="layer", leave=False, disable=None)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), bar:
             warnings.simplefilter("ignore")  # pyrosm warns for every empty layer
             osm = pyrosm.OSM(path, bounding_box=list(bbox) if bbox else None)
             buildings = osm.get_buildings()
+            bar.update()
             network = osm.get_network(network_type="all")
+            bar.update()
             other = osm.get_data_by_custom_criteria(
                 custom_filter={
                     "natural": True, "highway": ["street_lamp", "traffic_signals", "crossing", "stop",
@@ -223,6 +227,7 @@ def _parse_pbf_cached(path: str, mtime_ns: int, size: int, bbox: tuple | None) -
                 tags_as_columns=_OTHER_TAGS,
                 keep_other_tags=False,
             )
+            bar.update()
     except InvalidOSMFileError as e:
         raise GeoInputError(f"{path}: not a valid OSM .pbf file ({e})") from None
     except GeoInputError:
