@@ -1,0 +1,659 @@
+"""SNAP localizer: point-to-map scores, RANSAC pose sampling and exhaustive (coarse-to-fine) voting.
+
+A port of SNAP's `bev_localizer.py` / `pose_estimation.py` / `pose_exhaustive_voting.py`.
+
+Frames and units (see docs/architecture.md):
+- query BEV frame: metres, x forward, y left, origin at the camera;
+- map frame: metres from the map grid's south-west corner, x east, y north;
+- a pose `T_map_query` maps query-frame points to map-frame points: p_map = R(angle) p_q + t,
+  angle in radians counter-clockwise from +x;
+- model grids `(B, C, X, Y)`: cell (i, j) has its centre at ((i+0.5)·cell, (j+0.5)·cell) metres,
+  continuous grid coordinates are `xy / cell` (`neuralmaps.grids`).
+
+Scores (shared by both modes). For a sparse set of valid query points n with L2-normalised
+features f_n and the L2-normalised map features m(x):
+
+    r_n(x) = tau · ReLU(f_n · m(x))                              (tau = exp(log_temperature))
+    l_n(x) = log_softmax_x(r_n)(x) + log(#valid map cells)         (log-likelihood ratio vs uniform)
+    score(T) = sum_n l_n(T p_n)   (bilinear; points off the map or on invalid cells add 0)
+
+l_n is 0 for an uninformative match, so poses that push points off the map are neither rewarded
+nor penalised. RANSAC samples 2-point poses from the per-point top-k matches, scores them with
+`score` and refines the best on local grids. Voting evaluates the score exhaustively on a coarse
+pose grid (max-pooled r_n, so the true pose's cell cannot be missed by discretisation) and refines
+the best cells at full resolution with the same local grids; its scores drop the per-point
+normaliser (a constant per query point, so the argmax is unchanged) and are unnormalised
+log-scores, comparable within one query only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..geometry import Transform2D
+from ..grids import interpolate_nd
+
+__all__ = [
+    "PosePrior", "LocalizerOutput", "Localizer", "kabsch_2d", "pose_volume_index",
+    "ExactRecoveryProblem", "make_exact_recovery_problem", "pose_errors",
+]
+
+
+@dataclass
+class PosePrior:
+    """Optional search limits, in the map frame."""
+
+    xy: Tensor  # (B, 2) metres from the map grid's SW corner
+    radius_m: float | Tensor  # scalar or (B,)
+    yaw: Tensor | None = None  # (B,) radians CCW from +x
+    yaw_range: float | None = None  # ± radians around `yaw`
+
+
+@dataclass
+class LocalizerOutput:
+    T_map_query: Transform2D  # (B,) best pose: maps query-BEV-frame metres to map-frame metres
+    score: Tensor  # (B,) log-score of the best pose
+    topk: Transform2D  # (B, K) best poses, best first
+    topk_scores: Tensor  # (B, K)
+    loss: Tensor | None  # (B,) NLL of T_gt, when given
+    prob_volume: Tensor | None  # (B, R, X, Y) voting only: P(angle = 2πr/R, t = cell (i, j) centre)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure geometry helpers
+# ------------------------------------------------------------------------------------------------
+def wrap_angle(a: Tensor) -> Tensor:
+    """Angles (...,) radians -> [-π, π)."""
+    return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
+
+
+def transform_points(angle: Tensor, t: Tensor, p: Tensor) -> Tensor:
+    """Apply poses to query points: angle (B, P), t (B, P, 2), p (B, N, 2) -> (B, P, N, 2)."""
+    c, s = torch.cos(angle)[..., None], torch.sin(angle)[..., None]
+    px, py = p[:, None, :, 0], p[:, None, :, 1]
+    return torch.stack([c * px - s * py + t[..., None, 0], s * px + c * py + t[..., None, 1]], -1)
+
+
+def kabsch_2d(p1: Tensor, p2: Tensor, m1: Tensor, m2: Tensor) -> tuple[Tensor, Tensor]:
+    """Closed-form 2-point Kabsch (least-squares SE(2)) mapping query points p to map points m.
+
+    All inputs (..., 2) metres. Returns angle (...,) radians and t (..., 2) such that
+    R(angle) p_k + t ≈ m_k; the rotation aligns p2 - p1 with m2 - m1 exactly and the translation
+    maps the midpoints onto each other (the SVD solution for two points)."""
+    vp, vm = p2 - p1, m2 - m1
+    angle = torch.atan2(vp[..., 0] * vm[..., 1] - vp[..., 1] * vm[..., 0], (vp * vm).sum(-1))
+    mid_p, mid_m = (p1 + p2) / 2, (m1 + m2) / 2
+    c, s = torch.cos(angle), torch.sin(angle)
+    t = mid_m - torch.stack([c * mid_p[..., 0] - s * mid_p[..., 1], s * mid_p[..., 0] + c * mid_p[..., 1]], -1)
+    return angle, t
+
+
+def pose_volume_index(angle: Tensor, t: Tensor, num_rotations: int, cell_m: float) -> Tensor:
+    """Continuous index (..., 3) = (r, i, j) of poses in a (R, X, Y) pose volume.
+
+    Volume entry (r, i, j) is the pose with angle 2πr/R and camera position at the centre of
+    map cell (i, j), i.e. t = ((i+0.5)·cell, (j+0.5)·cell)."""
+    r = torch.remainder(angle, 2 * math.pi) * (num_rotations / (2 * math.pi))
+    return torch.cat([r[..., None], t / cell_m - 0.5], -1)
+
+
+def _in_prior(angle: Tensor, t: Tensor, prior: PosePrior | None) -> Tensor | None:
+    """Whether poses angle (B, P), t (B, P, 2) satisfy the prior; None when there is none."""
+    if prior is None:
+        return None
+    radius = torch.as_tensor(prior.radius_m, dtype=t.dtype, device=t.device).reshape(-1, 1)
+    ok = (t - prior.xy.to(t)[:, None]).norm(dim=-1) <= radius
+    if prior.yaw is not None and prior.yaw_range is not None:
+        ok = ok & (wrap_angle(angle - prior.yaw.to(angle)[:, None]).abs() <= prior.yaw_range)
+    return ok
+
+
+# ------------------------------------------------------------------------------------------------
+# The module
+# ------------------------------------------------------------------------------------------------
+class Localizer(nn.Module):
+    """SNAP's BEV localizer: query BEV (B, D, Xq, Yq) + map (B, D, X, Y) -> T_map_query.
+
+    The temperature is stored as `log_temperature` (tau = exp(log_temperature)), initialised at
+    log(cfg.temperature_init), so that it stays positive under gradient descent.
+
+    Knobs beyond ModelConfig (attributes, may be changed after construction):
+    - num_points: sparse query points used for scoring (<= valid query cells);
+    - num_coarse_points: the subset used for the coarse voting level;
+    - coarse_cells: the coarse voting grid has about this many cells along the longer map side;
+    - num_matches: top-k map matches per query point that RANSAC samples from;
+    - num_candidates: K, candidates refined and returned in `topk`;
+    - keep_candidates: candidates refined past the first local-grid iteration;
+    - final_step_cells, final_step_deg: the local-grid refinement stops below these steps.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.temperature_init <= 0:
+            raise ValueError(f"Localizer: temperature_init must be > 0, got {cfg.temperature_init}")
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature_init)))
+        self.num_pose_samples = cfg.num_pose_samples
+        self.num_pose_retries = cfg.num_pose_retries
+        self.refine_grid = cfg.refine_grid
+        self.num_points = 256
+        self.num_coarse_points = 64
+        self.coarse_cells = 32
+        self.num_matches = 8
+        self.num_candidates = 8
+        self.keep_candidates = 2
+        self.final_step_cells = 0.25
+        self.final_step_deg = 0.25
+        self.chunk = 1 << 19  # point samples per scoring chunk (bounds memory)
+
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_temperature.exp()
+
+    # -- inputs ------------------------------------------------------------------------------
+    def _check(self, map_feats, map_valid, query_feats, query_valid, query_xy, cell_m, mode) -> None:
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"Localizer.forward: {msg}")
+
+        if mode not in ("ransac", "voting"):
+            raise bad(f"mode must be 'ransac' or 'voting', got {mode!r}")
+        if map_feats.dim() != 4 or query_feats.dim() != 4:
+            raise bad(f"map_feats and query_feats must be (B, D, X, Y), got {tuple(map_feats.shape)} "
+                      f"and {tuple(query_feats.shape)}")
+        B, D, X, Y = map_feats.shape
+        if query_feats.shape[:2] != (B, D):
+            raise bad(f"query_feats {tuple(query_feats.shape)} does not match map_feats (B, D) = {(B, D)}")
+        if map_valid.shape != (B, X, Y):
+            raise bad(f"map_valid must be {(B, X, Y)}, got {tuple(map_valid.shape)}")
+        Xq, Yq = query_feats.shape[2:]
+        if query_valid.shape != (B, Xq, Yq):
+            raise bad(f"query_valid must be {(B, Xq, Yq)}, got {tuple(query_valid.shape)}")
+        if query_xy.shape != (Xq, Yq, 2):
+            raise bad(f"query_xy must be {(Xq, Yq, 2)}, got {tuple(query_xy.shape)}")
+        if not cell_m > 0:
+            raise bad(f"cell_m must be > 0, got {cell_m}")
+        if not bool(query_valid.reshape(B, -1).any(-1).all()):
+            raise bad("a batch item has no valid query cell")
+        if not bool(map_valid.reshape(B, -1).any(-1).all()):
+            raise bad("a batch item has no valid map cell")
+
+    def _sample_points(
+        self, query_feats: Tensor, query_valid: Tensor, query_xy: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Random valid query cells, valid ones first: f (B, N, D) normalised, p (B, N, 2) m, w (B, N)."""
+        B, D = query_feats.shape[:2]
+        valid = query_valid.reshape(B, -1)
+        n = min(self.num_points, valid.shape[1])
+        key = torch.rand(valid.shape, generator=generator, device=valid.device)
+        idx = torch.where(valid, key, key - 2).topk(n, dim=1).indices  # valid cells rank first
+        w = valid.gather(1, idx)
+        f = query_feats.reshape(B, D, -1).gather(2, idx[:, None].expand(B, D, n)).transpose(1, 2)
+        p = query_xy.reshape(-1, 2).to(query_feats.dtype)[idx]
+        return F.normalize(f, dim=-1), p, w
+
+    def _relu_sims(self, f: Tensor, m: Tensor) -> Tensor:
+        """r_n(x) = tau · ReLU(f_n · m(x)): f (B, N, D), m (B, D, X, Y) -> (B, N, X, Y)."""
+        B, D, X, Y = m.shape
+        return torch.bmm(f * self.temperature, m.reshape(B, D, X * Y)).relu_().reshape(B, -1, X, Y)  # tau > 0
+
+    # -- scoring -----------------------------------------------------------------------------
+    def _score_maps(self, ell: Tensor, p: Tensor, w: Tensor, angle: Tensor, t: Tensor, cell_m: float) -> Tensor:
+        """sum_n w_n l_n(T p_n): ell (B, N, X, Y) per-point log-scores, poses (B, P) -> (B, P)."""
+        B, N, X, Y = ell.shape
+        P = angle.shape[1]
+        out = []
+        step = max(1, self.chunk // max(B * N, 1))
+        values = ell.reshape(B * N, 1, X, Y)
+        for s in range(0, P, step):
+            q = transform_points(angle[:, s : s + step], t[:, s : s + step], p) / cell_m  # (B, P', N, 2)
+            q = q.transpose(1, 2).reshape(B * N, -1, 2)
+            v, _ = interpolate_nd(values, q)  # (B*N, P', 1), 0 off the map
+            out.append((v.reshape(B, N, -1) * w[..., None]).sum(1))
+        return torch.cat(out, 1)
+
+    def _score_feats(self, m: Tensor, f: Tensor, p: Tensor, w: Tensor, angle: Tensor, t: Tensor, cell_m: float) -> Tensor:
+        """sum_n w_n tau ReLU(f_n · m(T p_n)) with bilinear m: m (B, D, X, Y), f (B, N, D) -> (B, P)."""
+        B, N = w.shape
+        P = angle.shape[1]
+        out = []
+        step = max(1, self.chunk // max(B * N, 1))
+        for s in range(0, P, step):
+            q = transform_points(angle[:, s : s + step], t[:, s : s + step], p) / cell_m  # (B, P', N, 2)
+            Pc = q.shape[1]
+            v, _ = interpolate_nd(m, q.reshape(B, Pc * N, 2))  # (B, P'*N, D)
+            sims = (v.reshape(B, Pc, N, -1) * f[:, None]).sum(-1).relu()
+            out.append((sims * w[:, None]).sum(-1) * self.temperature)
+        return torch.cat(out, 1)
+
+    def _refine(self, score_fn, angle: Tensor, t: Tensor, centre: Tensor, step_t: float, step_r: float,
+                cell_m: float, prior: PosePrior | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Local grid search around K candidates (B, K), rotating about the query point `centre` (B, 2).
+
+        Each iteration scores a refine_grid^3 grid of (angle, x, y) offsets (steps step_r radians,
+        step_t metres) and moves each candidate to its best grid pose; the steps halve from the
+        second iteration on until they are below `final_step_cells` cells and `final_step_deg`.
+        Only the best `keep_candidates` go past the first iteration (the others keep their pose).
+        Returns angle, t (B, K), scores (B, K), sorted best first."""
+        g = self.refine_grid
+        lin = torch.arange(g, dtype=t.dtype, device=t.device) - (g - 1) / 2
+        dr, dx, dy = torch.meshgrid(lin, lin, lin, indexing="ij")
+        dr, dxy = dr.reshape(-1), torch.stack([dx, dy], -1).reshape(-1, 2)
+        G = dr.shape[0]
+        ratio = max(step_t / (self.final_step_cells * cell_m), step_r / math.radians(self.final_step_deg), 1.0)
+        iters = 2 + math.ceil(math.log2(ratio))
+        done_a, done_t, done_s = [], [], []
+        for it in range(iters):
+            B, K = angle.shape
+            if it >= 2:
+                step_t, step_r = step_t / 2, step_r / 2
+            # Rotate about the query centroid: c = R p_c + t stays put under a pure rotation offset.
+            c = transform_points(angle, t, centre[:, None])[:, :, 0, None]  # (B, K, 1, 2)
+            a_new = angle[..., None] + dr * step_r  # (B, K, G)
+            rc = transform_points(a_new.reshape(B, -1), torch.zeros_like(t).repeat_interleave(G, 1),
+                                  centre[:, None]).reshape(B, K, G, 2)  # R(a_new) p_c
+            t_new = c + dxy * step_t - rc  # (B, K, G, 2)
+            s = score_fn(a_new.reshape(B, K * G), t_new.reshape(B, K * G, 2)).reshape(B, K, G)
+            ok = _in_prior(a_new.reshape(B, -1), t_new.reshape(B, -1, 2), prior)
+            if ok is not None:
+                s = torch.where(ok.reshape(B, K, G), s, torch.full_like(s, -torch.inf))
+                mid = s[..., G // 2]  # the current pose: keep it available even when outside
+                s[..., G // 2] = torch.where(torch.isinf(mid), torch.full_like(mid, -1e30), mid)
+            best = s.argmax(-1)  # (B, K)
+            scores = s.gather(-1, best[..., None])[..., 0]
+            angle = a_new.gather(-1, best[..., None])[..., 0]
+            t = t_new.gather(2, best[..., None, None].expand(B, K, 1, 2))[:, :, 0]
+            order = scores.argsort(1, descending=True)
+            angle, scores = angle.gather(1, order), scores.gather(1, order)
+            t = t.gather(1, order[..., None].expand(B, K, 2))
+            if it == 0 and K > self.keep_candidates:
+                k = self.keep_candidates
+                done_a.append(angle[:, k:]), done_t.append(t[:, k:]), done_s.append(scores[:, k:])
+                angle, t, scores = angle[:, :k], t[:, :k], scores[:, :k]
+        angle = torch.cat([angle, *done_a], 1)
+        return wrap_angle(angle), torch.cat([t, *done_t], 1), torch.cat([scores, *done_s], 1)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        map_feats: Tensor,
+        map_valid: Tensor,
+        query_feats: Tensor,
+        query_valid: Tensor,
+        query_xy: Tensor,
+        cell_m: float,
+        *,
+        mode: str = "ransac",
+        T_gt: Transform2D | None = None,
+        prior: PosePrior | None = None,
+        num_rotations: int = 64,
+        generator: torch.Generator | None = None,
+    ) -> LocalizerOutput:
+        """Localize query BEVs in maps.
+
+        Args:
+            map_feats: (B, D, X, Y) matching features, model-grid layout.
+            map_valid: (B, X, Y) bool.
+            query_feats: (B, D, Xq, Yq) query BEV matching features.
+            query_valid: (B, Xq, Yq) bool.
+            query_xy: (Xq, Yq, 2) metres, cell centres in the query BEV frame.
+            cell_m: cell size of both grids, metres.
+            mode: "ransac" (SNAP) or "voting" (exhaustive, coarse-to-fine).
+            T_gt: (B,) ground-truth T_map_query; gives `loss`.
+            prior: optional search limits; every returned pose satisfies them.
+            num_rotations: R, voting only.
+            generator: for the random query points and RANSAC samples.
+        """
+        self._check(map_feats, map_valid, query_feats, query_valid, query_xy, cell_m, mode)
+        f, p, w = self._sample_points(query_feats, query_valid, query_xy, generator)
+        m = _normalize_masked(map_feats, map_valid)
+        if mode == "ransac":
+            return self._ransac(m, map_valid, f, p, w, cell_m, T_gt, prior, generator)
+        return self._voting(m, map_valid, f, p, w, cell_m, T_gt, prior, num_rotations)
+
+    # -- RANSAC ------------------------------------------------------------------------------
+    def _ransac(self, m, map_valid, f, p, w, cell_m, T_gt, prior, generator) -> LocalizerOutput:
+        B, D, X, Y = m.shape
+        N = f.shape[1]
+        r = self._relu_sims(f, m)  # (B, N, X, Y), 0 on invalid map cells
+        with torch.no_grad():
+            cand_cells, cand_probs = self._top_matches(r.detach(), map_valid, p, cell_m, prior)
+        ell = _log_ratio(r, map_valid)
+        with torch.no_grad():
+            angle, t = self._sample_poses(cand_cells, cand_probs, Y, p, w, cell_m, prior, generator)
+        score_fn = lambda a, tt: self._score_maps(ell, p, w, a, tt, cell_m)  # noqa: E731
+        scores = score_fn(angle, t)
+        ok = _in_prior(angle, t, prior)
+        if ok is not None:
+            scores = torch.where(ok, scores, torch.full_like(scores, -torch.inf))
+
+        loss = None
+        if T_gt is not None:
+            s_gt = score_fn(T_gt.angle.to(t)[:, None], T_gt.t.to(t)[:, None])
+            loss = -(s_gt[:, 0] - torch.logsumexp(torch.cat([s_gt, scores], 1), 1))
+
+        K = min(self.num_candidates, scores.shape[1])
+        with torch.no_grad():
+            top = scores.detach().topk(K, dim=1).indices
+            a0, t0 = angle.gather(1, top), t.gather(1, top[..., None].expand(B, K, 2))
+            centre = (p * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+            a, tt, s = self._refine(score_fn, a0, t0, centre, step_t=cell_m, step_r=math.radians(1.0),
+                                    cell_m=cell_m, prior=prior)
+        return self._output(a, tt, s, loss, None)
+
+    def _top_matches(self, r, map_valid, p, cell_m, prior) -> tuple[Tensor, Tensor]:
+        """Per query point, the `num_matches` best local maxima (3x3) of r (B, N, X, Y):
+        flat cell indices (B, N, k) and sampling probabilities softmax(r) over them (B, N, k)."""
+        B, N, X, Y = r.shape
+        r = r.masked_fill(~map_valid[:, None], -1.0)  # below any valid score (r >= 0)
+        if prior is not None:  # a match must be reachable from a pose inside the prior
+            dist = (_cell_centres(X, Y, cell_m, p)[None] - prior.xy.to(p)[:, None, None]).norm(dim=-1)  # (B, X, Y)
+            radius = torch.as_tensor(prior.radius_m, dtype=p.dtype, device=p.device).reshape(-1, 1, 1, 1)
+            reach = dist[:, None] <= radius + p.norm(dim=-1)[..., None, None] + cell_m
+            r = r.masked_fill(~reach, -1.0)
+        # Exact 3x3 non-maximum suppression from a short list: a higher neighbour of a listed cell
+        # is itself listed, so comparing within the list suffices.
+        L = min(8 * self.num_matches, X * Y)
+        vals, cells = r.reshape(B, N, -1).topk(L, dim=-1)  # (B, N, L), sorted
+        ci, cj = cells // Y, cells % Y
+        near = ((ci[..., :, None] - ci[..., None, :]).abs() <= 1) & ((cj[..., :, None] - cj[..., None, :]).abs() <= 1)
+        higher = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)  # [j, i]: i listed before j
+        keep = ~(near & higher).any(-1) & (vals >= 0)
+        k = min(self.num_matches, L)
+        order = (keep.to(vals.dtype) * 2 - torch.arange(L, device=r.device) / L).topk(k, dim=-1).indices
+        vals, cells, keep = vals.gather(2, order), cells.gather(2, order), keep.gather(2, order)
+        probs = torch.softmax(vals.masked_fill(~keep, -torch.inf), -1).nan_to_num(0.0)
+        return cells, probs
+
+    def _sample_poses(self, cells, probs, Y, p, w, cell_m, prior, generator) -> tuple[Tensor, Tensor]:
+        """2-point RANSAC hypotheses with retries, from the top matches (B, N, k) of each query point.
+        Returns angle (B, P), t (B, P, 2) (plus the prior's centre pose when a prior is given)."""
+        B, N, k = cells.shape
+        cdf = probs.cumsum(-1)
+        cdf[..., -1] = 1.0 + 1e-6
+        P, Rt = self.num_pose_samples, self.num_pose_retries
+        nv = w.sum(1)  # valid points come first
+        u = torch.rand(B, P * Rt, 4, generator=generator, device=p.device, dtype=p.dtype)
+        n1 = (u[..., 0] * nv[:, None]).long().clamp(max=N - 1)
+        n2 = (n1 + 1 + (u[..., 1] * (nv[:, None] - 1).clamp(min=1)).long()) % nv[:, None].clamp(min=1)
+
+        def pick(n: Tensor, uk: Tensor) -> tuple[Tensor, Tensor]:
+            c = cdf.gather(1, n[..., None].expand(-1, -1, k))  # (B, PR, k)
+            j = torch.searchsorted(c, uk[..., None].contiguous()).clamp(max=k - 1)
+            cell = cells.gather(1, n[..., None].expand(-1, -1, k)).gather(2, j)[..., 0]
+            ij = torch.stack([cell // Y, cell % Y], -1).to(p.dtype)
+            return p.gather(1, n[..., None].expand(-1, -1, 2)), (ij + 0.5) * cell_m
+
+        p1, m1 = pick(n1, u[..., 2])
+        p2, m2 = pick(n2, u[..., 3])
+        shape = (B, P, Rt, 2)
+        p1, p2, m1, m2 = (x.reshape(shape) for x in (p1, p2, m1, m2))
+        d_p, d_m = (p2 - p1).norm(dim=-1), (m2 - m1).norm(dim=-1)
+        ratio = torch.maximum(d_p / d_m.clamp(min=1e-5), d_m / d_p.clamp(min=1e-5))
+        sel = ratio.argmin(-1)[..., None, None].expand(B, P, 1, 2)
+        p1, p2, m1, m2 = (x.gather(2, sel)[:, :, 0] for x in (p1, p2, m1, m2))
+        angle, t = kabsch_2d(p1, p2, m1, m2)
+        if prior is not None:  # always offer one hypothesis inside the prior
+            angle, t = _with_prior_centre(angle, t, prior)
+        return angle, t
+
+    # -- voting ------------------------------------------------------------------------------
+    def _voting(self, m, map_valid, f, p, w, cell_m, T_gt, prior, R) -> LocalizerOutput:
+        B, D, X, Y = m.shape
+        Nc = min(self.num_coarse_points, f.shape[1])
+        fc, pc, wc = f[:, :Nc], p[:, :Nc], w[:, :Nc]
+        s = max(1, math.ceil(max(X, Y) / self.coarse_cells))
+        centre = (pc * wc[..., None]).sum(1) / wc.sum(1, keepdim=True).clamp(min=1)  # (B, 2) m
+
+        # Coarse per-point score maps: max over a window 2s wide around each coarse cell, so that
+        # a point displaced by up to s/2 cells (pose discretisation) still finds its match.
+        r = _window_max(self._relu_sims(fc, m), s)  # (B, Nc, Xc, Yc)
+        Xc, Yc = r.shape[-2:]
+        vol = _shift_sum(r, wc, pc - centre[:, None], R, s * cell_m)  # (B, R, Xc, Yc) centroid-indexed
+
+        # Pose of each coarse cell: the query centroid lands on the cell centre.
+        ang = torch.arange(R, device=m.device, dtype=m.dtype) * (2 * math.pi / R)
+        cxy = _cell_centres(Xc, Yc, s * cell_m, m)  # (Xc, Yc, 2)
+        rc = transform_points(ang[None], torch.zeros(1, R, 2, dtype=m.dtype, device=m.device), centre[:, None])[:, :, 0]
+        t_cell = cxy[None, None] - rc[:, :, None, None]  # (B, R, Xc, Yc, 2) camera positions
+        prob_volume, loss = self._volume_outputs(vol, centre, s, X, Y, cell_m, T_gt, prior)
+
+        with torch.no_grad():
+            v = vol.detach()
+            ok = _in_prior(ang.expand(B, R)[..., None, None].expand(B, R, Xc, Yc).reshape(B, -1),
+                           t_cell.reshape(B, -1, 2), prior)
+            if ok is not None:
+                v = v.masked_fill(~ok.reshape(B, R, Xc, Yc), -torch.inf)
+            pooled = F.max_pool2d(v, kernel_size=3, stride=1, padding=1)
+            pooled = torch.maximum(pooled, torch.maximum(pooled.roll(1, 1), pooled.roll(-1, 1)))
+            peaks = v.masked_fill(pooled > v, -torch.inf).reshape(B, -1)  # NMS over (r, x, y)
+            K = min(self.num_candidates, peaks.shape[1])
+            top = peaks.topk(K, dim=1).indices
+            a0 = ang[top // (Xc * Yc)]
+            t0 = t_cell.reshape(B, -1, 2).gather(1, top[..., None].expand(B, K, 2))
+            if prior is not None:  # the prior's centre: a candidate inside it even if no cell is
+                a0, t0 = _with_prior_centre(a0, t0, prior)
+            full_centre = (p * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+            score_fn = lambda a, tt: self._score_feats(m, f, p, w, a, tt, cell_m)  # noqa: E731
+            a, t, sc = self._refine(score_fn, a0, t0, full_centre, step_t=s * cell_m / 2,
+                                    step_r=math.pi / R, cell_m=cell_m, prior=prior)
+        return self._output(a, t, sc, loss, prob_volume)
+
+    def _volume_outputs(self, vol, centre, s, X, Y, cell_m, T_gt, prior) -> tuple[Tensor, Tensor | None]:
+        """Coarse centroid-indexed scores (B, R, Xc, Yc) -> camera-indexed probabilities (B, R, X, Y)
+        and the NLL of T_gt (trilinear in the volume, periodic in angle).
+
+        Fine entry (r, i, j) takes the probability of the coarse cell holding the query centroid
+        when the camera is at cell (i, j) with angle 2πr/R, shared evenly by the fine cells of that
+        coarse cell; entries whose centroid falls off the map are 0, and the rest renormalised.
+        With a prior, entries outside it are 0 (uniform over the prior if it holds no mass)."""
+        B, R, Xc, Yc = vol.shape
+        ang = torch.arange(R, device=vol.device, dtype=centre.dtype) * (2 * math.pi / R)
+        zeros = torch.zeros(1, R, 2, dtype=centre.dtype, device=vol.device)
+        off = torch.round(transform_points(ang[None], zeros, centre[:, None])[:, :, 0] / cell_m).long()  # (B, R, 2)
+        # Coarse row / column of each fine row / column, -1 (-> a zero border) when off the map.
+        ci = torch.arange(X, device=vol.device) + off[..., 0:1]  # (B, R, X) centroid cell
+        cj = torch.arange(Y, device=vol.device) + off[..., 1:2]
+        ci = torch.where((ci >= 0) & (ci < X), torch.div(ci, s, rounding_mode="floor"), -1) + 1
+        cj = torch.where((cj >= 0) & (cj < Y), torch.div(cj, s, rounding_mode="floor"), -1) + 1
+        prob = torch.softmax(vol.reshape(B, -1), -1).reshape(B, R, Xc, Yc)
+        prob = F.pad(prob, (1, 0, 1, 0))  # index 0 = off the map
+        # Surviving mass, from how many fine rows / columns use each coarse row / column.
+        cnt_i = torch.zeros(B, R, Xc + 1, dtype=prob.dtype, device=prob.device).scatter_add_(2, ci, torch.ones_like(ci, dtype=prob.dtype))
+        cnt_j = torch.zeros(B, R, Yc + 1, dtype=prob.dtype, device=prob.device).scatter_add_(2, cj, torch.ones_like(cj, dtype=prob.dtype))
+        mass = torch.einsum("brij,bri,brj->b", prob, cnt_i, cnt_j).clamp(min=1e-30)
+        prob = prob / mass[:, None, None, None]
+        rows = prob.gather(2, ci[..., None].expand(B, R, X, Yc + 1))  # (B, R, X, Yc+1)
+        fine = rows.gather(3, cj[:, :, None, :].expand(B, R, X, Y))  # (B, R, X, Y)
+        if prior is not None:
+            ok = _in_prior(ang[None, :, None, None].expand(B, R, X, Y).reshape(B, -1),
+                           _cell_centres(X, Y, cell_m, centre).reshape(1, -1, 2).repeat(B, R, 1), prior)
+            ok = ok.reshape(B, R, X, Y).to(fine.dtype)
+            fine = fine * ok
+            mass = fine.sum((1, 2, 3), keepdim=True)
+            empty = mass <= 1e-30
+            fine = torch.where(empty, ok / ok.sum((1, 2, 3), keepdim=True).clamp(min=1), fine / mass.clamp(min=1e-30))
+        loss = None
+        if T_gt is not None:
+            idx = pose_volume_index(T_gt.angle.to(centre), T_gt.t.to(centre), R, cell_m)  # (B, 3)
+            loss = -torch.log(_interp_volume(fine, idx).clamp(min=1e-30))
+        return fine, loss
+
+    # -- output ------------------------------------------------------------------------------
+    def _output(self, angle, t, scores, loss, prob_volume) -> LocalizerOutput:
+        order = scores.argsort(dim=1, descending=True)[:, : self.num_candidates]
+        angle, scores = angle.gather(1, order), scores.gather(1, order)
+        t = t.gather(1, order[..., None].expand(*order.shape, 2))
+        topk = Transform2D(angle, t)
+        return LocalizerOutput(T_map_query=topk[:, 0], score=scores[:, 0], topk=topk, topk_scores=scores,
+                               loss=loss, prob_volume=prob_volume)
+
+
+def _cell_centres(X: int, Y: int, cell_m: float, like: Tensor) -> Tensor:
+    """Metric centres (X, Y, 2) of a model grid's cells (the model-grid convention of neuralmaps.grids)."""
+    from ..grids import Grid2D
+
+    return Grid2D((X * cell_m, Y * cell_m), cell_m).cell_centers(dtype=like.dtype, device=like.device)
+
+
+def _with_prior_centre(angle: Tensor, t: Tensor, prior: PosePrior) -> tuple[Tensor, Tensor]:
+    """Append the prior's centre pose (its yaw, or 0) to poses angle (B, P), t (B, P, 2)."""
+    a0 = prior.yaw.to(angle) if prior.yaw is not None else torch.zeros_like(angle[:, 0])
+    return torch.cat([angle, a0[:, None]], 1), torch.cat([t, prior.xy.to(t)[:, None]], 1)
+
+
+def _log_ratio(r: Tensor, valid: Tensor) -> Tensor:
+    """l_n = log_softmax(r_n) over valid map cells + log(#valid): r (B, N, X, Y) >= 0 and 0 on
+    invalid cells, valid (B, X, Y) -> (B, N, X, Y), 0 on invalid cells."""
+    B, N, X, Y = r.shape
+    flat = r.reshape(B, N, -1)
+    num_invalid = (~valid).reshape(B, 1, -1).sum(-1, keepdim=True).to(r.dtype)  # (B, 1, 1)
+    mx = flat.amax(-1, keepdim=True).detach()
+    # Invalid cells hold r = 0: remove their exp(0 - mx) from the sum instead of masking a copy.
+    total = ((flat - mx).exp_().sum(-1, keepdim=True) - num_invalid * torch.exp(-mx)).clamp_min(1e-30)
+    c = mx + total.log() - torch.log(X * Y - num_invalid)  # log mean over valid cells of exp(r)
+    ell = (flat - c).reshape(B, N, X, Y)
+    if not bool(valid.all()):
+        ell = ell * valid[:, None].to(r.dtype)
+    return ell
+
+
+def _normalize_masked(feats: Tensor, valid: Tensor) -> Tensor:
+    """L2-normalise (B, D, X, Y) over D and zero invalid cells (B, X, Y) (einsum: a fast reduction)."""
+    sq = torch.einsum("bdxy,bdxy->bxy", feats, feats).clamp_min(1e-24)
+    return feats * (torch.rsqrt(sq) * valid.to(feats.dtype))[:, None]
+
+
+def _window_max(r: Tensor, s: int) -> Tensor:
+    """Coarse cell u of stride s takes the max of r over fine cells [u·s - s//2, u·s - s//2 + 2s):
+    its own block plus half a block around it, so a point displaced by up to s/2 cells from where
+    the coarse pose puts it still finds its best match. (B, N, X, Y) -> (B, N, ceil(X/s), ceil(Y/s))."""
+    if s == 1:
+        return r
+    B, N, X, Y = r.shape
+    Xc, Yc = -(-X // s), -(-Y // s)
+    h = s // 2
+    # Zero padding = "no evidence" (r >= 0), then block maxima and a 2x2 max of neighbouring blocks.
+    r = F.pad(r, (h, (Yc + 1) * s - Y - h, h, (Xc + 1) * s - X - h))
+    blocks = F.max_pool2d(r, kernel_size=s, stride=s)  # (B, N, Xc+1, Yc+1)
+    return F.max_pool2d(blocks, kernel_size=2, stride=1)
+
+
+def _shift_sum(r: Tensor, w: Tensor, p: Tensor, R: int, cell: float) -> Tensor:
+    """Exhaustive voting on a grid: vol[b, k, u] = sum_n w_n r[b, n, u + round(R_k p_n / cell)].
+
+    r: (B, N, X, Y) per-point score maps (0 = no evidence; off the grid counts 0);
+    w: (B, N) point weights; p: (B, N, 2) metres relative to the rotation centre; R rotations of
+    2π/R CCW; cell: metres per cell of r. Returns (B, R, X, Y)."""
+    B, N, X, Y = r.shape
+    ang = torch.arange(R, device=r.device, dtype=p.dtype) * (2 * math.pi / R)
+    zeros = torch.zeros(B, R, 2, dtype=p.dtype, device=p.device)
+    d = torch.floor(transform_points(ang.expand(B, R), zeros, p) / cell + 0.5).long()  # (B, R, N, 2)
+    pad = int(d.abs().max()) if d.numel() else 0
+    rp = F.pad(r * w[..., None, None].to(r.dtype), (pad, pad, pad, pad))  # zeros off the grid
+    Xp, Yp = X + 2 * pad, Y + 2 * pad
+    if not (torch.is_grad_enabled() and rp.requires_grad):
+        # Inference: index an as_strided view of all (2·pad+1)^2 shifted windows; no index tensor.
+        sB, sN, sX, sY = rp.stride()
+        win = rp.as_strided((B, N, 2 * pad + 1, 2 * pad + 1, X, Y), (sB, sN, sX, sY, sX, sY))
+        bi = torch.arange(B, device=r.device)[:, None, None]
+        ni = torch.arange(N, device=r.device)[None, None, :]
+        out = torch.zeros(B, R, X, Y, dtype=r.dtype, device=r.device)
+        step = max(1, (1 << 22) // max(B * N * X * Y, 1))  # (B, R', N, X, Y) chunks bound memory
+        for k in range(0, R, step):
+            dk = d[:, k : k + step] + pad
+            out[:, k : k + step] = win[bi, ni, dk[..., 0], dk[..., 1]].sum(2)
+        return out
+    # Training: a differentiable gather (its index is saved for backward).
+    flat = rp.reshape(B, N, Xp * Yp)
+    base = (torch.arange(X, device=r.device)[:, None] * Yp + torch.arange(Y, device=r.device)[None]).reshape(-1)
+    off = (d[..., 0] + pad) * Yp + (d[..., 1] + pad)  # (B, R, N)
+    out = []
+    step = max(1, (1 << 22) // max(B * N * X * Y, 1))  # rotations per chunk
+    for k in range(0, R, step):
+        idx = off[:, k : k + step, :, None] + base  # (B, R', N, X*Y)
+        g = flat[:, None].expand(B, idx.shape[1], N, Xp * Yp).gather(3, idx)
+        out.append(g.sum(2))
+    return torch.cat(out, 1).reshape(B, R, X, Y)
+
+
+def _interp_volume(vol: Tensor, idx: Tensor) -> Tensor:
+    """Trilinear interpolation of (B, R, X, Y) at continuous indices (B, 3) = (r, i, j); the angle
+    axis wraps around, positions clamp to the volume."""
+    logp = vol
+    B, R, X, Y = vol.shape
+    r, i, j = idx.unbind(-1)
+    i, j = i.clamp(0, X - 1), j.clamp(0, Y - 1)
+    r0, i0, j0 = r.floor(), i.floor().clamp(max=X - 2 if X > 1 else 0), j.floor().clamp(max=Y - 2 if Y > 1 else 0)
+    fr, fi, fj = r - r0, i - i0, j - j0
+    out = torch.zeros(B, dtype=logp.dtype, device=logp.device)
+    b = torch.arange(B, device=logp.device)
+    for dr in (0, 1):
+        for di in (0, 1):
+            for dj in (0, 1):
+                wgt = (fr if dr else 1 - fr) * (fi if di else 1 - fi) * (fj if dj else 1 - fj)
+                rr = (r0.long() + dr) % R
+                ii = (i0.long() + di).clamp(max=X - 1)
+                jj = (j0.long() + dj).clamp(max=Y - 1)
+                v = logp[b, rr, ii, jj]
+                out = out + wgt * v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The exact-recovery problem (tests and benchmarks/bench_localizer.py)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ExactRecoveryProblem:
+    """A query BEV cut out of a random smooth map at a known pose (every tensor batched)."""
+
+    map_feats: Tensor  # (B, D, X, Y) L2-normalised
+    map_valid: Tensor  # (B, X, Y) all True
+    query_feats: Tensor  # (B, D, Xq, Yq) map features interpolated at T_gt(query_xy)
+    query_valid: Tensor  # (B, Xq, Yq) the query cell lies on the map
+    query_xy: Tensor  # (Xq, Yq, 2) metres, x forward 0..Xq·cell, y left centred on the axis
+    cell_m: float
+    T_gt: Transform2D  # (B,) T_map_query
+
+
+def make_exact_recovery_problem(
+    batch: int, dim: int, map_cells: int, query_cells: int, cell_m: float = 1.0, sigma_cells: float = 2.0,
+    generator: torch.Generator | None = None,
+) -> ExactRecoveryProblem:
+    """Random smooth map (Gaussian-filtered noise, sigma in cells, L2-normalised over `dim`), and a
+    query BEV cut from it at a random pose: any angle, a sub-cell translation, the BEV centre
+    (query_cells/2 ahead of the camera) uniform over the central half of the map."""
+    B, D, X, Xq = batch, dim, map_cells, query_cells
+    noise = torch.randn(B * D, 1, X, X, generator=generator)
+    k = 2 * int(3 * sigma_cells) + 1
+    x = torch.arange(k, dtype=torch.float32) - k // 2
+    ker = torch.exp(-(x**2) / (2 * sigma_cells**2))
+    ker = ker / ker.sum()
+    sm = F.conv2d(F.pad(noise, (k // 2,) * 4, mode="circular"), ker.view(1, 1, k, 1))
+    sm = F.conv2d(sm, ker.view(1, 1, 1, k)).reshape(B, D, X, X)
+    map_feats = F.normalize(sm, dim=1)
+
+    i = (torch.arange(Xq, dtype=torch.float32) + 0.5) * cell_m
+    query_xy = torch.stack(torch.meshgrid(i, i - Xq * cell_m / 2, indexing="ij"), -1)
+    angle = torch.rand(B, generator=generator) * (2 * math.pi)
+    centre = (torch.rand(B, 2, generator=generator) * 0.5 + 0.25) * (X * cell_m)
+    ahead = torch.stack([torch.cos(angle), torch.sin(angle)], -1) * (Xq * cell_m / 2)
+    T_gt = Transform2D(angle, centre - ahead)
+    pts = T_gt.transform(query_xy.reshape(1, -1, 2).expand(B, -1, 2)) / cell_m
+    q, valid = interpolate_nd(map_feats, pts)
+    return ExactRecoveryProblem(
+        map_feats=map_feats, map_valid=torch.ones(B, X, X, dtype=torch.bool),
+        query_feats=q.transpose(1, 2).reshape(B, D, Xq, Xq), query_valid=valid.reshape(B, Xq, Xq),
+        query_xy=query_xy, cell_m=cell_m, T_gt=T_gt,
+    )
+
+
+def pose_errors(T_est: Transform2D, T_gt: Transform2D, cell_m: float) -> tuple[Tensor, Tensor]:
+    """Rotation error in degrees and translation error in cells, (B,) each."""
+    dr, dt = (T_gt.inv() @ T_est).magnitude()
+    return dr, dt / cell_m

@@ -1,0 +1,194 @@
+"""SNAP localizer: exact recovery of poses cut from a random smooth map, loss, prior, volume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neuralmaps.config import ModelConfig
+from neuralmaps.geometry import Transform2D
+from neuralmaps.models.localizer import (
+    Localizer,
+    PosePrior,
+    _shift_sum,
+    kabsch_2d,
+    make_exact_recovery_problem,
+    pose_errors,
+    pose_volume_index,
+    wrap_angle,
+)
+
+torch.set_num_threads(1)
+
+
+def _localizer(**kw) -> Localizer:
+    loc = Localizer(ModelConfig(num_pose_samples=1024, num_pose_retries=8))
+    for k, v in kw.items():
+        setattr(loc, k, v)
+    return loc
+
+
+@pytest.fixture(scope="module")
+def problem():
+    # 100 random poses on 64x64-cell maps, 32x32-cell query BEVs (D = 8).
+    return make_exact_recovery_problem(100, 8, 64, 32, cell_m=1.0, generator=torch.Generator().manual_seed(0))
+
+
+def _run(loc: Localizer, pb, mode: str, sl: slice, **kw):
+    return loc(pb.map_feats[sl], pb.map_valid[sl], pb.query_feats[sl], pb.query_valid[sl], pb.query_xy,
+               pb.cell_m, mode=mode, generator=torch.Generator().manual_seed(1), **kw)
+
+
+@pytest.mark.parametrize("mode", ["voting", "ransac"])
+def test_exact_recovery(problem, mode):
+    loc = _localizer()
+    errs_r, errs_t = [], []
+    with torch.no_grad():
+        for s in range(0, 100, 25):
+            out = _run(loc, problem, mode, slice(s, s + 25))
+            dr, dt = pose_errors(out.T_map_query, problem.T_gt[s : s + 25], problem.cell_m)
+            errs_r.append(dr), errs_t.append(dt)
+            assert out.topk.shape == (25, loc.num_candidates)
+            assert torch.all(out.topk_scores[:, :-1] >= out.topk_scores[:, 1:])  # best first
+            assert torch.allclose(out.score, out.topk_scores[:, 0])
+    dr, dt = torch.cat(errs_r), torch.cat(errs_t)
+    recall = ((dr <= 1.0) & (dt <= 1.0)).float().mean().item()
+    assert recall >= 0.95, f"{mode}: recall {recall:.2f}, median errors {dr.median():.2f} deg {dt.median():.2f} cells"
+    # Refinement reaches sub-cell, sub-degree precision, not just the 1-cell / 1-degree bar.
+    assert dt.median() < 0.5 and dr.median() < 0.5
+
+
+@pytest.mark.parametrize("mode", ["voting", "ransac"])
+def test_loss_finite_and_reaches_temperature(problem, mode):
+    loc = _localizer()
+    sl = slice(0, 4)
+    map_feats = problem.map_feats[sl].clone().requires_grad_(True)
+    out = loc(map_feats, problem.map_valid[sl], problem.query_feats[sl], problem.query_valid[sl],
+              problem.query_xy, problem.cell_m, mode=mode, T_gt=problem.T_gt[sl],
+              generator=torch.Generator().manual_seed(1))
+    assert out.loss.shape == (4,) and torch.isfinite(out.loss).all()
+    out.loss.mean().backward()
+    g = loc.log_temperature.grad
+    assert g is not None and torch.isfinite(g) and g != 0
+    assert map_feats.grad is not None and map_feats.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["voting", "ransac"])
+def test_loss_prefers_true_pose(problem, mode):
+    # The NLL of the true pose is lower than that of a pose 6 cells and 20 degrees away.
+    loc = _localizer()
+    sl = slice(0, 8)
+    T = problem.T_gt[sl]
+    wrong = Transform2D(T.angle + math.radians(20), T.t + 6 * problem.cell_m)
+    with torch.no_grad():
+        good = _run(loc, problem, mode, sl, T_gt=T).loss
+        bad = _run(loc, problem, mode, sl, T_gt=wrong).loss
+    assert (good < bad).all(), (good, bad)
+
+
+@pytest.mark.parametrize("mode", ["voting", "ransac"])
+def test_prior_excluding_true_pose_is_respected(problem, mode):
+    loc = _localizer()
+    sl = slice(0, 8)
+    T = problem.T_gt[sl]
+    # Centre the prior 20 m from the true position, radius 5 m, yaw ±30° around a wrong yaw.
+    away = torch.stack([torch.cos(T.angle + 1.0), torch.sin(T.angle + 1.0)], -1) * 20.0
+    xy = (T.t + away).clamp(5.0, 59.0)
+    prior = PosePrior(xy=xy, radius_m=5.0, yaw=T.angle + 2.0, yaw_range=math.radians(30))
+    with torch.no_grad():
+        out = _run(loc, problem, mode, sl, prior=prior)
+    d = (out.T_map_query.t - xy).norm(dim=-1)
+    dyaw = wrap_angle(out.T_map_query.angle - prior.yaw).abs()
+    assert (d <= 5.0 + 1e-4).all(), d
+    assert (dyaw <= math.radians(30) + 1e-5).all(), dyaw
+    assert ((T.t - xy).norm(dim=-1) > 5.0).all()  # the truth really is excluded
+
+
+@pytest.mark.parametrize("mode", ["voting", "ransac"])
+def test_prior_containing_true_pose_still_recovers(problem, mode):
+    loc = _localizer()
+    sl = slice(0, 8)
+    T = problem.T_gt[sl]
+    prior = PosePrior(xy=T.t + 3.0, radius_m=torch.full((8,), 8.0), yaw=T.angle - 0.2, yaw_range=0.5)
+    with torch.no_grad():
+        out = _run(loc, problem, mode, sl, prior=prior)
+    dr, dt = pose_errors(out.T_map_query, T, problem.cell_m)
+    assert ((dr <= 1.0) & (dt <= 1.0)).float().mean() >= 7 / 8
+
+
+def test_prob_volume(problem):
+    loc = _localizer()
+    sl = slice(0, 6)
+    R = 32
+    with torch.no_grad():
+        out = _run(loc, problem, "voting", sl, num_rotations=R)
+    vol = out.prob_volume
+    assert vol.shape == (6, R, 64, 64)
+    assert (vol >= 0).all()
+    assert torch.allclose(vol.sum((1, 2, 3)), torch.ones(6), atol=1e-4)
+    # Its mode lies at the true pose, to within the coarse voting resolution.
+    flat = vol.reshape(6, -1).argmax(-1)
+    r, i, j = flat // (64 * 64), (flat // 64) % 64, flat % 64
+    idx = pose_volume_index(problem.T_gt[sl].angle, problem.T_gt[sl].t, R, problem.cell_m)
+    dr = torch.remainder(r - idx[:, 0] + R / 2, R) - R / 2
+    assert (dr.abs() <= 1.5).all(), dr
+    assert ((i - idx[:, 1]).abs() <= 3).all() and ((j - idx[:, 2]).abs() <= 3).all()
+    assert out.loss is None  # no T_gt
+
+
+def test_ransac_has_no_volume(problem):
+    with torch.no_grad():
+        out = _run(_localizer(), problem, "ransac", slice(0, 2))
+    assert out.prob_volume is None
+
+
+def test_kabsch_2d_recovers_pose():
+    g = torch.Generator().manual_seed(3)
+    angle = torch.rand(50, generator=g) * 2 * math.pi - math.pi
+    t = torch.randn(50, 2, generator=g) * 10
+    T = Transform2D(angle, t)
+    p1, p2 = torch.randn(50, 2, generator=g) * 5, torch.randn(50, 2, generator=g) * 5
+    a, tt = kabsch_2d(p1, p2, T.transform(p1[:, None])[:, 0], T.transform(p2[:, None])[:, 0])
+    assert torch.allclose(wrap_angle(a - angle), torch.zeros(50), atol=1e-4)
+    assert torch.allclose(tt, t, atol=1e-3)
+
+
+def test_shift_sum_inference_and_training_paths_agree():
+    # The strided (no-grad) and the gather (differentiable) implementations compute the same volume.
+    g = torch.Generator().manual_seed(4)
+    r = torch.rand(2, 5, 9, 11, generator=g)
+    w = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    p = torch.randn(2, 5, 2, generator=g) * 3
+    with torch.no_grad():
+        fast = _shift_sum(r, w, p, 8, 1.0)
+    slow = _shift_sum(r.clone().requires_grad_(True), w, p, 8, 1.0)
+    assert torch.allclose(fast, slow.detach(), atol=1e-6)
+    # And the definition: rotation 0 shifts each point's map by its own (rounded) offset.
+    d = torch.floor(p[0] + 0.5).long()
+    ref = torch.zeros(9, 11)
+    for n in range(5):
+        if w[0, n]:
+            for x in range(9):
+                for y in range(11):
+                    xs, ys = x + d[n, 0], y + d[n, 1]
+                    if 0 <= xs < 9 and 0 <= ys < 11:
+                        ref[x, y] += r[0, n, xs, ys]
+    assert torch.allclose(fast[0, 0], ref, atol=1e-6)
+
+
+def test_clear_errors_on_bad_input(problem):
+    loc = _localizer()
+    pb = problem
+    args = (pb.map_feats[:2], pb.map_valid[:2], pb.query_feats[:2], pb.query_valid[:2], pb.query_xy, pb.cell_m)
+    with pytest.raises(ValueError, match="mode"):
+        loc(*args, mode="fft")
+    with pytest.raises(ValueError, match="query_xy"):
+        loc(*args[:4], pb.query_xy[:-1], pb.cell_m)
+    with pytest.raises(ValueError, match="map_valid"):
+        loc(args[0], args[1][:, :-1], *args[2:])
+    with pytest.raises(ValueError, match="no valid query cell"):
+        loc(*args[:3], torch.zeros_like(args[3]), *args[4:])
+    with pytest.raises(ValueError, match="cell_m"):
+        loc(*args[:5], 0.0)
