@@ -15,7 +15,6 @@ from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 
-from .crs import to_crs
 from .errors import GeoInputError
 from .region import Region
 
@@ -107,7 +106,7 @@ def write_geotiff(
     bs = max(16, int(blocksize) // 16 * 16)
     profile = dict(
         driver="GTiff", height=region.shape[0], width=region.shape[1], count=data.shape[0],
-        dtype=data.dtype.name, crs=to_crs(da.rio.crs).to_wkt() if region.epsg is None else f"EPSG:{region.epsg}",
+        dtype=data.dtype.name, crs=region.crs_string,
         transform=region.transform, nodata=nodata, compress=compress, tiled=True,
         blockxsize=bs, blockysize=bs, interleave="band" if data.shape[0] > 4 else "pixel",
     )

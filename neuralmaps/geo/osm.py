@@ -12,7 +12,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -161,10 +161,10 @@ def read_osm(source: Any, region: Region | None = None, margin_m: float = 20.0) 
     path = Path(source)
     if not path.is_file():
         raise GeoInputError(f"{path}: OSM file not found")
-    suffix = "".join(path.suffixes[-2:]).lower()
-    if path.suffix.lower() == ".pbf":
+    suffix = path.suffix.lower()
+    if suffix == ".pbf":
         return _read_pbf(path, region, margin_m)
-    if path.suffix.lower() == ".gpkg":
+    if suffix == ".gpkg":
         return _read_gpkg(path, region, margin_m)
     raise GeoInputError(f"{path}: unsupported OSM file type {suffix!r} (expected .pbf or .gpkg)")
 
@@ -546,8 +546,9 @@ def _points(f: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
 
 
 def _rails(f: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
-    kind = _col(f, "kind") if "kind" in f.columns else _col(f, "railway")
-    keep = kind.isin(RAIL_KINDS | set(kind.dropna()) if "kind" in f.columns else RAIL_KINDS) & ~_is_tunnel(f)
+    given = "kind" in f.columns  # a pre-classified layer keeps all its rows
+    kind = _col(f, "kind") if given else _col(f, "railway")
+    keep = (kind.notna() if given else kind.isin(RAIL_KINDS)) & ~_is_tunnel(f)
     f = f[keep].copy()
     f["kind"] = kind[keep]
     f = _lines(f)

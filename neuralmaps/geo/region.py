@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyproj
@@ -130,9 +130,15 @@ class Region:
         return epsg_of(self.crs)
 
     @property
+    def crs_string(self) -> str:
+        """"EPSG:nnnn" when the CRS has a code, else its WKT."""
+        epsg = self.epsg
+        return f"EPSG:{epsg}" if epsg is not None else self.crs.to_wkt()
+
+    @property
     def geobox(self) -> GeoBox:
         """The same grid as an odc-geo GeoBox."""
-        return GeoBox(self.shape, self.transform, self.crs.to_wkt() if self.epsg is None else f"EPSG:{self.epsg}")
+        return GeoBox(self.shape, self.transform, self.crs_string)
 
     @property
     def geometry(self) -> shapely.Polygon:
@@ -142,7 +148,9 @@ class Region:
     @property
     def geometry_lonlat(self) -> shapely.Polygon:
         """The grid's outline in WGS84 lon/lat (edges densified, so it follows the projection)."""
-        return _reproject_geom(self.geometry.segmentize(max(self.bounds[2] - self.bounds[0], self.bounds[3] - self.bounds[1]) / 16), self.crs, WGS84)
+        xmin, ymin, xmax, ymax = self.bounds
+        outline = self.geometry.segmentize(max(xmax - xmin, ymax - ymin) / 16)
+        return _reproject_geom(outline, self.crs, WGS84)
 
     @property
     def centre_lonlat(self) -> tuple[float, float]:
@@ -264,7 +272,7 @@ class Region:
         """Write this region's CRS and transform onto a DataArray/Dataset (rioxarray)."""
         import rioxarray  # noqa: F401
 
-        obj = obj.rio.write_crs(self.crs.to_wkt() if self.epsg is None else f"EPSG:{self.epsg}")
+        obj = obj.rio.write_crs(self.crs_string)
         return obj.rio.write_transform(self.transform)
 
     @classmethod
@@ -281,9 +289,8 @@ class Region:
     # -- io ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (for store attributes)."""
-        epsg = self.epsg
         return {
-            "crs": f"EPSG:{epsg}" if epsg is not None else self.crs.to_wkt(),
+            "crs": self.crs_string,
             "transform": [float(v) for v in tuple(self.transform)[:6]],
             "shape": [int(self.shape[0]), int(self.shape[1])],
         }
