@@ -84,8 +84,11 @@ def test_height_and_width_rules_from_dict():
     assert list(layers.points.kind) == ["street_light"]
     # pre-classified layers are kept (and their missing columns filled)
     pre = {"buildings": gpd.GeoDataFrame({"height_m": [21.0]}, geometry=[sq], crs=4326)}
-    b2 = read_osm(pre).buildings
+    pre["roads"] = gpd.GeoDataFrame({"width_m": [12.0]}, geometry=[line], crs=4326)
+    pre2 = read_osm(pre)
+    b2 = pre2.buildings
     assert b2.height_m.iloc[0] == 21.0 and b2.kind.iloc[0] == "building"
+    assert pre2.roads.highway.iloc[0] == "road" and pre2.roads.width_m.iloc[0] == 12.0
 
 
 def test_geopackage_round_trip(centre, tmp_path):

@@ -566,7 +566,21 @@ def _fences(f: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
 
 _RULES = {"buildings": _buildings, "roads": _roads, "footways": _footways, "areas": _areas,
           "points": _points, "rails": _rails, "fences": _fences}
-_NORMALISE = _RULES  # a pre-classified layer goes through the same rules (its `kind` etc. win)
+def _fill(f: gpd.GeoDataFrame, column: str, default: str) -> gpd.GeoDataFrame:
+    f = f.copy()
+    f[column] = _col(f, column).fillna(default)
+    return f
+
+
+# A pre-classified layer goes through the same rules (its own `kind`, `height_m`, `width_m` win);
+# untyped rows of a named layer get the layer's generic type instead of being dropped.
+_NORMALISE = {
+    **_RULES,
+    "roads": lambda f: _roads(_fill(f, "highway", "road")),
+    "footways": lambda f: _footways(_fill(f, "kind", "footway")),
+    "rails": lambda f: _rails(_fill(f, "kind", "rail")),
+    "fences": lambda f: _fences(_fill(f, "kind", "fence")),
+}
 
 
 def _classify(raw: gpd.GeoDataFrame | None, crs) -> dict[str, gpd.GeoDataFrame]:
