@@ -103,6 +103,13 @@ def test_zarr_round_trip_keeps_crs_transform_and_region_writes(tmp_path):
     assert f[0, 0, 0] == 1 and f[0, -1, -1] == 1 + 10 * last_ty + last_tx
     assert f[0, tile, tile - 1] == 1 + 10 * 1 + 0  # tile boundaries land exactly on chunk edges
     np.testing.assert_allclose(back.x.values, region.coords()[0])
+    # region="auto": the slices come from the x/y coordinates
+    t = region.tiles(tile)[1]
+    sub = ds.isel(y=t.inner[0], x=t.inner[1]).copy(deep=True)
+    sub["features"][:] = 99
+    write_zarr(sub[["features"]], path, region="auto")
+    again = open_zarr(path)["features"]
+    assert (again.isel(y=t.inner[0], x=t.inner[1]) == 99).all() and int((again == 99).sum()) == sub["features"].size
 
     # append along a new dim keeps the CRS too
     runs = tmp_path / "runs.zarr"

@@ -53,9 +53,10 @@ def write_zarr(
     """Write `ds` (with its rioxarray CRS) to a Zarr v3 store at `path`.
 
     mode="w": a new store (written to a sibling temp dir, then renamed: no half-written store on
-    a crash). mode="a" with `append_dim`: append along that dim. `region={"y": slice, "x": slice}`
-    (mode "r+"): write into part of an existing store; variables without the region's dims (e.g.
-    `spatial_ref`) are skipped. `compute=False` initialises a template (returns the dask delayed).
+    a crash). mode="a" with `append_dim`: append along that dim; mode="a" alone adds variables.
+    `region={"y": slice, "x": slice}` or "auto" (from the x/y coordinates), mode "r+": write into
+    part of an existing store; variables without the region's dims (e.g. `spatial_ref`) are
+    skipped. Parallel region writes must cover whole chunks (use `Region.tiles(chunk)`). `compute=False` initialises a template (returns the dask delayed).
     Other keyword arguments go to `xarray.Dataset.to_zarr`.
     """
     path = Path(path)
@@ -64,10 +65,8 @@ def write_zarr(
     if region is not None:
         if not path.exists():
             raise GeoInputError(f"{path}: region write into a store that does not exist")
-        if isinstance(region, Mapping):
-            dims = set(region)
-            drop = [n for n, v in ds.variables.items() if not dims & set(v.dims)]
-            ds = ds.drop_vars(drop)
+        dims = set(region) if isinstance(region, Mapping) else {"y", "x"} & set(ds.dims)
+        ds = ds.drop_vars([n for n, v in ds.variables.items() if not dims & set(v.dims)])
         # encodings (and grid_mapping) are fixed by the existing store in region writes
         for v in ds.variables.values():
             v.encoding = {}
