@@ -33,7 +33,8 @@ WALK_SPEED_MPS = 1.4
 MAX_LANE_OFFSET_M = 1.75
 QUERY_YAW_JITTER_DEG = 5.0
 QUERY_PITCH_JITTER_DEG = 3.0
-OCCLUDER_CLEARANCE_M = 3.5  # no occluder this close to the run's own trajectory
+OCCLUDER_CLEARANCE_M = 3.5
+CAR_AVOID_HIGHWAYS = {"service", "track", "living_street"}  # no occluder this close to the run's own trajectory
 
 
 @dataclass
@@ -246,6 +247,9 @@ def _road_network(world: "World", drivable: bool) -> _Network:
     roads = world.layers.roads
     if drivable and len(roads):
         roads = roads[roads["drivable"].astype(bool)]
+        public = roads[~roads["highway"].isin(CAR_AVOID_HIGHWAYS)]
+        if len(public):  # mapping cars drive the public network, not driveways or parking aisles
+            roads = public
     lines, widths = [], []
     for g, wd in zip(roads.geometry.values, roads["width_m"].to_numpy(float) if len(roads) else []):
         for line in world.lines_local(g):
