@@ -51,6 +51,7 @@ __all__ = [
 
 SPLIT_BLOCK_M = 150.0  # side of the square areas (aligned to CRS multiples) that are assigned a split
 MAX_ATTEMPTS_PER_PAIR = 400
+QUERY_RUN_FRACTION = 0.5  # share of queries drawn from pedestrian query runs (rest: other map runs)
 MIN_QUERY_OVERLAP = 0.3  # fraction of the query's BEV frustum that must lie inside the scene
 MAX_VIEW_DEPTH_M = 32.0  # scene points farther than this from a camera do not count as covered
 SOURCE_CHUNK = 1 << 20
@@ -256,6 +257,40 @@ class _Context:
     world_bounds: tuple[float, float, float, float]  # CRS bounds where scenes may lie
     fractions: tuple[float, float, float]
     block_m: float
+    query_pools: tuple[np.ndarray, np.ndarray]  # view indices that can be queries (see _query_pools)
+
+
+def _query_pools(views: _Views, config: Config, world_origin: np.ndarray, block_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """Views that can be a pair's query, as (query-run views, map-run views): those with enough map
+    views of other runs nearby, in the time window and the same split block (a necessary
+    condition; `_sample_pair` checks the rest). Map-run views serve as queries too (their map views
+    then come from other map runs): pedestrian runs alone rarely cross the map runs enough."""
+    from scipy.spatial import cKDTree
+
+    c = config
+    V = views
+    map_idx = np.flatnonzero(~V.is_query_run)
+    if len(map_idx) == 0:
+        raise ValueError("no map-run views: simulate at least one map run")
+    xy = V.xy + world_origin
+    bx, by = block_of_xy(xy[:, 0], xy[:, 1], block_m)
+    tree = cKDTree(xy[map_idx])
+    reach = c.scene.max_view_distance_m + 0.6 * c.scene.query_depth_m + 6.0
+    pools = []
+    for pool in (np.flatnonzero(V.is_query_run), map_idx):
+        ok = np.zeros(len(pool), bool)
+        for k, (q, near) in enumerate(zip(pool, tree.query_ball_point(xy[pool], reach))):
+            n = map_idx[np.asarray(near, dtype=np.int64)]
+            n = n[(V.run[n] != V.run[q]) & (bx[n] == bx[q]) & (by[n] == by[q])
+                  & (np.abs(V.time_days[n] - V.time_days[q]) <= c.synth.query_max_time_delta_days)]
+            ok[k] = len(n) >= c.synth.min_views_in_scene
+        pools.append(pool[ok])
+    if not (len(pools[0]) or len(pools[1])):
+        raise ValueError(
+            "no query view has enough map views of other runs nearby (same split block, within "
+            f"{c.synth.query_max_time_delta_days} days): simulate more or longer capture runs"
+        )
+    return pools[0], pools[1]
 
 
 def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
@@ -265,14 +300,14 @@ def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
     cell = cfg.scene.cell_m
     V = ctx.views
     rng = np.random.default_rng([int(seed), int(i), 0x5EED])
-    q_pool = np.flatnonzero(V.is_query_run)
-    if len(q_pool) == 0:  # no pedestrian runs: queries come from map runs (map views then from others)
-        q_pool = np.arange(len(V.run))
+    ped, car = ctx.query_pools
     fr = _frustum_points(cfg.scene.query_depth_m, cfg.scene.query_hfov_deg)
     cam_xy_crs = V.xy + ctx.world_origin
     x0, y0, x1, y1 = ctx.world_bounds
     for _ in range(MAX_ATTEMPTS_PER_PAIR):
-        q = int(rng.choice(q_pool))
+        # Half the queries from pedestrian runs (when any qualify), half from other map runs.
+        pool = ped if len(ped) and (not len(car) or rng.random() < QUERY_RUN_FRACTION) else car
+        q = int(rng.choice(pool))
         Tq = V.T_world_cam[q]
         q_xy = Tq[:2, 3] + ctx.world_origin
         fwd = _forward_xy(Tq)
@@ -612,8 +647,8 @@ def write_training_chunks(
     overwrite: bool = False,
     world: Any = None,
     runs: Sequence[Any] | None = None,
-    num_map_runs: int = 4,
-    num_query_runs: int = 3,
+    num_map_runs: int = 8,
+    num_query_runs: int = 6,
     pairs_per_chunk: int = 1,
     progress: bool = True,
     on_pair_written: Callable[[int], None] | None = None,
@@ -675,7 +710,8 @@ def write_training_chunks(
     world_origin = np.asarray(world.origin, dtype=np.float64)[:2]
     bounds = tuple(float(b) for b in wreg.bounds)
     fractions = tuple(config.synth.split_fractions)
-    ctx = _Context(config, views, world_origin, bounds, fractions, SPLIT_BLOCK_M)
+    ctx = _Context(config, views, world_origin, bounds, fractions, SPLIT_BLOCK_M,
+                   _query_pools(views, config, world_origin, SPLIT_BLOCK_M))
 
     if done is None:
         attrs = _store_attrs(config, seed, num_pairs, osm.resolve(), source_sha, runs, views,

@@ -29,13 +29,15 @@ CLASS_COLORS = {
     "traffic_light": (0.00, 0.80, 0.90),
     "street_light": (1.00, 0.50, 0.00),
 }
+NO_CLASS_COLOR = (0.93, 0.93, 0.86)  # cells without any class (unmapped ground)
 FRUSTUM_LENGTH_M = 10.0
 
 
 def semantic_rgb(sem: np.ndarray) -> np.ndarray:
     """(K, y, x) {0,1} class raster -> (y, x, 3) float RGB; later classes paint over earlier ones,
-    so objects show on top of areas. Cells without any class are left black."""
-    out = np.zeros((*sem.shape[1:], 3), np.float32)
+    so objects show on top of areas. Cells without any class get NO_CLASS_COLOR."""
+    out = np.empty((*sem.shape[1:], 3), np.float32)
+    out[:] = NO_CLASS_COLOR
     for k, name in enumerate(CLASS_NAMES):
         out[sem[k] > 0] = CLASS_COLORS[name]
     return out
@@ -122,13 +124,16 @@ def write_previews(store: str | os.PathLike, out_dir: str | os.PathLike, pairs: 
         axs[1].imshow(sem_rgb, extent=extent)
         axs[1].set_title("semantic raster")
         present = [n for k, n in enumerate(CLASS_NAMES) if a["semantic"][k].any()]
-        axs[1].legend(handles=[Patch(facecolor=CLASS_COLORS[n], edgecolor="k", label=n) for n in CLASS_NAMES],
+        handles = [Patch(facecolor=CLASS_COLORS[n], edgecolor="k", label=n + (" *" if n in present else ""))
+                   for n in CLASS_NAMES]
+        handles.append(Patch(facecolor=NO_CLASS_COLOR, edgecolor="k", label="(no class)"))
+        axs[1].legend(handles=handles,
                       loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7,
-                      title="classes (" + ", ".join(present) + " present)" if len(present) < 4 else "classes",
+                      title="classes (* = in this scene)",
                       title_fontsize=7)
         ax = axs[2]
         ax.imshow(aerial, extent=extent)
-        ax.imshow(np.concatenate([sem_rgb, 0.45 * (sem_rgb.sum(-1, keepdims=True) > 0)], -1), extent=extent)
+        ax.imshow(np.concatenate([sem_rgb, 0.45 * a["semantic"].any(0)[..., None]], -1), extent=extent)
         ax.add_patch(Rectangle((0, 0), sx, sy, fill=False, ec="yellow", lw=2, label="scene"))
         for n, v in enumerate(valid):
             tri = frustum_xy(a["map_T_scene_view"][v], a["map_camera"][v], CAMERA_MODELS[int(a["map_camera_model"][v])])
