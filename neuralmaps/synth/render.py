@@ -322,13 +322,13 @@ def _street_pose(world: "World", rng: np.random.Generator, height: float = 2.0) 
     """A random horizontal camera pose at `height` m over ground that is road if the world has roads."""
     from .materials import class_id
 
-    road = np.argwhere(world.ground_label == class_id("road"))
-    hgt = world.ground_mat.shape[0]
-    if len(road):
-        r, c = road[rng.integers(len(road))]
-        x, y = (c + 0.5) * world.ground_res, (hgt - r - 0.5) * world.ground_res
-    else:
-        x, y = rng.uniform(0, world.size_m[0]), rng.uniform(0, world.size_m[1])
+    hgt, wid = world.ground_mat.shape
+    x, y = rng.uniform(0, world.size_m[0]), rng.uniform(0, world.size_m[1])
+    for _ in range(10_000):  # rejection sampling: cheap on huge rasters
+        r, c = int(rng.integers(hgt)), int(rng.integers(wid))
+        if world.ground_label[r, c] == class_id("road"):
+            x, y = (c + 0.5) * world.ground_res, (hgt - r - 0.5) * world.ground_res
+            break
     return camera_pose(x, y, height, yaw=float(rng.uniform(-math.pi, math.pi)))
 
 

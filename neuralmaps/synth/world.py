@@ -503,81 +503,98 @@ def _ground_raster(layers: "OSMLayers", ground_region: "Region", progress: bool)
 
     Labels come from `rasterize_osm` (the same classes the model's semantic raster has), one class
     per pixel by GROUND_PRIORITY; materials add area kinds (water, parking, ...) and the painted
-    markings (dashed lane lines, zebra stripes, tram rails)."""
-    from rasterio import features
-
+    markings (dashed lane lines, zebra stripes, tram rails). Built in row strips so that the
+    temporaries stay small whatever the region's size."""
     from neuralmaps.geo import GeoInputError
     from neuralmaps.geo.rasterize import rasterize_osm
 
     h, w = ground_region.shape
     label = np.full((h, w), VOID, np.uint8)
     mat = np.full((h, w), GroundMat.BARE, np.uint8)
-    strip = max(1, int(4_000_000 // max(w, 1)))  # rows per strip: bounds the multi-hot raster's memory
+    paint = _ground_paint(layers)
+    strip = max(1, int(16_000_000 // max(w, 1)))  # rows per strip: bounds the multi-hot raster's memory
     prio = [CLASS_NAMES.index(c) for c in GROUND_PRIORITY]
-    for r0 in tqdm(range(0, h, strip), desc="ground classes", disable=not progress, leave=False):
+    road, terrain, crosswalk = class_id("road"), class_id("terrain"), class_id("crosswalk")
+    for r0 in tqdm(range(0, h, strip), desc="ground", disable=not progress, leave=False):
         sub = ground_region.window(slice(r0, min(h, r0 + strip)), slice(0, w))
+        lab, m = label[r0:r0 + sub.shape[0]], mat[r0:r0 + sub.shape[0]]
         try:
             hot = np.asarray(rasterize_osm(layers, sub))
         except GeoInputError:  # no OSM feature in this strip: it stays unlabelled bare ground
-            continue
-        lab = label[r0:r0 + sub.shape[0]]
-        m = mat[r0:r0 + sub.shape[0]]
-        for c in reversed(prio):  # highest priority last
-            on = hot[c] > 0
-            lab[on] = c
-            m[on] = _LABEL_TO_MAT[CLASS_NAMES[c]]
-    tr = ground_region.transform
-    # Area kinds: override unlabelled / terrain pixels (and road pixels for parking lots).
+            hot = None
+        if hot is not None:
+            for c in reversed(prio):  # highest priority last
+                on = hot[c] > 0
+                lab[on] = c
+                m[on] = _LABEL_TO_MAT[CLASS_NAMES[c]]
+            del hot
+        # Area kinds override unlabelled / terrain pixels (and road pixels for parking lots).
+        am = paint.burn("areas", sub, fill=255)
+        if am is not None:
+            sel = (am != 255) & ((lab == VOID) | (lab == terrain) | ((am == GroundMat.PARKING) & (lab == road)))
+            m[sel] = am[sel]
+        dash = paint.burn("lanes", sub)
+        if dash is not None:
+            m[(dash > 0) & (lab == road)] = GroundMat.LANE
+        zebra = paint.burn("zebra", sub)
+        if zebra is not None:
+            m[(zebra > 0) & ((lab == road) | (lab == crosswalk))] = GroundMat.ZEBRA
+        rail = paint.burn("rails", sub, all_touched=True)
+        if rail is not None:
+            m[rail > 0] = GroundMat.RAIL
+    return mat, label
+
+
+class _GroundPaint:
+    """Shapes (in the CRS) painted into the ground raster, by layer, with their bounds for culling."""
+
+    def __init__(self, shapes: dict[str, list]):
+        self.shapes = {k: v for k, v in shapes.items() if v}
+        self.bounds = {k: shapely.bounds(np.array([g for g, _ in v], dtype=object)) for k, v in self.shapes.items()}
+
+    def burn(self, name: str, region: "Region", fill: int = 0, all_touched: bool = False) -> np.ndarray | None:
+        """(H, W) uint8 raster of the layer's shapes on `region` (later shapes win), None if none there."""
+        from rasterio import features
+
+        if name not in self.shapes:
+            return None
+        x0, y0, x1, y1 = region.bounds
+        b = self.bounds[name]
+        near = np.flatnonzero((b[:, 2] >= x0) & (b[:, 0] <= x1) & (b[:, 3] >= y0) & (b[:, 1] <= y1))
+        if len(near) == 0:
+            return None
+        shapes = [self.shapes[name][i] for i in near]
+        return features.rasterize(shapes, out_shape=region.shape, transform=region.transform, fill=fill,
+                                  dtype="uint8", all_touched=all_touched)
+
+
+def _ground_paint(layers: "OSMLayers") -> _GroundPaint:
+    shapes: dict[str, list] = {"areas": [], "lanes": [], "zebra": [], "rails": []}
     areas = layers.areas
-    if len(areas):
-        shapes = [(g, int(_AREA_TO_MAT[k])) for g, k in zip(areas.geometry.values, areas["kind"]) if k in _AREA_TO_MAT and g is not None]
-        if shapes:
-            am = features.rasterize(shapes, out_shape=(h, w), transform=tr, fill=255, dtype="uint8")
-            free = (label == VOID) | (label == class_id("terrain"))
-            sel = (am != 255) & (free | ((am == GroundMat.PARKING) & (label == class_id("road"))))
-            mat[sel] = am[sel]
-    road_px = label == class_id("road")
-    # Dashed centre lines on two-way roads wide enough for two lanes.
+    for g, k in zip(areas.geometry.values, areas["kind"] if len(areas) else []):
+        if k in _AREA_TO_MAT and g is not None and not g.is_empty:
+            shapes["areas"].append((g, int(_AREA_TO_MAT[k])))
+    # Dashed centre lines on drivable roads wide enough for two lanes.
     roads = layers.roads
-    if len(roads):
-        dashes = []
-        for g, width, drivable in zip(roads.geometry.values, roads["width_m"], roads["drivable"]):
-            if not drivable or not (width >= 5.5) or g is None:
-                continue
+    for g, width, drivable in zip(roads.geometry.values, roads["width_m"], roads["drivable"]) if len(roads) else []:
+        if drivable and width >= 5.5 and g is not None:
             for part in getattr(g, "geoms", [g]):
-                dashes += _dashes(part, dash=3.0, gap=6.0, width=0.15)
-        if dashes:
-            paint = features.rasterize(dashes, out_shape=(h, w), transform=tr, fill=0, default_value=1, dtype="uint8")
-            mat[(paint > 0) & road_px] = GroundMat.LANE
+                shapes["lanes"] += [(d, 1) for d in _dashes(part, dash=3.0, gap=6.0, width=0.15)]
     # Zebra crossings: stripes across the walking direction, 0.5 m paint / 0.5 m gap.
     fw = layers.footways
-    stripes = []
-    if len(fw):
-        for g, kind, width in zip(fw.geometry.values, fw["kind"], fw["width_m"]):
-            if kind != "crossing" or g is None:
-                continue
+    for g, kind, width in zip(fw.geometry.values, fw["kind"], fw["width_m"]) if len(fw) else []:
+        if kind == "crossing" and g is not None:
             for part in getattr(g, "geoms", [g]):
-                stripes += _dashes(part, dash=0.5, gap=0.5, width=max(float(width), 2.5))
-    stripes += _crossing_nodes(layers)
-    if stripes:
-        paint = features.rasterize(stripes, out_shape=(h, w), transform=tr, fill=0, default_value=1, dtype="uint8")
-        zebra_ok = road_px | (label == class_id("crosswalk"))
-        mat[(paint > 0) & zebra_ok] = GroundMat.ZEBRA
+                shapes["zebra"] += [(d, 1) for d in _dashes(part, dash=0.5, gap=0.5, width=max(float(width), 2.5))]
+    shapes["zebra"] += [(d, 1) for d in _crossing_nodes(layers)]
     # Tram rails: two thin dark lines a gauge apart.
-    rails = layers.rails
-    if len(rails):
-        lines = []
-        for g in rails.geometry.values:
-            for part in getattr(g, "geoms", [g]) if g is not None else []:
-                for off in (-TRAM_GAUGE_M / 2, TRAM_GAUGE_M / 2):
-                    o = part.offset_curve(off)
-                    if not o.is_empty:
-                        lines.append(o.buffer(0.04, cap_style="flat"))
-        if lines:
-            paint = features.rasterize(lines, out_shape=(h, w), transform=tr, fill=0, default_value=1,
-                                       dtype="uint8", all_touched=True)
-            mat[paint > 0] = GroundMat.RAIL
-    return mat, label
+    for g in layers.rails.geometry.values:
+        for part in getattr(g, "geoms", [g]) if g is not None else []:
+            for off in (-TRAM_GAUGE_M / 2, TRAM_GAUGE_M / 2):
+                o = part.offset_curve(off)
+                if not o.is_empty:
+                    shapes["rails"].append((o.buffer(0.04, cap_style="flat"), 1))
+    return _GroundPaint(shapes)
 
 
 def _dashes(line: shapely.LineString, dash: float, gap: float, width: float) -> list:
