@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neuralmaps import geometry
-from neuralmaps.models.streetview import interpolate_depth_score, lift_views_to_points, voxel_centers
+from neuralmaps.models.streetview import lift_views_to_points, sample_patches, view_patches, voxel_centers
 
 CELL = 0.25
 SCENE = (10.0, 10.0, 3.0)
@@ -140,10 +140,19 @@ def test_lifted_features_match_surfaces(model):
     assert np.abs(stats[air, :3] - world_features(pts[air])).mean() > 0.1
 
 
-def test_depth_score_interpolation_is_linear_in_log_depth():
-    scores = torch.arange(NUM_BINS, dtype=torch.float32).expand(2, NUM_BINS)  # score = bin index
-    depth = torch.tensor([DMIN, math.sqrt(DMIN * DMAX)])  # first bin, middle of the log range
-    out = interpolate_depth_score(scores, depth, DMIN, DMAX)
-    torch.testing.assert_close(out, torch.tensor([0.0, (NUM_BINS - 1) / 2]))
-    # Depths beyond the range clamp to the last bin.
-    assert interpolate_depth_score(scores[:1], torch.tensor([100.0]), DMIN, DMAX).item() == NUM_BINS - 1
+def test_sampling_is_bilinear_in_pixels_and_linear_in_log_depth():
+    B, V, h, w = 1, 2, 5, 7
+    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    maps = torch.stack([xx, yy], 0).expand(B, V, 2, h, w) * torch.tensor([1.0, 10.0])[:, None, None]
+    scores = torch.arange(NUM_BINS, dtype=torch.float32)[:, None, None].expand(B, V, NUM_BINS, h, w)
+    patches = view_patches(maps, scores)
+    p2d = torch.tensor([[[[2.25, 3.75], [0.1, 0.2]], [[6.5, 4.5], [3.0, 1.0]]]])  # B,K=2,N=2,2
+    view_idx = torch.tensor([[[0, 1], [1, 0]]])
+    valid = torch.tensor([[[True, True], [True, False]]])
+    depth = torch.tensor([[[DMIN, math.sqrt(DMIN * DMAX)], [100.0, 5.0]]])
+    feats, sc = sample_patches(patches, p2d, view_idx, valid, depth, (DMIN, DMAX))
+    # A linear image is reproduced exactly inside; points beyond a border pixel centre clamp to it.
+    expected = torch.tensor([[[[2.25, 37.5], [0.5, 5.0]], [[6.5, 45.0], [0.0, 0.0]]]])
+    torch.testing.assert_close(feats, expected)
+    # score = bin index: the first bin at DMIN, the middle of the log range halfway, clamped beyond.
+    torch.testing.assert_close(sc, torch.tensor([[[0.0, (NUM_BINS - 1) / 2], [NUM_BINS - 1.0, 0.0]]]))

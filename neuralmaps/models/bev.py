@@ -63,21 +63,21 @@ class VerticalPooling(nn.Module):
             if self.mode == "weighted":
                 scores = F.logsigmoid(scores)
             w = torch.softmax(scores.masked_fill(~valid_[:, 0], float("-inf")), -1)
-            w = torch.where(valid, w, torch.zeros_like(w)).to(features.dtype)
+            w = w.masked_fill(~valid, 0).to(features.dtype)
             out = (features * w[:, None]).sum(-1)
         elif self.mode == "mlp":
             if features.shape[-1] != self.num_z:
                 raise ValueError(f"mlp pooling built for {self.num_z} z cells, got {features.shape[-1]}")
-            f = torch.where(valid[:, None], features, torch.zeros_like(features))
+            f = features.masked_fill(~valid[:, None], 0)
             out = self.mlp(f.movedim(1, -2).flatten(-2)).movedim(-1, 1)
         elif self.mode == "max":
             out = features.masked_fill(~valid_, float("-inf")).amax(-1)
         else:
-            f = torch.where(valid_, features, torch.zeros_like(features))
+            f = features.masked_fill(~valid_, 0)
             out = f.sum(-1)
             if self.mode == "mean":
                 out = out / valid_.sum(-1).clamp(min=1).to(out.dtype)
-        out = torch.where(valid_any[:, None], out, torch.zeros_like(out))
+        out = out.masked_fill(~valid_any[:, None], 0)
         return FeaturePlane(out, valid_any)
 
 
@@ -121,7 +121,7 @@ class MatchingHead(nn.Module):
 
     def forward(self, plane: FeaturePlane) -> torch.Tensor:
         f = F.normalize(self.proj(plane.features), dim=1)
-        return torch.where(plane.valid[:, None], f, torch.zeros_like(f))
+        return f.masked_fill(~plane.valid[:, None], 0)
 
 
 def scene_xy(scene: SceneConfig) -> torch.Tensor:
@@ -252,7 +252,7 @@ class BEVMapper(nn.Module):
             conf = torch.sigmoid(self.confidence(plane.features)[:, 0].float())
         else:
             conf = torch.ones_like(plane.valid, dtype=torch.float32)
-        return matching, torch.where(plane.valid, conf, torch.zeros_like(conf))
+        return matching, conf.masked_fill(~plane.valid, 0)
 
     # -- query ---------------------------------------------------------------------------------
     def query_plane(
@@ -275,5 +275,5 @@ class BEVMapper(nn.Module):
             image[:, None], T_bev_cam[:, None], camera[:, None], mask, self.query_xy, z_bottom, camera_model
         )
         valid = plane.valid & self.query_inside
-        feats = torch.where(valid[:, None], plane.features, torch.zeros_like(plane.features))
+        feats = plane.features.masked_fill(~valid[:, None], 0)
         return FeaturePlane(feats, valid)

@@ -11,6 +11,7 @@ for the query), x/y/z in metres; `T_scene_view` maps view (OpenCV camera) points
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,50 +48,103 @@ def depth_to_bin(depth: torch.Tensor, num_bins: int, min_m: float, max_m: float)
     return t * (num_bins - 1)
 
 
-def interpolate_depth_score(scores: torch.Tensor, depth: torch.Tensor, min_m: float, max_m: float) -> torch.Tensor:
-    """Linear interpolation of per-observation log-depth scores at the observed depth.
+@dataclass
+class ViewPatches:
+    """Per-view maps flattened into lookup tables for fused bilinear gathers
+    (`F.embedding_bag`: gather + weighted sum in one kernel, forward and backward).
 
-    scores (..., num_bins), depth (...) metres -> (...).
+    feats: (B*V*h*w, C), row = ((b*V + v)*h + y)*w + x; scores: (B*V*h*w*S, 1) or None.
     """
-    num_bins = scores.shape[-1]
-    idx = depth_to_bin(depth, num_bins, min_m, max_m)
-    lo = idx.floor().long().clamp(0, num_bins - 1)
-    hi = (lo + 1).clamp(max=num_bins - 1)
-    w = (idx - lo.to(idx.dtype)).to(scores.dtype)
-    s_lo = torch.gather(scores, -1, lo[..., None]).squeeze(-1)
-    s_hi = torch.gather(scores, -1, hi[..., None]).squeeze(-1)
-    return s_lo * (1 - w) + s_hi * w
+
+    feats: torch.Tensor
+    scores: torch.Tensor | None
+    shape: tuple[int, int, int, int]  # B, V, h, w
+    num_bins: int
 
 
-def sample_views(
-    maps: torch.Tensor, p2d: torch.Tensor, view_idx: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
+class _WeightedGather(torch.autograd.Function):
+    """out[m] = sum_j weights[m, j] * table[rows[m, j]]: (R, C), (M, J), (M, J) -> (M, C).
+
+    Forward is `F.embedding_bag`; the backward scatters with `index_add_`, several times faster
+    on CPU than embedding_bag's sort-based dense backward.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table, rows, weights)
+        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        table, rows, weights = ctx.saved_tensors
+        g_table = g_weights = None
+        if ctx.needs_input_grad[0]:
+            contrib = (grad[:, None, :] * weights[..., None]).reshape(-1, table.shape[1])
+            g_table = torch.zeros_like(table).index_add_(0, rows.reshape(-1), contrib.to(table.dtype))
+        if ctx.needs_input_grad[2]:
+            g_weights = (table[rows] * grad[:, None, :]).sum(-1)
+        return g_table, None, g_weights
+
+
+def weighted_gather(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Rows of `table` (R, C) combined with weights: rows/weights (..., J) -> (..., C)."""
+    J = rows.shape[-1]
+    out = _WeightedGather.apply(table, rows.reshape(-1, J), weights.reshape(-1, J).to(table.dtype))
+    return out.reshape(*rows.shape[:-1], table.shape[1])
+
+
+def view_patches(maps: torch.Tensor, depth_scores: torch.Tensor | None) -> ViewPatches:
+    """maps (B, V, C, h, w), depth_scores (B, V, S, h, w) or None -> ViewPatches."""
+    B, V, C, h, w = maps.shape
+    scores, S = None, 0
+    if depth_scores is not None:
+        S = depth_scores.shape[2]
+        scores = depth_scores.permute(0, 1, 3, 4, 2).reshape(-1, 1)
+    return ViewPatches(maps.permute(0, 1, 3, 4, 2).reshape(-1, C), scores, (B, V, h, w), S)
+
+
+def sample_patches(
+    patches: ViewPatches,
+    p2d: torch.Tensor,
+    view_idx: torch.Tensor,
+    valid: torch.Tensor,
+    depth: torch.Tensor | None = None,
+    depth_min_max: tuple[float, float] = (1.0, 32.0),
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Bilinear sampling of a few selected views per point, without touching the others.
 
     Args:
-        maps: (B, V, C, h, w) per-view feature maps.
         p2d: (B, K, N, 2) pixel coordinates (x, y) in the maps, pixel centres at half-integers.
         view_idx: (B, K, N) which view each observation comes from.
         valid: (B, K, N) observations to sample; others return zeros.
+        depth: (B, K, N) metres along the optical axis, to evaluate the log-depth scores at.
     Returns:
-        (B, K, N, C) sampled features.
+        features (B, K, N, C); depth scores (B, K, N) (bilinear in the image, linear in
+        log-depth bins; None without scores or depth).
     """
-    B, V, C, h, w = maps.shape
-    flat = maps.permute(0, 1, 3, 4, 2).reshape(B * V * h * w, C)
+    B, V, h, w = patches.shape
     # Points between a border pixel's centre and the image border are clamped (as SNAP).
     p = torch.where(valid[..., None], p2d, torch.zeros_like(p2d)).nan_to_num(0.0) - 0.5
     size = torch.tensor([w - 1, h - 1], device=p.device, dtype=p.dtype)
     p = torch.minimum(p.clamp(min=0), size)
     lo = p.floor()
-    frac = (p - lo).to(maps.dtype)
-    lo = lo.long()
-    hi = torch.minimum(lo + 1, size.long())
-    base = (torch.arange(B, device=maps.device)[:, None, None] * V + view_idx) * (h * w)  # B,K,N
-    out = 0
-    for ix, wx in ((lo[..., 0], 1 - frac[..., 0]), (hi[..., 0], frac[..., 0])):
-        for iy, wy in ((lo[..., 1], 1 - frac[..., 1]), (hi[..., 1], frac[..., 1])):
-            out = out + flat[base + iy * w + ix] * (wx * wy * valid)[..., None]
-    return out
+    fx, fy = (p - lo).unbind(-1)
+    x0, y0 = lo.long().unbind(-1)
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    base = (torch.arange(B, device=p.device)[:, None, None] * V + view_idx) * (h * w)
+    rows = torch.stack([base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1], -1)
+    wts = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1) * valid[..., None]
+    out = weighted_gather(patches.feats, rows, wts)
+    if patches.scores is None or depth is None:
+        return out, None
+    S = patches.num_bins
+    b = depth_to_bin(depth, S, *depth_min_max)
+    b_lo = b.floor().long().clamp(0, S - 1)
+    b_hi = (b_lo + 1).clamp(max=S - 1)
+    wb = (b - b_lo.to(b.dtype))[..., None]
+    idx = torch.cat([rows * S + b_lo[..., None], rows * S + b_hi[..., None]], -1)  # B,K,N,8
+    w8 = torch.cat([wts * (1 - wb), wts * wb], -1)
+    return out, weighted_gather(patches.scores, idx, w8)[..., 0]
 
 
 def pool_observations(
@@ -131,7 +185,7 @@ def pool_observations(
     if add_score:
         stats.append(scores.masked_fill(~valid_, float("-inf")).amax(1)[..., None].to(feats.dtype))
     out = torch.cat(stats, -1)
-    out = torch.where(valid_any[..., None], out, torch.zeros_like(out))
+    out = out.masked_fill(~valid_any[..., None], 0)
     return out, valid_any
 
 
@@ -168,12 +222,7 @@ def lift_views_to_points(
     cameras,
     view_mask: torch.Tensor,
     xyz: torch.Tensor,
-    *,
-    top_k: int,
-    depth_min_max: tuple[float, float] = (1.0, 32.0),
-    max_view_distance: float | None = None,
-    use_variance: bool = True,
-    add_minmax: bool = False,
+    **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample and pool the views observing each point: the parameter-free core of the encoder.
 
@@ -182,29 +231,43 @@ def lift_views_to_points(
             S bins spanning `depth_min_max` (log-spaced), or None for uniform weights.
         T_scene_view: (B, V) view-to-scene poses; cameras: (B, V) at the maps' resolution.
         view_mask: (B, V) real views; xyz: (B, N, 3) points, scene frame.
-        top_k: number of nearest visible views kept per point.
-        max_view_distance: points whose nearest observing view is farther are invalid.
+        kwargs: see `lift_patches_to_points` (top_k, depth_min_max, max_view_distance, ...).
     Returns:
         stats (B, N, P) (see `pool_observations`), valid (B, N).
     """
+    return lift_patches_to_points(view_patches(maps, depth_scores), T_scene_view, cameras, view_mask, xyz, **kwargs)
+
+
+def lift_patches_to_points(
+    patches: ViewPatches,
+    T_scene_view: "geometry.Transform3D",
+    cameras,
+    view_mask: torch.Tensor,
+    xyz: torch.Tensor,
+    *,
+    top_k: int,
+    depth_min_max: tuple[float, float] = (1.0, 32.0),
+    max_view_distance: float | None = None,
+    use_variance: bool = True,
+    add_minmax: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lift_views_to_points` on prepared `view_patches` (prepared once, reused over chunks).
+
+    top_k: number of nearest visible views kept per point; max_view_distance: points whose
+    nearest observing view is farther (metres) are invalid.
+    """
     p2d, visible, depth, distance = project_to_views(xyz, T_scene_view, cameras, view_mask)
-    k = min(top_k, maps.shape[1])
+    k = min(top_k, patches.shape[1])
     dist = distance.masked_fill(~visible, float("inf"))
     d_k, idx = torch.topk(dist, k, dim=1, largest=False)  # B,K,N
     vis_k = torch.isfinite(d_k)
     p_k = torch.gather(p2d, 1, idx[..., None].expand(-1, -1, -1, 2))
     depth_k = torch.gather(depth, 1, idx)
-    C = maps.shape[2]
-    if depth_scores is not None:
-        sampled = sample_views(torch.cat([maps, depth_scores.to(maps.dtype)], 2), p_k, idx, vis_k)
-        feats, bins = sampled[..., :C], sampled[..., C:]
-        scores = interpolate_depth_score(bins, depth_k, *depth_min_max)
-    else:
-        feats, scores = sample_views(maps, p_k, idx, vis_k), None
+    feats, scores = sample_patches(patches, p_k, idx, vis_k, depth_k, depth_min_max)
     stats, valid = pool_observations(feats, vis_k, scores, use_variance, add_minmax)
     if max_view_distance is not None:
         valid = valid & (d_k[:, 0] <= max_view_distance)
-        stats = torch.where(valid[..., None], stats, torch.zeros_like(stats))
+        stats = stats.masked_fill(~valid[..., None], 0)
     return stats, valid
 
 
@@ -284,29 +347,31 @@ class StreetViewEncoder(nn.Module):
         B, X, Y, Z, _ = xyz.shape
         cfg = self.cfg
         k = min(cfg.top_k_views, maps.shape[1])
-        per_slice = B * X * Y * k * (maps.shape[2] + scores.shape[2]) * 4 * 6  # bytes, with temporaries
+        per_slice = B * X * Y * k * (10 * maps.shape[2] + 16) * 4  # bytes: gathered rows + temporaries
         zc = max(1, min(Z, self.chunk_bytes // max(per_slice, 1)))
 
-        def run(xyz_chunk: torch.Tensor, maps: torch.Tensor, scores: torch.Tensor):
+        patches = view_patches(maps, scores)
+
+        def run(xyz_chunk: torch.Tensor, *params: torch.Tensor):
             pts = xyz_chunk.reshape(B, -1, 3)
-            stats, valid = lift_views_to_points(
-                maps, scores, T_scene_view, cameras, view_mask, pts,
+            stats, valid = lift_patches_to_points(
+                patches, T_scene_view, cameras, view_mask, pts,
                 top_k=cfg.top_k_views,
                 depth_min_max=(cfg.min_depth_m, cfg.max_depth_m),
                 max_view_distance=cfg.max_view_distance_m,
                 add_minmax=cfg.fusion_minmax,
             )
             f = self.fusion(stats)
-            f = torch.where(valid[..., None], f, torch.zeros_like(f))
+            f = f.masked_fill(~valid[..., None], 0)
             return f, valid
 
         feats, valids = [], []
         for z0 in range(0, Z, zc):
             chunk = xyz[:, :, :, z0 : z0 + zc]
             if self.checkpoint_chunks and torch.is_grad_enabled() and self.training:
-                f, v = checkpoint(run, chunk, maps, scores, use_reentrant=False)
+                f, v = checkpoint(run, chunk, use_reentrant=False)
             else:
-                f, v = run(chunk, maps, scores)
+                f, v = run(chunk)
             n = chunk.shape[3]
             feats.append(f.reshape(B, X, Y, n, -1))
             valids.append(v.reshape(B, X, Y, n))
