@@ -171,3 +171,27 @@ def test_occluders_in_their_run_only(world, runs):
     without = render_orthophoto(world, box, 0.25, a.with_occluders(None)).astype(float)
     changed = np.abs(with_occ - without).sum(-1) > 30
     assert changed.mean() > 0.05
+
+
+def test_solar_position_and_season():
+    from neuralmaps.synth.appearance import season_of, solar_position
+
+    az, el = solar_position(np.datetime64("2024-06-21T10:20:00"), 24.95, 60.17)  # Helsinki, solar noon
+    assert el == pytest.approx(90 - 60.17 + 23.44, abs=1.0) and az == pytest.approx(180.0, abs=5.0)
+    az, el = solar_position(np.datetime64("2024-03-20T06:00:00"), 24.95, 60.17)  # morning, equinox
+    assert 90 < az < 150 and 5 < el < 30
+    assert [season_of(np.datetime64(f"2024-{m:02d}-15")) for m in (1, 4, 7, 10)] == ["winter", "spring", "summer", "autumn"]
+    assert season_of(np.datetime64("2024-01-15"), lat_deg=-33.9) == "summer"
+
+
+def test_winter_is_snowy(world):
+    from neuralmaps.synth.appearance import Appearance
+
+    summer = Appearance(season="summer", cloud_cover=0.0)
+    winter = Appearance(season="winter", cloud_cover=0.0)
+    b = (0.0, 0.0, 300.0, 300.0)
+    s, w = render_orthophoto(world, b, 1.0, summer).astype(float), render_orthophoto(world, b, 1.0, winter).astype(float)
+    roof = world.ground_lookup(*np.meshgrid(np.arange(300) + 0.5, 300 - np.arange(300) - 0.5))[1] == class_id("building")
+    assert w[roof].mean() > s[roof].mean() + 20  # snow on the roofs
+    # Same geometry: only the colours change with the season.
+    assert np.abs(w - s).sum(-1).mean() > 10

@@ -151,3 +151,40 @@ def test_zero_extruded_buildings_is_an_error(monkeypatch):
     with pytest.raises(GeoInputError, match="mapbox_earcut"):
         World.from_osm(toy_frames(), Region.from_bounds((X0, Y0, X0 + 100, Y0 + 100), CRS, 0.5),
                        ground_resolution_m=0.5, progress=False)
+
+
+def test_world_from_geopackage(tmp_path):
+    path = tmp_path / "toy.gpkg"
+    for name, frame in toy_frames().items():
+        frame.to_file(path, layer=name, driver="GPKG")
+    w = World.from_osm(path, Region.from_bounds((X0, Y0, X0 + 100, Y0 + 100), CRS, 0.5), ground_resolution_m=0.5,
+                       progress=False)
+    assert list(w.building_ids) == [42] and w.building_heights[0] == pytest.approx(12.0)
+    assert (w.ground_label == class_id("sidewalk")).any()
+
+
+def test_pickle_and_disk_cache(tmp_path, toy_world):
+    import pickle
+
+    from neuralmaps.synth.render import camera_pose
+
+    from neuralmaps.geometry import PinholeCamera
+
+    cam = PinholeCamera.from_fov(64, 32, 90.0)
+    T = camera_pose(70.0, 40.0, 2.0, yaw=1.2)
+    toy_world.scene  # noqa: B018  (an Embree scene exists and must not break pickling)
+    again = pickle.loads(pickle.dumps(toy_world))
+    np.testing.assert_array_equal(toy_world.render(cam, T).rgb, again.render(cam, T).rgb)
+
+    path = tmp_path / "toy.gpkg"
+    for name, frame in toy_frames().items():
+        frame.to_file(path, layer=name, driver="GPKG")
+    reg = Region.from_bounds((X0, Y0, X0 + 100, Y0 + 100), CRS, 0.5)
+    a = World.from_osm(path, reg, ground_resolution_m=0.5, progress=False, cache_dir=tmp_path / "cache")
+    files = list((tmp_path / "cache").glob("world-*.pkl"))
+    assert len(files) == 1 and not list((tmp_path / "cache").glob("*.tmp*"))
+    b = World.from_osm(path, reg, ground_resolution_m=0.5, progress=False, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(a.vertices, b.vertices)
+    assert b.build_seconds == a.build_seconds  # loaded, not rebuilt
+    World.from_osm(path, reg, seed=5, ground_resolution_m=0.5, progress=False, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("world-*.pkl"))) == 2  # another seed, another entry

@@ -86,6 +86,9 @@ class Occluders:
     def empty(cls) -> "Occluders":
         return cls(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.float32))
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_scene": None}
+
     @property
     def scene(self) -> RayScene:
         if self._scene is None:
@@ -191,6 +194,15 @@ class Appearance:
         alb = alb * (1 - veg) + tint * veg
         snow = pal["snow"] * GROUND_SNOW[:, None]
         return (alb * (1 - snow) + _SNOW[None] * snow).astype(np.float32)
+
+    @property
+    def snow_cover(self) -> float:
+        """Fraction of snow on open ground and flat roofs, 0..1."""
+        return float(_SEASON[self.season]["snow"])
+
+    @staticmethod
+    def snow_albedo() -> np.ndarray:
+        return _SNOW
 
     def foliage(self) -> np.ndarray:
         """Tree-crown albedo (3,) float32 of this season."""

@@ -256,6 +256,9 @@ def _mesh_albedo(world: "World", app: Appearance, fi: np.ndarray, p: np.ndarray,
         seam = np.mod(s / 0.6, 1.0) < 0.15
         tex = 1 + 0.12 * world.texture.sample(p[r, 1], p[r, 0])
         out[r] = st.roof[b] * (tex * np.where(seam, 0.85, 1.0))[:, None]
+        if app.snow_cover > 0:  # flat roofs keep snow longer than streets
+            k = min(1.0, 1.4 * app.snow_cover)
+            out[r] = out[r] * (1 - k) + app.snow_albedo()[None] * k * tex[:, None]
     c = np.flatnonzero(mat == FaceMat.FOLIAGE)
     if len(c):
         tex = 1 + 0.3 * world.texture.lookup(p[c, 0] + p[c, 2], p[c, 1] - p[c, 2], scale=0.4)

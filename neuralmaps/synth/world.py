@@ -8,8 +8,13 @@ apply this offset.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import pickle
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -293,6 +298,10 @@ class World:
     _normals: np.ndarray | None = field(default=None, repr=False)
     _texture: NoiseTexture | None = field(default=None, repr=False)
 
+    def __getstate__(self) -> dict:
+        # Embree scenes are native objects: rebuilt on first use after unpickling (Dask, DataLoader).
+        return {**self.__dict__, "_scene": None}
+
     # -- the one place of the local-frame offset ---------------------------------------------
     def to_local(self, xy_crs: np.ndarray) -> np.ndarray:
         """CRS (easting, northing) (..., 2) float64 -> world-local (x, y) (..., 2) float64."""
@@ -378,13 +387,34 @@ class World:
     @classmethod
     def from_osm(
         cls, path_or_layers: Any, region: "Region | None" = None, seed: int = 0, ground_resolution_m: float = 0.1,
-        progress: bool = True,
+        progress: bool = True, cache_dir: "str | Path | None" = None,
     ) -> "World":
         """Build the world of an OSM extract (.pbf / GeoPackage path, dict of GeoDataFrames or
         OSMLayers) inside `region` (None: the whole extract). Deterministic in `seed`.
 
+        cache_dir: if given and the source is a file, the built world is pickled there under a key
+        of (file path, size, mtime, region, seed, ground resolution, code version) and reloaded
+        by later calls (written atomically, so a crash never leaves a half-written cache).
         Raises neuralmaps.geo.GeoInputError for unreadable input, and when no building could be
         extruded although the input has buildings (e.g. a missing triangulation engine)."""
+        key = _cache_key(path_or_layers, region, seed, ground_resolution_m) if cache_dir is not None else None
+        if key is not None:
+            path = Path(cache_dir) / f"world-{key}.pkl"
+            if path.is_file():
+                with open(path, "rb") as f:
+                    return pickle.load(f)
+        world = cls._build(path_or_layers, region, seed, ground_resolution_m, progress)
+        if key is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "wb") as f:
+                pickle.dump(world, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        return world
+
+    @classmethod
+    def _build(cls, path_or_layers: Any, region: "Region | None", seed: int, ground_resolution_m: float,
+               progress: bool) -> "World":
         from neuralmaps.geo import GeoInputError, Region, read_osm
 
         t0 = time.perf_counter()
@@ -425,6 +455,19 @@ class World:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+CACHE_VERSION = 1  # bump when the world's construction changes
+
+
+def _cache_key(source: Any, region: "Region | None", seed: int, ground_res: float) -> str | None:
+    """Cache key of a file source (None for in-memory sources, which are not cached)."""
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_file():
+        return None
+    st = Path(source).stat()
+    parts = [str(Path(source).resolve()), st.st_size, st.st_mtime_ns, None if region is None else region.to_dict(),
+             int(seed), float(ground_res), CACHE_VERSION]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 def crs_to_local(xy_crs: np.ndarray, origin: np.ndarray) -> np.ndarray:
     """CRS (E, N) (..., 2) -> local (x, y) (..., 2), float64: the one place of the origin offset."""
     return np.asarray(xy_crs, np.float64) - np.asarray(origin, np.float64)
