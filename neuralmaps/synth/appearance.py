@@ -104,6 +104,11 @@ class Occluders:
             self._normals = (n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)).astype(np.float32)
         return self._normals
 
+    @property
+    def z_top(self) -> float:
+        """Highest vertex (metres): rays above it and going up cannot hit an occluder."""
+        return float(self.vertices[:, 2].max()) if len(self.vertices) else -np.inf
+
     def __len__(self) -> int:
         return self.num_objects
 

@@ -98,6 +98,7 @@ def simulate_runs(
     if num_query_runs and not walks.edges:
         raise ValueError(f"simulate_runs: no footways or roads to walk inside the world {world!r}")
     lon, lat = _world_lonlat(world)
+    T_rig_cams = {name: _rig_camera(math.radians(a), cfg.scene.map_camera_height_m) for name, a in RIG_YAWS_DEG.items()}
     runs = []
     jobs = [("map", i) for i in range(num_map_runs)] + [("query", i) for i in range(num_query_runs)]
     for kind, i in tqdm(jobs, desc="runs", disable=not progress, leave=False):
@@ -118,8 +119,7 @@ def simulate_runs(
             ts = t0 + np.timedelta64(int(1000 * s[k] / speed), "ms")
             T_rig = Transform2D(torch.tensor(yaw[k], dtype=torch.float64), torch.from_numpy(xy[k])).to_3d(0.0)
             if kind == "map":
-                views = {name: (cam, T_rig @ _rig_camera(math.radians(a), cfg.scene.map_camera_height_m))
-                         for name, a in RIG_YAWS_DEG.items()}
+                views = {name: (cam, T_rig @ T_rc) for name, T_rc in T_rig_cams.items()}
             else:
                 dyaw = math.radians(rng.normal(0, QUERY_YAW_JITTER_DEG))
                 pitch = math.radians(rng.normal(0, QUERY_PITCH_JITTER_DEG))
@@ -191,6 +191,7 @@ class _Network:
         self.xy: list[np.ndarray] = []
         self.adj: dict[int, list[tuple[int, float]]] = {}
         self.edges: list[tuple[int, int, float]] = []
+        self.edge_width: list[float] = []
         self.offset = offset
         xmin, ymin, xmax, ymax = bounds
         for line, wd in zip(lines, widths):
@@ -204,7 +205,16 @@ class _Network:
                 self.adj.setdefault(na, []).append((nb, wd))
                 self.adj.setdefault(nb, []).append((na, wd))
                 self.edges.append((na, nb, float(np.linalg.norm(b - a))))
+                self.edge_width.append(float(wd))
         self.edge_len = np.array([e[2] for e in self.edges]) if self.edges else np.zeros(0)
+
+    def edge_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Edge start points (E, 2), unit directions (E, 2) and widths (E,)."""
+        xy = np.asarray(self.xy)
+        ab = np.array([(a, b) for a, b, _ in self.edges], np.int64).reshape(-1, 2)
+        a = xy[ab[:, 0]]
+        d = (xy[ab[:, 1]] - a) / np.maximum(self.edge_len, 1e-9)[:, None]
+        return a, d, np.asarray(self.edge_width)
 
     def _node(self, p: np.ndarray) -> int:
         key = (int(round(p[0] * 2)), int(round(p[1] * 2)))
@@ -305,55 +315,104 @@ def _sample_poses(path: _Path, rng: np.random.Generator, spacing: tuple[float, f
 # -- occluders ------------------------------------------------------------------------------------
 _CAR_COLORS = np.array([(0.8, 0.8, 0.8), (0.05, 0.05, 0.06), (0.35, 0.36, 0.38), (0.6, 0.05, 0.04),
                         (0.05, 0.15, 0.45), (0.55, 0.56, 0.58), (0.9, 0.9, 0.92), (0.1, 0.3, 0.15)], np.float32)
+CAR_SIZE_M = (4.3, 1.8, 1.0)  # body length, width, height (the cabin sits on top)
+
+
+def _slots(rng: np.random.Generator, net: _Network, first: float, spacing: tuple[float, float], end_margin: float,
+           p_keep: float) -> tuple[np.ndarray, np.ndarray]:
+    """Random slots along every edge of a network: (edge index (K,), arc length on the edge (K,))."""
+    L = net.edge_len
+    if len(L) == 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    start = rng.uniform(0, first, len(L))
+    step = rng.uniform(*spacing)
+    n = np.where(L - end_margin >= start, np.floor((L - end_margin - start) / step).astype(np.int64) + 1, 0)
+    e = np.repeat(np.arange(len(L)), n)
+    k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    s = start[e] + k * step
+    keep = rng.random(len(e)) < p_keep
+    return e[keep], s[keep]
+
+
+def _instances(tpl: tuple[np.ndarray, np.ndarray], scale: np.ndarray, yaw: np.ndarray, offset: np.ndarray):
+    """K copies of a template mesh, scaled (K, 3), rotated about z by yaw (K,), moved to offset (K, 3):
+    vertices (K * V, 3) float32, faces (K * F, 3) int64 (indices local to these vertices)."""
+    tv, tf = tpl
+    v = tv[None] * scale[:, None, :]
+    c, s = np.cos(yaw)[:, None], np.sin(yaw)[:, None]
+    x, y = v[..., 0] * c - v[..., 1] * s, v[..., 0] * s + v[..., 1] * c
+    v = np.stack([x, y, v[..., 2]], -1) + offset[:, None, :]
+    f = tf[None] + (np.arange(len(scale)) * len(tv))[:, None, None]
+    return v.reshape(-1, 3).astype(np.float32), f.reshape(-1, 3)
 
 
 def _sample_occluders(world: "World", rng: np.random.Generator, roads: _Network, walks: _Network,
                       avoid: np.ndarray) -> Occluders:
     """Parked cars along the edges of drivable roads and pedestrians on footways, not within
-    OCCLUDER_CLEARANCE_M of `avoid` (N, 2) (the run's own trajectory) and only on fitting ground."""
+    OCCLUDER_CLEARANCE_M of `avoid` (N, 2) (the run's own trajectory) and only on fitting ground
+    (cars on road pixels, pedestrians on sidewalk / crosswalk / terrain / unlabelled ground)."""
     from scipy.spatial import cKDTree
 
-    from .world import WorldBuilder
+    from .world import _BOX, _CYL, _SPHERE
 
     tree = cKDTree(avoid) if len(avoid) else None
-    b = WorldBuilder(world.crs, world.origin, world.size_m)
-    n = 0
-    road_id, side_ids = class_id("road"), {class_id("sidewalk"), class_id("crosswalk"), class_id("terrain"), VOID}
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def free(p: np.ndarray) -> bool:
-        return tree is None or tree.query(p)[0] > OCCLUDER_CLEARANCE_M
+    def add(v: np.ndarray, f: np.ndarray, col: np.ndarray, faces_per: int) -> None:
+        parts.append((v, f, np.repeat(col.astype(np.float32), faces_per, axis=0)))
 
-    for na, nb, length in roads.edges:
-        a, c = roads.xy[na], roads.xy[nb]
-        d = (c - a) / max(length, 1e-9)
-        right = np.array([d[1], -d[0]])
-        width = dict(roads.adj[na]).get(nb, 6.0)
-        for s in np.arange(rng.uniform(0, 8), length - 2.5, rng.uniform(6.0, 9.0)):
-            if rng.random() > 0.3:
-                continue
-            side = 1.0 if rng.random() < 0.5 else -1.0
-            p = a + d * (s + 2.2) + right * side * max(width / 2 - 1.0, 1.0)
-            if not free(p) or world.ground_lookup(p[:1], p[1:])[1][0] != road_id:
-                continue
-            yaw = math.atan2(d[1], d[0])
-            col = _CAR_COLORS[rng.integers(len(_CAR_COLORS))] * rng.uniform(0.85, 1.1)
-            b.add_box((p[0], p[1], 0.75), (4.3, 1.8, 1.0), VOID, np.clip(col, 0, 1), yaw)
+    def ok(p: np.ndarray, labels: set[int]) -> np.ndarray:
+        good = np.isin(world.ground_lookup(p[:, 0], p[:, 1])[1], list(labels))
+        if tree is not None and len(p):
+            good &= tree.query(p)[0] > OCCLUDER_CLEARANCE_M
+        return good
+
+    # Parked cars: a slot every 6-9 m on each edge, 30 % taken, on a random side at the kerb.
+    n_cars = 0
+    e, s = _slots(rng, roads, 8.0, (6.0, 9.0), 2.5, 0.3)
+    if len(e):
+        a, d, wd = roads.edge_arrays()
+        d, right = d[e], np.stack([d[e, 1], -d[e, 0]], -1)
+        side = np.where(rng.random(len(e)) < 0.5, 1.0, -1.0)
+        p = a[e] + d * (s + 2.2)[:, None] + right * (side * np.maximum(wd[e] / 2 - 1.0, 1.0))[:, None]
+        yaw = np.arctan2(d[:, 1], d[:, 0])
+        col = np.clip(_CAR_COLORS[rng.integers(len(_CAR_COLORS), size=len(e))] * rng.uniform(0.85, 1.1, (len(e), 1)), 0, 1)
+        keep = ok(p, {class_id("road")})
+        p, yaw, col, d = p[keep], yaw[keep], col[keep], d[keep]
+        n_cars = len(p)
+        if n_cars:
+            z = np.zeros((n_cars, 1))
+            body = _instances(_BOX, np.tile(CAR_SIZE_M, (n_cars, 1)), yaw, np.c_[p, z + 0.75])
+            add(*body, col, len(_BOX[1]))
             cab = p - d * 0.3
-            b.add_box((cab[0], cab[1], 1.5), (2.3, 1.6, 0.55), VOID, (0.06, 0.07, 0.09), yaw)
-            n += 1
-    for na, nb, length in walks.edges:
-        a, c = walks.xy[na], walks.xy[nb]
-        d = (c - a) / max(length, 1e-9)
-        for s in np.arange(rng.uniform(0, 10), length, rng.uniform(8.0, 15.0)):
-            if rng.random() > 0.35:
-                continue
-            p = a + d * s + np.array([d[1], -d[0]]) * (walks.offset + rng.uniform(-0.6, 0.6))
-            if not free(p) or world.ground_lookup(p[:1], p[1:])[1][0] not in side_ids:
-                continue
-            hgt = rng.uniform(1.55, 1.95)
-            cloth = rng.uniform(0.03, 0.7, 3)
-            b.add_pole(p[0], p[1], hgt - 0.25, 0.2, VOID, cloth)
-            b.add_sphere((p[0], p[1], hgt - 0.12), (0.12, 0.12, 0.13), VOID, (0.55, 0.42, 0.33))
-            n += 1
-    v, f, col = b.mesh_arrays()
-    return Occluders(v, f, col, num_objects=n)
+            cabin = _instances(_BOX, np.tile((2.3, 1.6, 0.55), (n_cars, 1)), yaw, np.c_[cab, z + 1.5])
+            add(*cabin, np.tile((0.06, 0.07, 0.09), (n_cars, 1)), len(_BOX[1]))
+    # Pedestrians: a slot every 8-15 m of footway, 35 % taken, up to 0.6 m off the line.
+    n_peds = 0
+    e, s = _slots(rng, walks, 10.0, (8.0, 15.0), 0.0, 0.35)
+    if len(e):
+        a, d, _ = walks.edge_arrays()
+        side = walks.offset + rng.uniform(-0.6, 0.6, len(e))
+        p = a[e] + d[e] * s[:, None] + np.stack([d[e, 1], -d[e, 0]], -1) * side[:, None]
+        hgt = rng.uniform(1.55, 1.95, len(e))
+        cloth = rng.uniform(0.03, 0.7, (len(e), 3))
+        keep = ok(p, {class_id("sidewalk"), class_id("crosswalk"), class_id("terrain"), VOID})
+        p, hgt, cloth = p[keep], hgt[keep], cloth[keep]
+        n_peds = len(p)
+        if n_peds:
+            zero = np.zeros(n_peds)
+            body_h = hgt - 0.25
+            body = _instances(_CYL, np.c_[np.full((n_peds, 2), 0.2), body_h], zero, np.c_[p, body_h / 2])
+            add(*body, cloth, len(_CYL[1]))
+            head = _instances(_SPHERE, np.tile((0.12, 0.12, 0.13), (n_peds, 1)), zero, np.c_[p, hgt - 0.12])
+            add(*head, np.tile((0.55, 0.42, 0.33), (n_peds, 1)), len(_SPHERE[1]))
+    if not parts:
+        return Occluders.empty()
+    vs, fs, cs, base = [], [], [], 0
+    for v, f, c in parts:
+        vs.append(v)
+        fs.append(f + base)
+        cs.append(c)
+        base += len(v)
+    return Occluders(np.concatenate(vs), np.concatenate(fs).astype(np.int32), np.concatenate(cs),
+                     num_objects=n_cars + n_peds)
