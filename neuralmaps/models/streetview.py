@@ -294,7 +294,7 @@ class StreetViewEncoder(nn.Module):
     checkpointed while training) so that the paper grid (120x160x60) fits in CPU memory.
     """
 
-    def __init__(self, cfg: ModelConfig, chunk_bytes: int = 256 * 2**20):
+    def __init__(self, cfg: ModelConfig, chunk_bytes: int = 256 * 2**20, checkpoint_bytes: int = 2 * 2**30):
         super().__init__()
         self.cfg = cfg
         self.image_encoder = ImageEncoder(cfg.image_encoder)
@@ -303,8 +303,11 @@ class StreetViewEncoder(nn.Module):
         self.proj = nn.Sequential(nn.ReLU(), nn.Conv2d(cfg.image_encoder.out_dim, D + S, 1))
         P = pooled_dim(D, True, cfg.fusion_minmax, True)
         self.fusion = mlp([P, 2 * D, D])
+        # Bound on the temporaries of one chunk of z-slices, and the estimated activation memory of
+        # a whole volume above which chunks are recomputed in backward (`torch.utils.checkpoint`)
+        # instead of stored: 0 = always recompute, which costs one more forward of the lifting.
         self.chunk_bytes = chunk_bytes
-        self.checkpoint_chunks = True
+        self.checkpoint_bytes = checkpoint_bytes
 
     def encode_images(
         self, images: torch.Tensor, view_mask: torch.Tensor
@@ -347,8 +350,12 @@ class StreetViewEncoder(nn.Module):
         B, X, Y, Z, _ = xyz.shape
         cfg = self.cfg
         k = min(cfg.top_k_views, maps.shape[1])
-        per_slice = B * X * Y * k * (10 * maps.shape[2] + 16) * 4  # bytes: gathered rows + temporaries
+        C, D = maps.shape[2], cfg.feature_dim
+        per_slice = B * X * Y * k * (10 * C + 16) * 4  # bytes: gathered rows + temporaries
         zc = max(1, min(Z, self.chunk_bytes // max(per_slice, 1)))
+        # Stored for backward: ~6 (B, K, N, C) tensors + indices per observation, the MLP per voxel.
+        saved = B * X * Y * Z * (k * (6 * C + 12) + 2 * C + 4 * D) * 4
+        use_checkpoint = torch.is_grad_enabled() and self.training and saved > self.checkpoint_bytes
 
         patches = view_patches(maps, scores)
 
@@ -368,7 +375,7 @@ class StreetViewEncoder(nn.Module):
         feats, valids = [], []
         for z0 in range(0, Z, zc):
             chunk = xyz[:, :, :, z0 : z0 + zc]
-            if self.checkpoint_chunks and torch.is_grad_enabled() and self.training:
+            if use_checkpoint:
                 f, v = checkpoint(run, chunk, use_reentrant=False)
             else:
                 f, v = run(chunk)
