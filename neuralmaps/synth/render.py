@@ -240,21 +240,21 @@ def _mesh_albedo(world: "World", app: Appearance, fi: np.ndarray, p: np.ndarray,
     st = world.styles
     f = np.flatnonzero(mat == FaceMat.FACADE)
     if len(f):
-        b = world.face_owner[fi[f]]
-        n = normal[f]
-        tang = np.stack([-n[:, 1], n[:, 0]], 1)
-        tang /= np.maximum(np.linalg.norm(tang, axis=1, keepdims=True), 1e-6)
-        u = np.sum(p[f, :2] * tang, axis=1)
+        ff = fi[f]
+        b = world.face_owner[ff]
+        sty = world.facade_table[b]  # (n, 6): storey, bay, half window width, window top, roof limit, shop
+        tan = world.face_tangents[ff]
+        u = p[f, 0] * tan[:, 0] + p[f, 1] * tan[:, 1]  # metres along the wall
         v = p[f, 2]
-        storey, bay = st.storey_m[b], st.bay_m[b]
-        fu, fv = np.mod(u / bay, 1.0), np.mod(v / storey, 1.0)
-        level = np.floor(v / storey)
-        below_roof = v < world.building_heights[b] - 0.7
-        win = (np.abs(fu - 0.5) < st.win_w[b] / 2) & (fv > 0.3) & (fv < 0.3 + st.win_h[b]) & (level >= 1) & below_roof
-        shop = st.ground_floor[b] & (level == 0) & (np.abs(fu - 0.5) < 0.42) & (fv > 0.08) & (fv < 0.8)
-        col = st.facade[b] * (1 + 0.12 * world.texture.lookup(u, v, scale=0.5))[:, None]
-        col = np.where((fv < 0.035)[:, None], col * 0.72, col)  # storey line
-        col = np.where((win | shop)[:, None], st.window[b], col)
+        gu, gv = u / sty[:, 1], v / sty[:, 0]
+        level = np.floor(gv)
+        fu, fv = gu - np.floor(gu), gv - level
+        du = np.abs(fu - 0.5)
+        win = (du < sty[:, 2]) & (fv > 0.3) & (fv < sty[:, 3]) & (level >= 1) & (v < sty[:, 4])
+        win |= (sty[:, 5] > 0) & (level == 0) & (du < 0.42) & (fv > 0.08) & (fv < 0.8)  # shop windows
+        shade = (1 + 0.12 * world.texture.lookup(u, v, scale=0.5)) * np.where(fv < 0.035, 0.72, 1.0)  # storey lines
+        col = st.facade[b] * shade[:, None]
+        col[win] = st.window[b[win]]
         out[f] = col
     r = np.flatnonzero(mat == FaceMat.ROOF)
     if len(r):

@@ -2,8 +2,8 @@
 
 Local frame: UTM coordinates (~4e5, ~7e6) lose precision in float32 ray casting, so the world lives
 in a local frame whose origin is the region's south-west corner: x = E - origin_E, y = N - origin_N,
-z up, z = 0 on the (flat) ground. `World.to_local` / `World.to_crs` are the only places that
-apply this offset.
+z up, z = 0 on the (flat) ground. `crs_to_local` / `local_to_crs` (behind `World.to_local` /
+`World.to_crs`) are the only places that apply this offset.
 """
 
 from __future__ import annotations
@@ -14,19 +14,20 @@ import math
 import os
 import pickle
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import shapely
+import shapely.ops
 import trimesh
 from tqdm.auto import tqdm
 
 from neuralmaps.config import CLASS_NAMES
 
-from .noise import NoiseTexture
 from .materials import VOID, FaceMat, GroundMat, class_id
+from .noise import NoiseTexture
 from .raycast import RayScene
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -297,6 +298,8 @@ class World:
     _scene: RayScene | None = field(default=None, repr=False)
     _normals: np.ndarray | None = field(default=None, repr=False)
     _texture: NoiseTexture | None = field(default=None, repr=False)
+    _tangents: np.ndarray | None = field(default=None, repr=False)
+    _facade_table: np.ndarray | None = field(default=None, repr=False)
 
     def __getstate__(self) -> dict:
         # Embree scenes are native objects: rebuilt on first use after unpickling (Dask, DataLoader).
@@ -336,6 +339,28 @@ class World:
             n = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
             self._normals = (n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)).astype(np.float32)
         return self._normals
+
+    @property
+    def face_tangents(self) -> np.ndarray:
+        """Unit horizontal tangents (F, 2) float32 of the faces (along walls; arbitrary on flat faces)."""
+        if self._tangents is None:
+            n = self.face_normals
+            t = np.stack([-n[:, 1], n[:, 0]], 1)
+            self._tangents = (t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-6)).astype(np.float32)
+        return self._tangents
+
+    @property
+    def facade_table(self) -> np.ndarray:
+        """Per-building facade parameters (B, 6) float32 in the renderer's layout: storey height,
+        bay width, half window width (m / bay), window top (fraction of storey), highest window
+        position (m), has shop windows (0/1)."""
+        if self._facade_table is None:
+            st = self.styles
+            self._facade_table = np.stack([
+                st.storey_m, st.bay_m, st.win_w / 2, 0.3 + st.win_h, self.building_heights - 0.7,
+                st.ground_floor.astype(np.float32),
+            ], 1).astype(np.float32).reshape(-1, 6)
+        return self._facade_table
 
     @property
     def texture(self) -> NoiseTexture:
@@ -683,5 +708,3 @@ def _crossing_nodes(layers: "OSMLayers") -> list:
         out += _dashes(walk, dash=0.5, gap=0.5, width=3.0)
     return out
 
-
-import shapely.ops  # noqa: E402  (substring)
