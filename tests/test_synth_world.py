@@ -188,3 +188,11 @@ def test_pickle_and_disk_cache(tmp_path, toy_world):
     assert b.build_seconds == a.build_seconds  # loaded, not rebuilt
     World.from_osm(path, reg, seed=5, ground_resolution_m=0.5, progress=False, cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("world-*.pkl"))) == 2  # another seed, another entry
+
+
+def test_oversized_ground_raster_is_refused(monkeypatch):
+    import neuralmaps.synth.world as world_mod
+
+    monkeypatch.setattr(world_mod, "MAX_GROUND_PIXELS", 10_000)
+    with pytest.raises(GeoInputError, match="crop the region"):
+        World.from_osm(toy_frames(), Region.from_bounds((X0, Y0, X0 + 100, Y0 + 100), CRS, 0.5), progress=False)

@@ -50,6 +50,7 @@ _AREA_TO_MAT = {
     "wood": GroundMat.FOREST, "sand": GroundMat.SAND, "rock": GroundMat.BARE,
 }
 TRAM_GAUGE_M = 1.435
+MAX_GROUND_PIXELS = 1_000_000_000  # 2 GB of ground rasters (Helsinki's 1.1 x 1.7 km at 0.1 m: 0.18 G px)
 
 
 @dataclass
@@ -445,10 +446,16 @@ class World:
         t0 = time.perf_counter()
         layers = read_osm(path_or_layers, region=region)
         region = layers.region if region is None else region
+        name = getattr(layers, "source", "<layers>")
         ground_region = Region.from_bounds(region.bounds, region.crs, ground_resolution_m)
+        npx = ground_region.shape[0] * ground_region.shape[1]
+        if npx > MAX_GROUND_PIXELS:
+            raise GeoInputError(
+                f"{name}: the ground raster of {ground_region.shape[1]} x {ground_region.shape[0]} px at "
+                f"{ground_resolution_m} m would need {2 * npx / 1e9:.1f} GB; crop the region or raise ground_resolution_m"
+            )
         xmin, ymin, xmax, ymax = ground_region.bounds
         b = WorldBuilder(region.crs, (xmin, ymin), (xmax - xmin, ymax - ymin), seed)
-        name = getattr(layers, "source", "<layers>")
 
         # Buildings.
         bl = layers.buildings
