@@ -105,9 +105,10 @@ def fuse_modalities(
 class MatchingHead(nn.Module):
     """1x1 projection to `matching_dim`, L2-normalised, zero where invalid.
 
-    Init (SNAP): weights ~ N(0, 1 / (sqrt(M) * fan_in)), so that for unit-variance input features
+    Init (SNAP): weights ~ truncated N with variance 1 / (sqrt(M) * fan_in), so that for unit-variance input features
     the projected features have variance 1/sqrt(M) per channel and the dot product of two
-    independent projected vectors has unit variance (M terms of variance 1/M). After the L2
+    independent projected vectors has unit variance (M terms of variance 1/M; exactly
+    (D + M + 1) / D in expectation over the weights). After the L2
     normalisation the dot products lie in [-1, 1]; their scale is then set by the localizer's
     learned temperature.
     """
@@ -115,7 +116,8 @@ class MatchingHead(nn.Module):
     def __init__(self, dim: int, matching_dim: int):
         super().__init__()
         self.proj = nn.Conv2d(dim, matching_dim, 1)
-        std = (1.0 / (math.sqrt(matching_dim) * dim)) ** 0.5
+        # Truncation at 2 sigma shrinks the variance by 0.8796^2: compensate, as jax's variance_scaling.
+        std = (1.0 / (math.sqrt(matching_dim) * dim)) ** 0.5 / 0.87962566103423978
         nn.init.trunc_normal_(self.proj.weight, std=std, a=-2 * std, b=2 * std)
         nn.init.zeros_(self.proj.bias)
 
