@@ -13,6 +13,7 @@ from neuralmaps.models.localizer import (
     Localizer,
     PosePrior,
     _shift_sum,
+    _window_max,
     kabsch_2d,
     make_exact_recovery_problem,
     pose_errors,
@@ -176,6 +177,18 @@ def test_shift_sum_inference_and_training_paths_agree():
                     if 0 <= xs < 9 and 0 <= ys < 11:
                         ref[x, y] += r[0, n, xs, ys]
     assert torch.allclose(fast[0, 0], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("X, Y, s", [(64, 64, 2), (17, 23, 3), (50, 41, 5), (9, 9, 4)])
+def test_window_max_covers_each_coarse_cell_and_half_a_block_around(X, Y, s):
+    r = torch.rand(2, 3, X, Y, generator=torch.Generator().manual_seed(X * Y + s))
+    Xc, Yc, h = -(-X // s), -(-Y // s), s // 2
+    ref = torch.zeros(2, 3, Xc, Yc)
+    for u in range(Xc):
+        for v in range(Yc):
+            win = r[:, :, max(0, u * s - h) : u * s - h + 2 * s, max(0, v * s - h) : v * s - h + 2 * s]
+            ref[:, :, u, v] = win.amax((2, 3))
+    assert torch.equal(_window_max(r, s), ref)
 
 
 def test_clear_errors_on_bad_input(problem):

@@ -194,7 +194,7 @@ class Localizer(nn.Module):
         idx = torch.where(valid, key, key - 2).topk(n, dim=1).indices  # valid cells rank first
         w = valid.gather(1, idx)
         f = query_feats.reshape(B, D, -1).gather(2, idx[:, None].expand(B, D, n)).transpose(1, 2)
-        p = query_xy.reshape(-1, 2).to(query_feats.dtype)[idx]
+        p = query_xy.reshape(-1, 2).to(query_feats)[idx]
         return F.normalize(f, dim=-1), p, w
 
     def _relu_sims(self, f: Tensor, m: Tensor) -> Tensor:
@@ -310,6 +310,12 @@ class Localizer(nn.Module):
             generator: for the random query points and RANSAC samples.
         """
         self._check(map_feats, map_valid, query_feats, query_valid, query_xy, cell_m, mode)
+        if num_rotations < 1:
+            raise ValueError(f"Localizer.forward: num_rotations must be >= 1, got {num_rotations}")
+        # Stored maps are float16: score in float32 (or float64 when given).
+        dtype = torch.float64 if map_feats.dtype == torch.float64 else torch.float32
+        map_feats, query_feats = map_feats.to(dtype), query_feats.to(dtype)
+        map_valid, query_valid = map_valid.bool(), query_valid.bool()
         f, p, w = self._sample_points(query_feats, query_valid, query_xy, generator)
         m = _normalize_masked(map_feats, map_valid)
         if mode == "ransac":
@@ -537,10 +543,11 @@ def _window_max(r: Tensor, s: int) -> Tensor:
         return r
     B, N, X, Y = r.shape
     Xc, Yc = -(-X // s), -(-Y // s)
-    h = s // 2
-    # Zero padding = "no evidence" (r >= 0), then block maxima and a 2x2 max of neighbouring blocks.
-    r = F.pad(r, (h, (Yc + 1) * s - Y - h, h, (Xc + 1) * s - X - h))
-    blocks = F.max_pool2d(r, kernel_size=s, stride=s)  # (B, N, Xc+1, Yc+1)
+    # Block maxima over [k·s - h, (k+1)·s - h), then a 2x2 max of neighbouring blocks. Pooling pads
+    # with -inf, the same as "no evidence" (0) here since r >= 0 and every block holds a cell.
+    blocks = F.max_pool2d(r, kernel_size=s, stride=s, padding=s // 2, ceil_mode=True)
+    bx, by = blocks.shape[-2:]
+    blocks = F.pad(blocks[..., : Xc + 1, : Yc + 1], (0, max(0, Yc + 1 - by), 0, max(0, Xc + 1 - bx)))
     return F.max_pool2d(blocks, kernel_size=2, stride=1)
 
 
