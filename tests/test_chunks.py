@@ -157,53 +157,70 @@ def _query_points_scene(a: dict, i: int, T: np.ndarray) -> tuple[np.ndarray, np.
     return p_cam @ T[:3, :3].T + T[:3, 3], labels[rows, cols]
 
 
-def _building_agreement(a: dict, items: dict, T_of) -> tuple[int, int]:
-    """(hits, total): query pixels labelled building whose scene cell (or a neighbour) is building."""
+GROUND = tuple(CLASS_NAMES.index(c) for c in ("crosswalk", "sidewalk", "road", "terrain"))
+BUILDING = CLASS_NAMES.index("building")
+
+
+def _agreement(a: dict, items: dict, T_of, classes: tuple[int, ...], dilate: bool) -> tuple[int, int]:
+    """(hits, total) over all pairs: query pixels labelled with one of `classes` whose scene cell
+    (via depth and the pose `T_of(i)`) has that class in the semantic raster (or, with `dilate`, a
+    neighbouring cell has: facades lie on footprint edges)."""
     cell = preset("cpu-tiny").scene.cell_m
-    b = CLASS_NAMES.index("building")
     hits = total = 0
     for i in range(NUM_PAIRS):
-        sem = items[i]["semantic"][b].numpy()  # model grid (X, Y)
-        dil = sem.copy()  # facades lie on footprint edges: accept the neighbouring cell
-        for dx in (-1, 0, 1):
-            for dy in (-1, 0, 1):
-                dil = np.maximum(dil, np.roll(np.roll(sem, dx, 0), dy, 1))
         p, lab = _query_points_scene(a, i, T_of(i))
-        ij = np.floor(p[:, :2] / cell).astype(int)
-        inside = (lab == b) & (ij[:, 0] >= 0) & (ij[:, 0] < sem.shape[0]) & (ij[:, 1] >= 0) & (ij[:, 1] < sem.shape[1])
-        total += int(inside.sum())
-        hits += int(dil[ij[inside, 0], ij[inside, 1]].sum())
+        for c in classes:
+            sem = items[i]["semantic"][c].numpy()  # model grid (X, Y)
+            if dilate:
+                sem = sem.copy()
+                base = items[i]["semantic"][c].numpy()
+                for dx in (-1, 0, 1):
+                    for dy in (-1, 0, 1):
+                        sem = np.maximum(sem, np.roll(np.roll(base, dx, 0), dy, 1))
+            ij = np.floor(p[:, :2] / cell).astype(int)
+            m = (lab == c) & (ij[:, 0] >= 0) & (ij[:, 0] < sem.shape[0]) & (ij[:, 1] >= 0) & (ij[:, 1] < sem.shape[1])
+            total += int(m.sum())
+            hits += int(sem[ij[m, 0], ij[m, 1]].sum())
     return hits, total
 
 
 def test_query_pose_agrees_with_semantic_raster(small_store):
-    """Building pixels of the query, lifted with depth and the ground-truth pose, land on building
-    cells of the semantic raster (through SceneDataset's model-grid layout); a wrong pose does not."""
+    """Query pixels, lifted with their depth and the ground-truth pose into the scene, land on cells
+    of their own class in the semantic raster (read through SceneDataset's model-grid layout);
+    rotated or shifted poses do not. Ground pixels lie at z = 0 of the scene frame."""
     a = _read_all(small_store)
-    by_index = {}
+    items = {}
     for s in SPLIT_NAMES:
         ds = SceneDataset(small_store, s)
         for k in range(len(ds)):
             it = ds[k]
-            by_index[int(it["index"])] = it
-    hits, total = _building_agreement(a, by_index, lambda i: a["query_T_scene_cam"][i])
-    assert total > 200, "the test crop should show buildings in the query views"
+            items[int(it["index"])] = it
+    gt = lambda i: a["query_T_scene_cam"][i]  # noqa: E731
+    hits, total = _agreement(a, items, gt, GROUND, dilate=False)
+    assert total > 5000, "the query views should see the scene's ground"
     assert hits / total > 0.9
 
-    def shifted(i):  # the same pose rotated by 90 degrees about the vertical through the camera
-        T = a["query_T_scene_cam"][i].copy()
-        Rz = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-        T[:3, :3] = Rz @ T[:3, :3]
+    def rotated(i):  # 90 degrees about the vertical through the camera
+        T = gt(i).copy()
+        T[:3, :3] = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]) @ T[:3, :3]
         return T
 
-    hits_bad, total_bad = _building_agreement(a, by_index, shifted)
-    assert hits_bad / max(total_bad, 1) < hits / total - 0.2
+    def shifted(i):  # 2 m east and 2 m north
+        T = gt(i).copy()
+        T[:2, 3] += 2.0
+        return T
 
-    # Ground pixels lie at z = 0 of the scene frame.
-    ground = [CLASS_NAMES.index(c) for c in ("crosswalk", "sidewalk", "road", "terrain")]
+    for wrong in (rotated, shifted):
+        h, t = _agreement(a, items, wrong, GROUND, dilate=False)
+        assert h / max(t, 1) < hits / total - 0.1, wrong.__name__
+
+    hb, tb = _agreement(a, items, gt, (BUILDING,), dilate=True)
+    if tb:
+        assert hb / tb > 0.95
+
     for i in range(NUM_PAIRS):
-        p, lab = _query_points_scene(a, i, a["query_T_scene_cam"][i])
-        g = np.isin(lab, ground)
+        p, lab = _query_points_scene(a, i, gt(i))
+        g = np.isin(lab, GROUND)
         if g.any():
             assert np.abs(p[g, 2]).max() < 0.05
 
