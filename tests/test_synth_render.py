@@ -204,3 +204,20 @@ def test_helsinki_street_view(helsinki_pbf):
         if out.labels[-1, 128] in (class_id("road"), class_id("sidewalk"), class_id("crosswalk"), VOID):
             assert out.depth[-1, 128] == pytest.approx(2.0 * 128 / 63.5, rel=1e-4)
     assert {class_id("road"), class_id("building"), VOID} <= seen
+
+
+def test_orthophoto_supersampling_averages_stripes():
+    """A 0.5 m stripe pattern seen at 1 m per pixel: point sampling aliases to all-white or all-black
+    pixels, area sampling gives the grey average."""
+    b = WorldBuilder("EPSG:32635", (386000.0, 6672000.0), (20.0, 20.0), seed=0)
+    mat = np.full((40, 40), GroundMat.ASPHALT, np.uint8)
+    mat[:, ::2] = GroundMat.ZEBRA  # 0.5 m ground pixels: alternate columns
+    b.set_ground(mat, np.full((40, 40), VOID, np.uint8), 0.5)
+    w = b.build()
+    point = render_orthophoto(w, (0, 0, 20, 20), 1.0, NOON, supersample=1).astype(float).mean(-1)
+    area = render_orthophoto(w, (0, 0, 20, 20), 1.0, NOON, supersample=4).astype(float).mean(-1)
+    white = render_orthophoto(w, (0, 0, 0.5, 20), 0.5, NOON, supersample=1).astype(float).mean()
+    assert point.std() < 6 and area.std() < 6  # both uniform: no stripe pattern at 1 m
+    asphalt = point.mean()  # pixel centres (x = 0.5 + k m) fall on the asphalt columns
+    assert asphalt < 0.6 * white
+    assert asphalt + 20 < area.mean() < white - 20  # area sampling: the average of both
