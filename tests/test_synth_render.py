@@ -221,3 +221,18 @@ def test_orthophoto_supersampling_averages_stripes():
     asphalt = point.mean()  # pixel centres (x = 0.5 + k m) fall on the asphalt columns
     assert asphalt < 0.6 * white
     assert asphalt + 20 < area.mean() < white - 20  # area sampling: the average of both
+
+
+def test_occluder_ray_culling_changes_nothing(box_world, monkeypatch):
+    """The coarse-grid culling of occluder rays (primary and shadow) is exact: same image without it."""
+    ob = WorldBuilder(box_world.crs, box_world.origin, box_world.size_m)
+    rng = np.random.default_rng(0)
+    for x, y in rng.uniform(5, 95, (12, 2)):
+        ob.add_box((x, y, 0.8), (4.3, 1.8, 1.6), VOID, rng.uniform(0, 1, 3), yaw=float(rng.uniform(0, 3)))
+    low_sun = Appearance(sun_azimuth_deg=250.0, sun_elevation_deg=12.0, occluders=Occluders(*ob.mesh_arrays(), 12))
+    T = camera_pose(50.0, 20.0, 1.5, yaw=1.3, pitch=-0.2)
+    ortho = render_orthophoto(box_world, (0, 0, 100, 100), 0.5, low_sun, supersample=1)
+    view = render_view(box_world, CAM, T, low_sun).rgb
+    monkeypatch.setattr(Occluders, "near", lambda self, xy, *a, **k: np.ones(len(xy), bool))
+    np.testing.assert_array_equal(ortho, render_orthophoto(box_world, (0, 0, 100, 100), 0.5, low_sun, supersample=1))
+    np.testing.assert_array_equal(view, render_view(box_world, CAM, T, low_sun).rgb)

@@ -81,6 +81,7 @@ class Occluders:
     num_objects: int = 0
     _scene: RayScene | None = field(default=None, repr=False)
     _normals: np.ndarray | None = field(default=None, repr=False)
+    _grid: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls) -> "Occluders":
@@ -103,6 +104,36 @@ class Occluders:
             n = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
             self._normals = (n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)).astype(np.float32)
         return self._normals
+
+    _GRID_M = 4.0  # cell of the coarse occupancy grid used to cull rays
+
+    def near(self, xy: np.ndarray, toward: np.ndarray | None = None, reach_m: float = 0.0) -> np.ndarray:
+        """Which points (N, 2) (local metres) may see an occluder within `reach_m` metres along the
+        horizontal direction `toward` (2,) (or straight below/above when reach_m is 0): (N,) bool.
+        Conservative: a coarse grid of occupied cells dilated by one cell."""
+        if self._grid is None:
+            g = self._GRID_M
+            if len(self.vertices) == 0:
+                self._grid = (np.zeros((1, 1), bool), np.zeros(2))
+            else:
+                lo = self.vertices[:, :2].min(0) - 2 * g
+                ij = ((self.vertices[:, :2] - lo) // g).astype(np.int64)
+                occ = np.zeros(tuple(ij.max(0) + 3), bool)
+                occ[ij[:, 0], ij[:, 1]] = True
+                dil = occ.copy()  # one-cell dilation covers faces spanning up to one cell between vertices
+                for di in (-1, 0, 1):
+                    for dj in (-1, 0, 1):
+                        dil |= np.roll(np.roll(occ, di, 0), dj, 1)
+                self._grid = (dil, lo)
+        grid, lo = self._grid
+        steps = [0.0] if reach_m <= 0 else np.linspace(0.0, reach_m, int(np.ceil(reach_m / (self._GRID_M / 2))) + 1)
+        out = np.zeros(len(xy), bool)
+        for s in steps:
+            q = xy if s == 0 else xy + s * np.asarray(toward)[None]
+            ij = ((q - lo) // self._GRID_M).astype(np.int64)
+            inside = (ij[:, 0] >= 0) & (ij[:, 0] < grid.shape[0]) & (ij[:, 1] >= 0) & (ij[:, 1] < grid.shape[1])
+            out[inside] |= grid[ij[inside, 0], ij[inside, 1]]
+        return out
 
     @property
     def z_top(self) -> float:

@@ -175,7 +175,11 @@ def trace(world: "World", app: Appearance, origins: np.ndarray, dirs: np.ndarray
     t_occ, f_occ = np.full(n, np.inf, np.float32), np.full(n, -1, np.int32)
     if occ is not None:
         # Occluders stand below z_top: a ray starting above it and going up cannot reach them.
-        cand = np.flatnonzero((origins[:, 2] <= occ.z_top) | (dirs[:, 2] < 0))
+        cand = (origins[:, 2] <= occ.z_top) | (dirs[:, 2] < 0)
+        vertical = dirs[:, 2] < -0.999999  # orthophoto rays: only over the occluders' footprint
+        if vertical.any():
+            cand[vertical] = occ.near(origins[vertical, :2])
+        cand = np.flatnonzero(cand)
         t_occ[cand], f_occ[cand] = occ.scene.first_hit(origins[cand], dirs[cand])
     dz = dirs[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -234,6 +238,10 @@ def _shade(world, app: Appearance, occ, p, normal, dirs, albedo) -> np.ndarray:
         blocked = world.scene.occluded(so, sd)
         if occ is not None:  # the sun is above the horizon: only low points can be shadowed by occluders
             rest = np.flatnonzero(~blocked & (so[:, 2] <= occ.z_top))
+            # Only points within the shadow length of an occluder, toward the sun.
+            reach = max(occ.z_top - float(so[rest, 2].min()), 0.0) / max(float(L[2]), 1e-3) if len(rest) else 0.0
+            horiz = L[:2] / max(float(np.linalg.norm(L[:2])), 1e-9)
+            rest = rest[occ.near(so[rest, :2], horiz, reach * float(np.linalg.norm(L[:2])))]
             blocked[rest] = occ.scene.occluded(so[rest], sd[rest])
         lam[lit[blocked]] = 0
     sky_amb = 0.5 * (np.asarray(app.sky_zenith, np.float32) + np.asarray(app.sky_horizon, np.float32))
