@@ -38,6 +38,8 @@ def _run_synth(args: argparse.Namespace) -> int:
     osm = resolve_osm(args.osm)
     if args.pairs <= 0:
         raise ValueError(f"--pairs must be a positive integer, got {args.pairs}")
+    if args.map_runs <= 0 or args.query_runs < 0:
+        raise ValueError(f"need --map-runs >= 1 and --query-runs >= 0, got {args.map_runs}, {args.query_runs}")
     config = preset(args.preset)
     region = None
     if args.bbox is not None:
@@ -60,6 +62,8 @@ def _run_synth(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         region=region,
+        num_map_runs=args.map_runs,
+        num_query_runs=args.query_runs,
     )
     if not args.quiet:
         print(f"wrote {args.pairs} pairs to {out}", file=sys.stderr)
@@ -81,6 +85,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bbox", default=None, metavar="LON0,LAT0,LON1,LAT1",
                    help="crop the extract to this WGS84 box (default: the whole extract)")
     p.add_argument("--preview", default=None, metavar="DIR", help="write preview PNGs to DIR")
+    p.add_argument("--map-runs", type=int, default=12, help="simulated mapping (car) runs")
+    p.add_argument("--query-runs", type=int, default=8, help="simulated query (pedestrian) runs")
     p.add_argument("--overwrite", action="store_true", help="delete an existing store at --out first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_synth)

@@ -65,7 +65,7 @@ def test_synth_end_to_end_and_resume(tmp_path):
     out, prev = tmp_path / "c.zarr", tmp_path / "prev"
     def synth(seed: int) -> list[str]:
         return ["synth", "--osm", "helsinki", "--bbox", _crop_bbox(), "--out", str(out), "--pairs", "3",
-                "--seed", str(seed), "--preview", str(prev), "--quiet"]
+                "--seed", str(seed), "--preview", str(prev), "--map-runs", "3", "--query-runs", "2", "--quiet"]
 
     args = synth(3)
     r = _cli(*args, cwd=tmp_path)

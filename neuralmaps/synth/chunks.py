@@ -225,7 +225,8 @@ def _scene_points(size_xy: tuple[float, float], n: tuple[int, int] = (6, 8), hei
 
 
 def _frustum_points(depth_m: float, hfov_deg: float, n: int = 16) -> np.ndarray:
-    """(P, 2) area-uniform points of a BEV frustum in the camera's ground frame (x forward, y left)."""
+    """(P, 3) polar samples of a BEV frustum in the camera's ground frame: x forward, y left (m),
+    and an area weight (∝ range) so that weighted sums are area fractions."""
     r = np.sqrt((np.arange(n) + 0.5) / n) * depth_m
     a = np.deg2rad(hfov_deg) * ((np.arange(2 * n) + 0.5) / (2 * n) - 0.5)
     rr, aa = np.meshgrid(r, a, indexing="ij")
@@ -314,6 +315,8 @@ def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
     ped, car = ctx.query_pools
     fr = _frustum_points(cfg.scene.query_depth_m, cfg.scene.query_hfov_deg)
     cam_xy_crs = V.xy + ctx.world_origin
+    bvx, bvy = block_of_xy(cam_xy_crs[:, 0], cam_xy_crs[:, 1], ctx.block_m)
+    pts_scene = _scene_points((sx, sy))
     x0, y0, x1, y1 = ctx.world_bounds
     for _ in range(MAX_ATTEMPTS_PER_PAIR):
         # Half the queries from pedestrian runs (when any qualify), half from other map runs.
@@ -343,7 +346,6 @@ def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
             continue
         # Map-view candidates: other runs, near the scene centre, same block, within the time window.
         c = origin + np.array([sx, sy]) / 2
-        bvx, bvy = block_of_xy(cam_xy_crs[:, 0], cam_xy_crs[:, 1], ctx.block_m)
         cand = np.flatnonzero(
             (V.run != V.run[q])
             & ~V.is_query_run
@@ -354,7 +356,6 @@ def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
         if len(cand) < cfg.synth.min_views_in_scene:
             continue
         cand = cand[rng.permutation(len(cand))]
-        pts_scene = _scene_points((sx, sy))
         pts_world = pts_scene + np.r_[origin - ctx.world_origin, 0.0]
         vis = _visible(V, cand, pts_world)
         chosen = _greedy_cover(vis, cand, V, cfg.scene.num_views)
@@ -699,8 +700,12 @@ def write_training_chunks(
 
         region = Region.from_bbox(*region)  # (lon_min, lat_min, lon_max, lat_max)
     crop = None if region is None else [round(float(b), 3) for b in region.bounds]
+    if runs is not None:
+        num_map_runs = sum(r.kind != "query" for r in runs)
+        num_query_runs = len(runs) - num_map_runs
     expect = {"data_fingerprint": data_fingerprint(config), "seed": int(seed), "num_pairs": num_pairs,
-              "source_sha256": source_sha, "pairs_per_chunk": pairs_per_chunk, "crop_bounds": crop}
+              "source_sha256": source_sha, "pairs_per_chunk": pairs_per_chunk, "crop_bounds": crop,
+              "num_map_runs": int(num_map_runs), "num_query_runs": int(num_query_runs)}
 
     if overwrite and out.exists():
         shutil.rmtree(out)
