@@ -63,7 +63,8 @@ class ModelConfig:
 
     image_encoder: EncoderConfig = field(default_factory=EncoderConfig)
     aerial_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(depth=50))
-    semantic_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(depth=18))
+    # SNAP's semantic-raster encoder: root-less BiT R26 at width x2 (128 channels in the first stage).
+    semantic_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(depth=26, width=128))
     feature_dim: int = 128
     matching_dim: int = 32
     num_depth_bins: int = 32
@@ -189,14 +190,23 @@ def _cpu_tiny() -> Config:
             num_views=8,
             image_hw=(128, 256),
         ),
+        # Model sized by measurement (benchmarks/bench_model.py, 2 threads, machine shared, load ~5):
+        # a training step (B=4 scenes of 8 views + 4 queries, forward + backward + Adam) takes
+        # ~2.3 s wall / ~3.3 CPU s, peak RSS ~1.9 GB, so ~2000-3000 steps fit in 90 min. The cost
+        # is ~60% lifting (48x64x24 voxels x top-3 views x feature_dim), ~15% image encoder, the
+        # rest localizer and query. Hence: R18 at width 16 with 3 levels (stride 4 on 128x256
+        # views), 32-d features (lifting cost is linear in it), 16-d matching. GroupNorm (BiT, as
+        # SNAP) everywhere: the same speed as BatchNorm here, and no dependence on the small batch
+        # (4 rasters, 4 query images). The full 32 depth bins cost nothing extra (2 are gathered).
         model=ModelConfig(
-            image_encoder=EncoderConfig(depth=18, width=16, norm="batch", num_levels=3, out_dim=32),
-            aerial_encoder=EncoderConfig(depth=18, width=16, norm="batch", num_levels=3, out_dim=32),
-            semantic_encoder=EncoderConfig(depth=18, width=16, norm="batch", num_levels=3, out_dim=32),
+            image_encoder=EncoderConfig(depth=18, width=16, norm="group", num_levels=3, out_dim=32),
+            aerial_encoder=EncoderConfig(depth=18, width=16, norm="group", num_levels=3, out_dim=32),
+            semantic_encoder=EncoderConfig(depth=18, width=16, norm="group", num_levels=3, out_dim=32),
             feature_dim=32,
             matching_dim=16,
             num_pose_samples=2048,
             num_pose_retries=4,
+            semantic_dim=64,
         ),
         train=TrainConfig(batch_size=4, lr=1e-3, steps=3000, num_workers=1),
     )

@@ -106,13 +106,17 @@ class ImageEncoder(nn.Module):
         in_channels: input channels (3 for RGB).
         skip_root: skip the stride-4 root block (aerial / semantic rasters at map resolution); the
             output is then at stride 1 and `cfg.output_stride` is ignored.
+        normalize_input: map inputs from [0, 1] to [-1, 1] (images; not for class embeddings).
 
     forward(x (B, in_channels, H, W)) -> (B, out_dim, H/stride, W/stride), stride = `self.stride`.
     H and W need not be multiples of the stride: the FPN resizes to the tapped level's size.
     """
 
-    def __init__(self, cfg: EncoderConfig, in_channels: int = 3, skip_root: bool = False):
+    def __init__(
+        self, cfg: EncoderConfig, in_channels: int = 3, skip_root: bool = False, normalize_input: bool = True
+    ):
         super().__init__()
+        self.normalize_input = normalize_input
         if cfg.depth not in RESNET_SPECS:
             raise ValueError(f"EncoderConfig.depth must be one of {sorted(RESNET_SPECS)}, got {cfg.depth}")
         kind, blocks = RESNET_SPECS[cfg.depth]
@@ -164,6 +168,8 @@ class ImageEncoder(nn.Module):
         self.out_dim = cfg.out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize_input:
+            x = x * 2 - 1  # images in [0, 1] -> [-1, 1], as BiT / SNAP
         x = self.root(x)
         taps = []
         for stage in self.stages:
@@ -185,7 +191,7 @@ class SemanticRasterEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, num_classes: int, embedding_dim: int = 8):
         super().__init__()
         self.embed = nn.Conv2d(num_classes, embedding_dim, 1, bias=False)
-        self.encoder = ImageEncoder(cfg, in_channels=embedding_dim, skip_root=True)
+        self.encoder = ImageEncoder(cfg, in_channels=embedding_dim, skip_root=True, normalize_input=False)
         self.out_dim = cfg.out_dim
 
     def forward(self, raster: torch.Tensor) -> torch.Tensor:
