@@ -186,3 +186,41 @@ def test_presets_construct():
     assert n_paper > 20 * n_tiny
     assert paper.query_xy.shape == (80, 120, 2)
     assert math.isclose(paper.config.scene.cell_m, 0.2)
+
+
+@pytest.mark.parametrize("yaw_deg", [0.0, 90.0, 180.0])
+def test_query_bev_and_map_agree_through_the_ground_truth_pose(yaw_deg):
+    """Frames end to end: lifting the query image into the query BEV grid, or (as the only map
+    view) into the scene grid, must give the same features at the same places, where the query
+    cell is mapped into the scene by T_gt = camera_pose_to_bev(query_T_scene_cam). The pose is
+    chosen so that query cells land exactly on scene cells (no interpolation)."""
+    from neuralmaps import geometry
+
+    cfg = tiny_config(norm="group")
+    cfg.scene.size_m = (16.0, 16.0, 4.0)
+    cfg.model.use_aerial = cfg.model.use_semantic = False
+    model = _model(cfg).eval()
+    batch = tiny_batch(cfg, B=1)
+    T_bev = geometry.Transform2D(torch.tensor([math.radians(yaw_deg)]), torch.tensor([[8.0, 8.0]]))
+    T_scene_cam = geometry.bev_pose_to_camera(T_bev, 1.7, pitch=0.1)
+    batch["query_T_scene_cam"] = T_scene_cam.matrix()
+    map_batch = {
+        "map_images": batch["query_image"][:, None],
+        "map_T_scene_view": T_scene_cam.matrix()[:, None],
+        "map_cameras": batch["query_camera"][:, None],
+        "map_view_mask": torch.ones(1, 1, dtype=torch.bool),
+    }
+    with torch.no_grad():
+        scene_plane = model.mapper.map_planes(map_batch)[0]
+        q = model.mapper.query_plane(batch["query_image"], model.query_T_bev_cam(batch), batch["query_camera"])
+    T_gt = geometry.camera_pose_to_bev(T_scene_cam)
+    assert torch.cos(T_gt.angle - T_bev.angle).item() > 1 - 1e-6
+    xy_scene = T_gt[0].transform(model.query_xy.reshape(-1, 2)).reshape(*model.query_xy.shape)
+    ij = xy_scene / cfg.scene.cell_m - 0.5
+    torch.testing.assert_close(ij, ij.round(), atol=1e-4, rtol=0)  # lands on cell centres
+    ij = ij.round().long()
+    inside = ((ij >= 0) & (ij < 32)).all(-1) & q.valid[0]
+    assert inside.sum() > 100
+    i, j = ij[inside].unbind(-1)
+    assert scene_plane.valid[0, i, j].all()
+    torch.testing.assert_close(q.features[0][:, inside], scene_plane.features[0][:, i, j], atol=1e-4, rtol=1e-4)
