@@ -323,12 +323,19 @@ def tonemap(rgb_linear: np.ndarray, app: Appearance) -> np.ndarray:
 def benchmark_render(world: "World", hw: tuple[int, int] = (128, 256), n: int = 50, appearance: Appearance | None = None,
                      seed: int = 0) -> float:
     """Views per second of `render_view` for n random pinhole views (90 deg HFOV) at 2 m height
-    inside the world, with shading and shadows. Uses the current process's threads."""
+    on road pixels of the world, with shading, shadows and (for a world built from OSM, when no
+    appearance is given) the occluders of a simulated mapping run. Uses the current process's threads."""
     h, w = hw
     cam = PinholeCamera.from_fov(w, h, 90.0)
     rng = np.random.default_rng(seed)
     poses = [_street_pose(world, rng) for _ in range(n)]
-    app = appearance if appearance is not None else Appearance.sample(seed)
+    app = appearance
+    if app is None and world.layers is not None:
+        from .capture import simulate_runs
+
+        app = simulate_runs(world, 1, 0, seed, map_run_length_m=50.0)[0].appearance
+    elif app is None:
+        app = Appearance.sample(seed)
     render_view(world, cam, poses[0], app)  # warm-up: builds the Embree scene and the ray cache
     t0 = time.perf_counter()
     for T in poses:
