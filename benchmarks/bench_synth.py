@@ -1,6 +1,6 @@
 """Benchmark of the digital twin and the training-chunk writer on the Helsinki extract.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_synth.py [--pairs 24] [--views 40]
+    OMP_NUM_THREADS=1 python benchmarks/bench_synth.py [--pairs 48] [--views 40]
 
 Single-threaded (torch.set_num_threads(1)). The LAST line printed is one JSON object with
 `views_per_s_128x256`, `views_per_s_256x512`, `s_per_km2_ortho_0p2m`, `pairs_per_min` (the whole
@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--osm", default="helsinki", help="OSM .pbf path or 'helsinki'")
-    p.add_argument("--pairs", type=int, default=24, help="pairs written for pairs_per_min")
+    p.add_argument("--pairs", type=int, default=48, help="pairs written for pairs_per_min")
     p.add_argument("--views", type=int, default=40, help="views rendered per resolution")
     p.add_argument("--preset", default="cpu-tiny")
     args = p.parse_args(argv)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     config = preset(args.preset)
     t0 = time.perf_counter()
-    runs = simulate_runs(world, 8, 6, 0, config=config)
+    runs = simulate_runs(world, 12, 8, 0, config=config)
     runs_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.zarr"
