@@ -74,6 +74,12 @@ def test_bfloat16_autocast_matches_float32(device):
         cos = F.cosine_similarity(a, b.float(), dim=1)[v]
         assert cos.mean() > 0.995 and torch.quantile(cos, 0.01) > 0.97, (cos.mean(), cos.min())
     assert torch.isfinite(loc.score).all() and torch.isfinite(loc.T_map_query.t).all()
+    # A bfloat16 map is usable outside autocast too (semantics, localizing a float32 query).
+    with torch.no_grad():
+        sem = model.semantics(low)
+        loc32 = model.localize(batch, low, generator=torch.Generator(device).manual_seed(0))
+    assert (sem["areas_class"] == model.semantics(ref)["areas_class"]).float().mean() > 0.95
+    assert torch.isfinite(loc32.score).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

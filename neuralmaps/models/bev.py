@@ -146,6 +146,12 @@ def query_grid(scene: SceneConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return xy, inside
 
 
+def _require(batch: dict, keys: tuple[str, ...], what: str) -> None:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"{what} batch lacks {missing}; it has {sorted(batch)}")
+
+
 def _yaw_pose_3d(T: "geometry.Transform2D") -> "geometry.Transform3D":
     """Lift a 2D pose (rotation about z, x-y translation) to SE(3) with z unchanged."""
     c, s = torch.cos(T.angle), torch.sin(T.angle)
@@ -217,8 +223,8 @@ class BEVMapper(nn.Module):
         """One FeaturePlane (B, D, X, Y) per available map modality."""
         planes = []
         cfg = self.cfg
-        B = None
         if cfg.use_streetview and "map_images" in batch:
+            _require(batch, ("map_T_scene_view", "map_cameras", "map_view_mask"), "street-view map")
             T = batch["map_T_scene_view"].float()
             mask = batch["map_view_mask"].bool()
             heights = T[..., 2, 3].masked_fill(~mask, float("nan")).nanmedian(-1).values  # B

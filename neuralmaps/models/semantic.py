@@ -158,6 +158,8 @@ class SemanticNet(nn.Module):
         self.register_buffer("w_binary_neg", bin_neg, persistent=False)
 
     def forward(self, features: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not torch.is_autocast_enabled(features.device.type):  # e.g. a map made under autocast
+            features = features.to(self.decoder[0].weight.dtype)
         logits = self.decoder(features).float()
         logits = torch.where(valid[:, None], logits, torch.zeros_like(logits))
         areas, objects, binary = logits.split([NUM_AREA, NUM_OBJECT + 1, NUM_BINARY], 1)

@@ -123,9 +123,9 @@ class SNAP(nn.Module):
 
     def query(self, query_batch: dict, generator: torch.Generator | None = None) -> FeaturePlane:
         """Query BEV matching features (B, M, Xq, Yq) and validity (B, Xq, Yq) over `query_xy`."""
-        for key in ("query_image", "query_camera"):
-            if key not in query_batch:
-                raise KeyError(f"query batch needs {key!r}; got keys {sorted(query_batch)}")
+        missing = [k for k in ("query_image", "query_camera") if k not in query_batch]
+        if missing:
+            raise KeyError(f"query batch lacks {missing}; it has {sorted(query_batch)}")
         plane = self.mapper.query_plane(
             query_batch["query_image"], self.query_T_bev_cam(query_batch), query_batch["query_camera"],
             self.camera_model, generator,
@@ -163,8 +163,10 @@ class SNAP(nn.Module):
             T_gt = geometry.camera_pose_to_bev(
                 geometry.Transform3D.from_matrix(query_batch["query_T_scene_cam"].float())
             )
+        # Scores in float32 (as SNAP), also for maps or queries computed under autocast.
         return self.localizer(
-            neural_map.matching, neural_map.valid, q.features, q.valid, self.query_xy, neural_map.cell_m,
+            neural_map.matching.float(), neural_map.valid, q.features.float(), q.valid, self.query_xy,
+            neural_map.cell_m,
             mode=mode, T_gt=T_gt, prior=prior, num_rotations=num_rotations, generator=generator,
         )
 
