@@ -3,6 +3,7 @@ semantic net) in PyTorch."""
 
 from .bev import BEVMapper, FeaturePlane, MatchingHead, VerticalPooling, fuse_modalities, query_grid
 from .encoders import ImageEncoder, SemanticRasterEncoder
+from .localizer import Localizer, LocalizerOutput, PosePrior
 from .semantic import SemanticNet
 from .snap import SNAP, NeuralMapTile
 from .streetview import StreetViewEncoder, lift_views_to_points
@@ -10,6 +11,9 @@ from .streetview import StreetViewEncoder, lift_views_to_points
 __all__ = [
     "SNAP",
     "NeuralMapTile",
+    "Localizer",
+    "LocalizerOutput",
+    "PosePrior",
     "BEVMapper",
     "FeaturePlane",
     "MatchingHead",
