@@ -236,3 +236,19 @@ def test_occluder_ray_culling_changes_nothing(box_world, monkeypatch):
     monkeypatch.setattr(Occluders, "near", lambda self, xy, *a, **k: np.ones(len(xy), bool))
     np.testing.assert_array_equal(ortho, render_orthophoto(box_world, (0, 0, 100, 100), 0.5, low_sun, supersample=1))
     np.testing.assert_array_equal(view, render_view(box_world, CAM, T, low_sun).rgb)
+
+
+def test_noise_is_smooth_periodic_and_seeded():
+    from neuralmaps.synth.noise import NoiseTexture, value_noise
+
+    x = np.linspace(-50, 50, 2001)
+    y = np.full_like(x, 3.3)
+    a = value_noise(x, y, 4.0, seed=1)
+    assert a.min() >= -1 and a.max() <= 1 and a.std() > 0.2
+    assert np.abs(np.diff(a)).max() < 0.1  # 5 cm steps on a 4 m lattice: continuous
+    np.testing.assert_array_equal(a, value_noise(x, y, 4.0, seed=1))
+    assert not np.allclose(a, value_noise(x, y, 4.0, seed=2))
+    np.testing.assert_allclose(value_noise(x + 8 * 4.0, y, 4.0, 1, period=8), value_noise(x, y, 4.0, 1, period=8), atol=1e-6)
+    tex = NoiseTexture(seed=3, size=64, res=0.1, cells_px=(16, 4), gains=(0.6, 0.4))
+    xc, yc = np.arange(-500, 500) * 0.1 + 0.05, np.full(1000, 3.35)  # texel centres: no rounding ties
+    np.testing.assert_array_equal(tex.lookup(xc, yc), tex.lookup(xc + 6.4, yc - 6.4))  # period 64 texels

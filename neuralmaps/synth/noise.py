@@ -27,8 +27,9 @@ def hash_uniform(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
     return ((h & np.uint64(0xFFFFFF)).astype(np.float32)) * np.float32(1.0 / 0x1000000)
 
 
-def value_noise(x: np.ndarray, y: np.ndarray, cell: float, seed: int) -> np.ndarray:
-    """Smooth value noise in [-1, 1] at points (x, y) (same shape, metres), lattice spacing `cell` m."""
+def value_noise(x: np.ndarray, y: np.ndarray, cell: float, seed: int, period: int | None = None) -> np.ndarray:
+    """Smooth value noise in [-1, 1] at points (x, y) (same shape, metres), lattice spacing `cell` m;
+    periodic with `period` lattice cells when given (for tileable textures)."""
     gx = np.asarray(x, dtype=np.float64) / cell
     gy = np.asarray(y, dtype=np.float64) / cell
     ix, iy = np.floor(gx), np.floor(gy)
@@ -36,23 +37,10 @@ def value_noise(x: np.ndarray, y: np.ndarray, cell: float, seed: int) -> np.ndar
     fx = fx * fx * (3 - 2 * fx)  # smoothstep: no creases at lattice lines
     fy = fy * fy * (3 - 2 * fy)
     ix, iy = ix.astype(np.int64), iy.astype(np.int64)
-    v00 = hash_uniform(ix, iy, seed)
-    v10 = hash_uniform(ix + 1, iy, seed)
-    v01 = hash_uniform(ix, iy + 1, seed)
-    v11 = hash_uniform(ix + 1, iy + 1, seed)
-    v = (v00 * (1 - fx) + v10 * fx) * (1 - fy) + (v01 * (1 - fx) + v11 * fx) * fy
+    wrap = (lambda a: a % period) if period else (lambda a: a)  # noqa: E731
+    h = lambda a, b: hash_uniform(wrap(a), wrap(b), seed)  # noqa: E731
+    v = (h(ix, iy) * (1 - fx) + h(ix + 1, iy) * fx) * (1 - fy) + (h(ix, iy + 1) * (1 - fx) + h(ix + 1, iy + 1) * fx) * fy
     return 2 * v - 1
-
-
-def fbm(
-    x: np.ndarray, y: np.ndarray, seed: int, cells: tuple[float, ...] = (8.0, 2.0, 0.5),
-    gains: tuple[float, ...] = (0.5, 0.3, 0.2),
-) -> np.ndarray:
-    """Sum of value-noise octaves (lattice spacings `cells` metres, weights `gains`), float32 (...)."""
-    out = np.zeros(np.shape(x), dtype=np.float32)
-    for k, (c, g) in enumerate(zip(cells, gains)):
-        out += np.float32(g) * value_noise(x, y, c, seed * 7919 + k)
-    return out
 
 
 class NoiseTexture:
@@ -67,25 +55,16 @@ class NoiseTexture:
         for k, (c, g) in enumerate(zip(cells_px, gains)):
             if size % c:
                 raise ValueError(f"NoiseTexture: octave cell {c} px must divide the size {size}")
-            tex += np.float32(g) * _periodic_value_noise(jj / c, ii / c, size // c, seed * 7919 + k)
+            tex += np.float32(g) * value_noise(jj, ii, c, seed * 7919 + k, period=size // c)
         self.tex, self.size, self.res = tex, size, float(res)
 
     def lookup(self, x: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
         """Texture value at points (metres), nearest texel, float32 (...)."""
         k = 1.0 / (self.res * scale)
-        i = (np.asarray(y) * k).astype(np.int64) % self.size
-        j = (np.asarray(x) * k).astype(np.int64) % self.size
+        i = np.floor(np.asarray(y) * k).astype(np.int64) % self.size
+        j = np.floor(np.asarray(x) * k).astype(np.int64) % self.size
         return self.tex[i, j]
 
     def sample(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Aperiodic-looking noise in about [-1, 1] at points (metres)."""
         return 0.7 * self.lookup(x, y) + 0.5 * self.lookup(y + 17.3, x - 5.1, scale=2.718)
-
-
-def _periodic_value_noise(gx: np.ndarray, gy: np.ndarray, period: int, seed: int) -> np.ndarray:
-    ix, iy = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
-    fx, fy = (gx - ix).astype(np.float32), (gy - iy).astype(np.float32)
-    fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
-    h = lambda a, b: hash_uniform(a % period, b % period, seed)  # noqa: E731
-    v = (h(ix, iy) * (1 - fx) + h(ix + 1, iy) * fx) * (1 - fy) + (h(ix, iy + 1) * (1 - fx) + h(ix + 1, iy + 1) * fx) * fy
-    return 2 * v - 1

@@ -192,9 +192,6 @@ class WorldBuilder:
     def add_pole(self, x: float, y: float, height_m: float, radius_m: float, cls: int, color=(0.35, 0.35, 0.36)) -> None:
         self._add_template(_CYL, (radius_m, radius_m, height_m), (x, y, height_m / 2), cls, FaceMat.PLAIN, color)
 
-    def add_sphere(self, center, radii, cls: int, color) -> None:
-        self._add_template(_SPHERE, radii, center, cls, FaceMat.PLAIN, color)
-
     def add_box(self, center, size, cls: int, color, yaw: float = 0.0) -> None:
         """An axis-aligned box of `size` (x, y, z) metres centred at `center`, rotated by `yaw` about z."""
         v, f = _BOX
