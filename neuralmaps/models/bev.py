@@ -279,9 +279,14 @@ class BEVMapper(nn.Module):
             u = torch.rand(B, generator=generator, device=generator.device if generator else None).to(z_bottom.device)
             z_bottom = z_bottom + (2 * u - 1) * self.cfg.z_jitter_m
         mask = torch.ones((B, 1), dtype=torch.bool, device=image.device)
+        # Only the columns inside the frustum are lifted (about half of the grid), as a (N, 1) grid.
+        inside = self.query_inside
         plane, _ = self.streetview_plane(
-            image[:, None], T_bev_cam[:, None], camera[:, None], mask, self.query_xy, z_bottom, camera_model
+            image[:, None], T_bev_cam[:, None], camera[:, None], mask, self.query_xy[inside][:, None], z_bottom,
+            camera_model,
         )
-        valid = plane.valid & self.query_inside
-        feats = plane.features.masked_fill(~valid[:, None], 0)
+        feats = plane.features.new_zeros((B, plane.features.shape[1], *inside.shape))
+        feats[:, :, inside] = plane.features[..., 0]
+        valid = torch.zeros((B, *inside.shape), dtype=torch.bool, device=image.device)
+        valid[:, inside] = plane.valid[..., 0]
         return FeaturePlane(feats, valid)
