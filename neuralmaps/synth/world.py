@@ -396,11 +396,13 @@ class World:
 
         return render_view(self, camera, T_world_cam, appearance)
 
-    def render_orthophoto(self, bounds_local, resolution_m: float, appearance: "Appearance | None" = None) -> np.ndarray:
-        """North-up top-down orthophoto (H, W, 3) uint8 of `bounds_local` (xmin, ymin, xmax, ymax)."""
+    def render_orthophoto(self, bounds_local, resolution_m: float, appearance: "Appearance | None" = None,
+                          supersample: int | None = None, progress: bool = False) -> np.ndarray:
+        """North-up top-down orthophoto (H, W, 3) uint8 of `bounds_local` (xmin, ymin, xmax, ymax,
+        local metres). See `neuralmaps.synth.render.render_orthophoto`."""
         from .render import render_orthophoto
 
-        return render_orthophoto(self, bounds_local, resolution_m, appearance)
+        return render_orthophoto(self, bounds_local, resolution_m, appearance, progress=progress, supersample=supersample)
 
     def __repr__(self) -> str:
         return (f"World(origin=({self.origin[0]:.1f}, {self.origin[1]:.1f}), size={self.size_m[0]:.0f}x{self.size_m[1]:.0f} m, "
