@@ -226,7 +226,11 @@ def test_query_pose_agrees_with_semantic_raster(small_store):
 
 
 def test_map_views_are_near_the_scene(small_store):
+    import zarr
+
     a = _read_all(small_store)
+    attrs = dict(zarr.open_group(str(small_store), mode="r").attrs)
+    runs, vehicles = json.loads(attrs["runs"]), attrs["vehicle_types"]
     c = preset("cpu-tiny").scene
     centre = np.array(c.size_m[:2]) / 2
     for i in range(NUM_PAIRS):
@@ -239,6 +243,9 @@ def test_map_views_are_near_the_scene(small_store):
         np.testing.assert_allclose(T[:, 2, 3], c.map_camera_height_m, atol=0.5)  # roof rig above ground
         assert len({(int(r), int(f)) for r, f in zip(a["map_run"][i][m], a["map_frame"][i][m])}) >= 2
         assert not a["map_image"][i][~m].any()  # padding is zero
+        for r, v in zip(a["map_run"][i][m], a["map_vehicle"][i][m]):  # per-view run / vehicle tables agree
+            assert runs[r]["kind"] == "map" and runs[r]["vehicle"] == vehicles[v]
+        assert runs[int(a["query_run"][i])]["vehicle"] == vehicles[int(a["query_vehicle"][i])]
 
 
 # -- resume ------------------------------------------------------------------------------------------

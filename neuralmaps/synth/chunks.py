@@ -165,6 +165,8 @@ class _Views:
     is_query_run: np.ndarray  # (N,) bool
     cameras: list  # (N,) camera objects
     camera_names: list[str]
+    vehicle: np.ndarray  # (N,) int, index into vehicle_types
+    vehicle_types: list[str]
 
     @property
     def xy(self) -> np.ndarray:
@@ -184,23 +186,25 @@ def _view_table(runs: Sequence[Any]) -> _Views:
     """Flatten the runs' views, validating every pose (a NaN pose fails here, before any write)."""
     rows: list[tuple] = []
     names: list[str] = []
+    vehicle_types = sorted({str(getattr(r, "vehicle", "")) for r in runs})
     for r, run in enumerate(runs):
         for f, frame in enumerate(run.frames):
             for name, (camera, T) in frame.views.items():
                 M = _pose_matrix(T)
                 if name not in names:
                     names.append(name)
-                rows.append((r, f, names.index(name), M, _run_time_days(run, frame), run.kind == "query", camera))
+                rows.append((r, f, names.index(name), M, _run_time_days(run, frame), run.kind == "query", camera,
+                             vehicle_types.index(str(getattr(run, "vehicle", "")))))
     if not rows:
         raise ValueError("the simulated runs contain no views")
-    run, frame, name, T, t, q, cams = zip(*rows)
+    run, frame, name, T, t, q, cams, veh = zip(*rows)
     bad = np.flatnonzero(_bad_poses(np.stack(T)))
     if len(bad):  # name the first bad view
         k = int(bad[0])
         _check_pose(T[k], f"run {runs[run[k]].run_id!r} frame {frame[k]} view {names[name[k]]!r}")
     return _Views(
         np.asarray(run), np.asarray(frame), np.asarray(name), np.stack(T), np.asarray(t, dtype=np.float64),
-        np.asarray(q, dtype=bool), list(cams), names,
+        np.asarray(q, dtype=bool), list(cams), names, np.asarray(veh), vehicle_types,
     )
 
 
@@ -423,6 +427,7 @@ def _render_pair(i: int, plan: _PairPlan, ctx: _Context, world: Any, runs: Seque
         "map_run": np.full(Vn, -1, np.int16),
         "map_frame": np.full(Vn, -1, np.int32),
         "map_camera_name": np.full(Vn, -1, np.int8),
+        "map_vehicle": np.full(Vn, -1, np.int8),
         "map_time_days": np.zeros(Vn),
         "map_view_mask": np.zeros(Vn, bool),
     }
@@ -438,6 +443,7 @@ def _render_pair(i: int, plan: _PairPlan, ctx: _Context, world: Any, runs: Seque
         out["map_run"][k] = V.run[v]
         out["map_frame"][k] = V.frame[v]
         out["map_camera_name"][k] = V.name[v]
+        out["map_vehicle"][k] = V.vehicle[v]
         out["map_time_days"][k] = V.time_days[v]
         out["map_view_mask"][k] = True
 
@@ -455,6 +461,7 @@ def _render_pair(i: int, plan: _PairPlan, ctx: _Context, world: Any, runs: Seque
     out["query_run"] = np.int16(V.run[q])
     out["query_frame"] = np.int32(V.frame[q])
     out["query_camera_name"] = np.int8(V.name[q])
+    out["query_vehicle"] = np.int8(V.vehicle[q])
     out["query_time_days"] = np.float64(V.time_days[q])
     out["query_time_delta_days"] = np.float32(np.abs(V.time_days[plan.views] - V.time_days[q]).min())
     out["query_overlap"] = np.float32(plan.overlap)
@@ -497,6 +504,7 @@ def _schema(config: Config) -> dict[str, tuple[tuple[str, ...], tuple[int, ...],
         "map_run": (("view",), (Vn,), "int16", -1),
         "map_frame": (("view",), (Vn,), "int32", -1),
         "map_camera_name": (("view",), (Vn,), "int8", -1),
+        "map_vehicle": (("view",), (Vn,), "int8", -1),
         "map_time_days": (("view",), (Vn,), "float64", np.nan),
         "map_view_mask": (("view",), (Vn,), "bool", False),
         "scene_origin": (("en",), (2,), "float64", np.nan),
@@ -511,6 +519,7 @@ def _schema(config: Config) -> dict[str, tuple[tuple[str, ...], tuple[int, ...],
         "query_run": ((), (), "int16", -1),
         "query_frame": ((), (), "int32", -1),
         "query_camera_name": ((), (), "int8", -1),
+        "query_vehicle": ((), (), "int8", -1),
         "query_time_days": ((), (), "float64", np.nan),
         "query_time_delta_days": ((), (), "float32", np.nan),
         "query_overlap": ((), (), "float32", np.nan),
@@ -526,6 +535,10 @@ VARIABLE_DOCS = {
     "map_camera": "intrinsics [w, h, fx, fy, cx, cy, k1, k2] (pixels; pixel centres at +0.5)",
     "map_camera_model": "index into attrs camera_models; -1 = padding",
     "map_run": "index into attrs runs; -1 = padding",
+    "map_camera_name": "index into attrs camera_names (rig camera); -1 = padding",
+    "map_vehicle": "index into attrs vehicle_types; -1 = padding",
+    "query_vehicle": "index into attrs vehicle_types",
+    "query_run": "index into attrs runs (never the run of a map view of the pair)",
     "map_time_days": "capture time (days since the POSIX epoch)",
     "scene_origin": "CRS easting, northing (m) of the scene's SW corner",
     "aerial": "orthophoto of the scene, north-up (row 0 north), cell_m, fixed 'aerial' appearance",
@@ -566,7 +579,6 @@ def _template(num_pairs: int, config: Config, crs: Any, attrs: dict, pairs_per_c
 def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source_sha: str, runs: Sequence[Any],
                  views: _Views, layout: dict[str, str], bounds: tuple, world_origin, pairs_per_chunk: int,
                  run_counts: tuple[int, int]) -> dict:
-    vehicle_types = sorted({str(getattr(r, "vehicle", "")) for r in runs})
     return {
         "title": "neuralmaps training chunks (map scene / query pairs)",
         "store_format_version": STORE_FORMAT_VERSION,
@@ -594,7 +606,7 @@ def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source
         "split_blocks": json.dumps(layout),
         "camera_models": list(CAMERA_MODELS),
         "camera_names": list(views.camera_names),
-        "vehicle_types": vehicle_types,
+        "vehicle_types": list(views.vehicle_types),
         "runs": json.dumps([
             {"index": k, "run_id": str(r.run_id), "kind": str(r.kind), "vehicle": str(getattr(r, "vehicle", "")),
              "time_days": _days(r.time), "num_frames": len(r.frames)}
