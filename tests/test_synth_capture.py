@@ -195,3 +195,15 @@ def test_winter_is_snowy(world):
     assert w[roof].mean() > s[roof].mean() + 20  # snow on the roofs
     # Same geometry: only the colours change with the season.
     assert np.abs(w - s).sum(-1).mean() > 10
+
+
+def test_runs_pickle(world, runs):
+    """Runs (with their occluders' Embree scene already built) travel to worker processes."""
+    import pickle
+
+    cam, T = runs[0].frames[2].views["left"]
+    before = world.render(cam, T, runs[0].appearance).rgb  # builds the occluder scene
+    again = pickle.loads(pickle.dumps(runs[0]))
+    assert again.run_id == runs[0].run_id and len(again.frames) == len(runs[0].frames)
+    cam2, T2 = again.frames[2].views["left"]
+    np.testing.assert_array_equal(world.render(cam2, T2, again.appearance).rgb, before)
