@@ -88,12 +88,13 @@ class SceneDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _arrays(self) -> Any:
-        """The store's Zarr group, opened once per process (DataLoader workers get their own)."""
+    def _arrays(self) -> dict[str, Any]:
+        """The Zarr arrays read per item, opened once per process (DataLoader workers get their own)."""
         if self._group is None or self._pid != os.getpid():
             import zarr
 
-            self._group = zarr.open_group(str(self.path), mode="r")
+            g = zarr.open_group(str(self.path), mode="r")
+            self._group = {name: g[name] for name in _VARS}
             self._pid = os.getpid()
         return self._group
 
@@ -106,8 +107,7 @@ class SceneDataset(Dataset):
         if not -len(self) <= k < len(self):
             raise IndexError(f"index {k} out of range for {len(self)} {self.split} pairs in {self.path}")
         i = int(self.indices[k])
-        g = self._arrays()
-        a = {name: np.asarray(g[name][i]) for name in _VARS}
+        a = {name: np.asarray(arr[i]) for name, arr in self._arrays().items()}
         return {
             "map_images": _image(a["map_image"]),
             "map_T_scene_view": torch.from_numpy(a["map_T_scene_view"]).float(),
