@@ -230,3 +230,21 @@ def test_query_bev_and_map_agree_through_the_ground_truth_pose(yaw_deg):
     i, j = ij[inside].unbind(-1)
     assert scene_plane.valid[0, i, j].all()
     torch.testing.assert_close(q.features[0][:, inside], scene_plane.features[0][:, i, j], atol=1e-4, rtol=1e-4)
+
+
+def test_map_tiles_of_another_size_follow_their_rasters():
+    """Mapping a larger tile: the street-view grid follows the rasters' size, and the cells that
+    the scene-sized map covers get the same street-view features."""
+    cfg = tiny_config(norm="group")
+    model = _model(cfg).eval()
+    batch = tiny_batch(cfg, B=1)
+    big = {k: v for k, v in batch.items() if k != "semantic"}
+    big["aerial"] = torch.rand(1, 3, 24, 20)  # 12 m x 10 m tile instead of 8 x 8
+    with torch.no_grad():
+        planes = model.mapper.map_planes(batch)
+        planes_big = model.mapper.map_planes(big)
+        nm = model.map(big)
+    assert nm.features.shape[-2:] == (24, 20) and planes_big[0].features.shape[-2:] == (24, 20)
+    torch.testing.assert_close(planes_big[0].features[..., :16, :16], planes[0].features, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="map modalities disagree"):
+        model.mapper.map_planes(dict(big, semantic=batch["semantic"]))  # only aerial is resized

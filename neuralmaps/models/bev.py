@@ -219,10 +219,22 @@ class BEVMapper(nn.Module):
         volume, valid = self.streetview(images, T_frame_view, cameras, view_mask, xyz, camera_model)
         return self.pooling(volume, valid), valid
 
+    def map_xy_for(self, batch: dict) -> torch.Tensor:
+        """(X, Y, 2) map cell centres: the scene grid, or a tile of another size given by the
+        batch's aerial / semantic raster (same cell size, same SW-corner origin)."""
+        for key in ("aerial", "semantic"):
+            if key in batch and tuple(batch[key].shape[-2:]) != tuple(self.map_xy.shape[:2]):
+                X, Y = batch[key].shape[-2:]
+                c = self.scene.cell_m
+                return Grid2D((X * c, Y * c), c).cell_centers(dtype=torch.float32, device=self.map_xy.device)
+        return self.map_xy
+
     def map_planes(self, batch: dict, camera_model: str = "pinhole") -> list[FeaturePlane]:
-        """One FeaturePlane (B, D, X, Y) per available map modality."""
+        """One FeaturePlane (B, D, X, Y) per available map modality. X, Y: the scene grid, or the
+        size of the batch's rasters (to map tiles of any size at `scene.cell_m`)."""
         planes = []
         cfg = self.cfg
+        map_xy = self.map_xy_for(batch)
         if cfg.use_streetview and "map_images" in batch:
             _require(batch, ("map_T_scene_view", "map_cameras", "map_view_mask"), "street-view map")
             T = batch["map_T_scene_view"].float()
@@ -230,7 +242,7 @@ class BEVMapper(nn.Module):
             heights = T[..., 2, 3].masked_fill(~mask, float("nan")).nanmedian(-1).values  # B
             heights = torch.where(torch.isnan(heights), torch.full_like(heights, self.scene.map_camera_height_m), heights)
             plane, _ = self.streetview_plane(
-                batch["map_images"], T, batch["map_cameras"], mask, self.map_xy, heights + cfg.z_offset_m, camera_model
+                batch["map_images"], T, batch["map_cameras"], mask, map_xy, heights + cfg.z_offset_m, camera_model
             )
             planes.append(plane)
         if self.aerial is not None and "aerial" in batch:
@@ -244,12 +256,12 @@ class BEVMapper(nn.Module):
                 "map batch has no usable modality: expected 'map_images' (use_streetview), "
                 f"'aerial' (use_aerial) or 'semantic' (use_semantic); got keys {sorted(batch)}"
             )
-        X, Y = self.map_xy.shape[:2]
+        X, Y = map_xy.shape[:2]
         for p in planes:
             if p.features.shape[-2:] != (X, Y):
                 raise ValueError(
-                    f"map modality of size {tuple(p.features.shape[-2:])} does not match the scene grid {(X, Y)}"
-                    " (scene.size_m / scene.cell_m)"
+                    f"map modalities disagree: a plane of size {tuple(p.features.shape[-2:])} for a grid of "
+                    f"{(X, Y)} cells (aerial and semantic rasters must have the same X, Y)"
                 )
         return planes
 
