@@ -252,3 +252,21 @@ def test_noise_is_smooth_periodic_and_seeded():
     tex = NoiseTexture(seed=3, size=64, res=0.1, cells_px=(16, 4), gains=(0.6, 0.4))
     xc, yc = np.arange(-500, 500) * 0.1 + 0.05, np.full(1000, 3.35)  # texel centres: no rounding ties
     np.testing.assert_array_equal(tex.lookup(xc, yc), tex.lookup(xc + 6.4, yc - 6.4))  # period 64 texels
+
+
+def test_sensor_noise_and_vignetting(box_world):
+    import dataclasses
+
+    T = camera_pose(50.0, 40.0, 2.0, yaw=math.pi / 2)
+    clean = render_view(box_world, CAM, T, NOON).rgb.astype(float)
+    noisy_app = dataclasses.replace(NOON, sensor_noise=2.0)
+    noisy = render_view(box_world, CAM, T, noisy_app).rgb.astype(float)
+    diff = (noisy - clean)[clean.max(-1) < 240]  # away from clipping
+    assert abs(diff.mean()) < 0.2 and 1.6 < diff.std() < 2.4
+    np.testing.assert_array_equal(noisy, render_view(box_world, CAM, T, noisy_app).rgb)  # deterministic
+    T2 = camera_pose(50.0, 40.5, 2.0, yaw=math.pi / 2)
+    n2 = render_view(box_world, CAM, T2, noisy_app).rgb.astype(float) - render_view(box_world, CAM, T2, NOON).rgb
+    assert np.corrcoef(diff.ravel()[:5000], n2[clean.max(-1) < 240].ravel()[:5000])[0, 1] < 0.2  # new pose, new noise
+    vig = render_view(box_world, CAM, T, dataclasses.replace(NOON, vignetting=0.3)).rgb.astype(float)
+    assert np.abs(vig[60:68, 124:132] - clean[60:68, 124:132]).max() <= 1  # centre untouched
+    assert vig[:4, :4].mean() < 0.92 * clean[:4, :4].mean()  # corners darker

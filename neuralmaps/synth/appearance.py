@@ -149,7 +149,8 @@ class Appearance:
     """How a run looks. Angles in degrees; colours linear RGB in [0, 1].
 
     sun_azimuth_deg: clockwise from north; sun_elevation_deg: above the horizon.
-    exposure: global gain; white_balance: per-channel gains (R, G, B).
+    exposure: global gain; white_balance: per-channel gains (R, G, B); vignetting and sensor_noise
+    apply to street-level views only (the noise is a fixed function of the seed and the pose).
     sky_zenith / sky_horizon: sky gradient colours; cloud_cover in [0, 1]; seed drives the
     sky's cloud noise and the texture noise phase.
     """
@@ -165,6 +166,8 @@ class Appearance:
     cloud_cover: float = 0.3
     sun_strength: float = 1.0
     ambient: float = 0.35
+    vignetting: float = 0.0  # fraction of light lost in the image corners (street-level views)
+    sensor_noise: float = 0.0  # std of the per-pixel noise, in 8-bit levels (street-level views)
     occluders: Occluders | None = None
 
     def __post_init__(self) -> None:
@@ -207,6 +210,8 @@ class Appearance:
             cloud_cover=cloud,
             sun_strength=float((1.0 - 0.6 * cloud) * rng.uniform(0.9, 1.1)),
             ambient=float(0.3 + 0.25 * cloud),
+            vignetting=float(rng.uniform(0.0, 0.35)),
+            sensor_noise=float(rng.uniform(0.5, 3.0)),
             occluders=occluders,
         )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -112,10 +113,42 @@ def render_view(world: "World", camera: Camera, T_world_cam: Any, appearance: Ap
     dirs = d_cam @ R.T.astype(np.float32)
     origins = np.broadcast_to(t.astype(np.float32), dirs.shape)
     rgb_lin, dist, lab = trace(world, app, origins, dirs)
+    if app.vignetting > 0:
+        r2 = _radius2(h, w).reshape(-1)
+        rgb_lin *= (1 - app.vignetting * (r2 if full else r2[sel]))[:, None]
     rgb, depth = tonemap(rgb_lin, app), dist * d_cam[:, 2]  # distance along the unit ray -> z-depth
+    if app.sensor_noise > 0:
+        rgb = _add_noise(rgb, app, R, t)
     if not full:
         rgb, depth, lab = _scatter(sel, rgb, 0), _scatter(sel, depth, np.inf), _scatter(sel, lab, VOID)
     return RenderOutput(rgb.reshape(h, w, 3), depth.reshape(h, w), lab.reshape(h, w))
+
+
+@lru_cache(maxsize=16)
+def _radius2(h: int, w: int) -> np.ndarray:
+    """Squared distance of pixel centres from the image centre, 1 at the corners: (h, w) float32."""
+    jj, ii = np.meshgrid((np.arange(w) + 0.5) / w - 0.5, (np.arange(h) + 0.5) / h - 0.5)
+    return ((jj**2 + ii**2) / 0.5).astype(np.float32)
+
+
+_NOISE_LEN = 1 << 20
+
+
+@lru_cache(maxsize=8)
+def _noise_tile(seed: int) -> np.ndarray:
+    """(2^20,) float16 standard-normal samples of an appearance seed."""
+    return np.random.default_rng([int(seed), 0x5E05]).standard_normal(_NOISE_LEN).astype(np.float16)
+
+
+def _add_noise(rgb: np.ndarray, app: Appearance, R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """rgb (N, 3) uint8 plus Gaussian sensor noise: a window of the seed's noise tile at an offset
+    hashed from the pose, so that a view always gets the same noise (deterministic renders)."""
+    n = rgb.size
+    tile = _noise_tile(app.seed)
+    reps = -(-n // (_NOISE_LEN // 2))  # large images: several windows
+    off = zlib.crc32(np.concatenate([R.ravel(), t.ravel()]).astype(np.float64).tobytes()) % (_NOISE_LEN // 2)
+    noise = np.concatenate([tile[off:off + _NOISE_LEN // 2]] * reps)[:n].reshape(rgb.shape)
+    return np.clip(rgb + app.sensor_noise * noise.astype(np.float32) + 0.5, 0, 255).astype(np.uint8)  # rounded
 
 
 def _scatter(mask: np.ndarray, values: np.ndarray, fill) -> np.ndarray:
