@@ -40,7 +40,8 @@ def test_rootless_encoder_keeps_map_resolution_and_sees_context():
 
 
 def test_semantic_raster_encoder_embeds_classes():
-    enc = SemanticRasterEncoder(EncoderConfig(depth=18, width=8, norm="group", num_levels=2, out_dim=8), len(CLASS_NAMES))
+    cfg = EncoderConfig(depth=18, width=8, norm="group", num_levels=2, out_dim=8)
+    enc = SemanticRasterEncoder(cfg, len(CLASS_NAMES))
     raster = torch.zeros(1, len(CLASS_NAMES), 16, 16)
     raster[0, 2] = 1  # all road
     with torch.no_grad():

@@ -29,7 +29,8 @@ def make_views(model: str):
     poses = [((2.0, 0.5), 80.0), ((6.0, 0.5), 100.0), ((9.5, 6.0), 180.0), ((0.5, 8.0), -20.0)]
     Ts = [
         geometry.bev_pose_to_camera(
-            geometry.Transform2D(torch.tensor(math.radians(yaw), dtype=torch.float64), torch.tensor(xy, dtype=torch.float64)),
+            geometry.Transform2D(torch.tensor(math.radians(yaw), dtype=torch.float64),
+                                 torch.tensor(xy, dtype=torch.float64)),
             1.5, pitch=-0.35,
         )
         for xy, yaw in poses
@@ -99,15 +100,17 @@ def expected_clean(xyz: np.ndarray, T, cams, depth: np.ndarray):
 def test_lifted_features_match_surfaces(model):
     T, cams = make_views(model)
     feats, depth = render(T, cams)
-    xy = torch.stack(torch.meshgrid(*[(torch.arange(round(e / CELL)) + 0.5) * CELL for e in SCENE[:2]], indexing="ij"), -1)
+    axes = [(torch.arange(round(e / CELL)) + 0.5) * CELL for e in SCENE[:2]]
+    xy = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
     xyz = voxel_centers(xy.double(), torch.tensor([-CELL / 2], dtype=torch.float64), SCENE[2], CELL)[0]
     xyz = xyz.reshape(-1, 3)
 
+    fov_kwargs = {"max_fov_deg": cams.max_fov_deg[None].float()} if model == "fisheye" else {}
     stats, valid = lift_views_to_points(
         torch.from_numpy(feats)[None].float(),
         torch.from_numpy(depth_scores(depth))[None].float(),
         T.float()[None],
-        cams.float()[None] if model == "pinhole" else geometry.FisheyeCamera(cams.to_tensor()[None].float(), cams.max_fov_deg[None].float()),
+        geometry.camera_from_tensor(cams.to_tensor()[None].float(), model, **fov_kwargs),
         torch.ones(1, T.shape[0], dtype=torch.bool),
         xyz[None].float(),
         top_k=T.shape[0],

@@ -240,7 +240,7 @@ class BEVMapper(nn.Module):
             T = batch["map_T_scene_view"].float()
             mask = batch["map_view_mask"].bool()
             heights = T[..., 2, 3].masked_fill(~mask, float("nan")).nanmedian(-1).values  # B
-            heights = torch.where(torch.isnan(heights), torch.full_like(heights, self.scene.map_camera_height_m), heights)
+            heights = heights.nan_to_num(self.scene.map_camera_height_m)  # no real view: nominal rig height
             plane, _ = self.streetview_plane(
                 batch["map_images"], T, batch["map_cameras"], mask, map_xy, heights + cfg.z_offset_m, camera_model
             )

@@ -58,7 +58,7 @@ def semantic_labels(semantic: torch.Tensor) -> dict[str, torch.Tensor]:
         raise ValueError(f"semantic raster must be (B, {K}, X, Y) in CLASS_NAMES order, got {tuple(semantic.shape)}")
     m = semantic > 0.5
     areas, objects, binary = m.split([NUM_AREA, NUM_OBJECT, NUM_BINARY], 1)
-    obj = torch.where(objects.any(1), objects.float().argmax(1), torch.full_like(objects[:, 0], NUM_OBJECT, dtype=torch.long))
+    obj = objects.float().argmax(1).masked_fill(~objects.any(1), NUM_OBJECT)  # void where no object
     return {
         "areas": areas.float().argmax(1),
         "areas_valid": areas.any(1),
