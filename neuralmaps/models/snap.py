@@ -19,6 +19,7 @@ from torch import nn
 from .. import __version__, geometry
 from ..config import Config
 from .bev import BEVMapper, FeaturePlane, camera_in_query_bev, fuse_modalities
+from .localizer import Localizer, LocalizerOutput, PosePrior
 from .semantic import SemanticNet
 
 CHECKPOINT_FORMAT = "neuralmaps.SNAP/1"
@@ -87,10 +88,6 @@ class SNAP(nn.Module):
 
     def __init__(self, config: Config, camera_model: str = "pinhole"):
         super().__init__()
-        try:
-            from .localizer import Localizer
-        except ImportError as e:  # pragma: no cover - while the localizer is being written
-            raise ImportError(f"neuralmaps.models.localizer is missing or broken: {e}") from e
         self.config = config
         self.camera_model = camera_model
         self.mapper = BEVMapper(config.model, config.scene)
@@ -143,12 +140,12 @@ class SNAP(nn.Module):
         query_batch: dict,
         neural_map: NeuralMapTile,
         mode: str = "ransac",
-        prior=None,
+        prior: PosePrior | None = None,
         *,
         with_loss: bool | None = None,
         num_rotations: int = 64,
         generator: torch.Generator | None = None,
-    ):
+    ) -> LocalizerOutput:
         """Pose of each query in the map frame -> `LocalizerOutput` (T_map_query (B,), ...).
 
         The loss is filled when `query_T_scene_cam` is in the batch and the model is training
