@@ -248,3 +248,21 @@ def test_map_tiles_of_another_size_follow_their_rasters():
     torch.testing.assert_close(planes_big[0].features[..., :16, :16], planes[0].features, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="map modalities disagree"):
         model.mapper.map_planes(dict(big, semantic=batch["semantic"]))  # only aerial is resized
+
+
+def test_localize_fills_the_loss_only_with_ground_truth_and_when_training_or_asked():
+    cfg = tiny_config()
+    model = _model(cfg).eval()
+    batch = tiny_batch(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        nm = model.map(batch)
+        assert model.localize(batch, nm, generator=g).loss is None
+        out = model.localize(batch, nm, with_loss=True, generator=g)
+        assert out.loss.shape == (2,) and torch.isfinite(out.loss).all()
+        no_gt = {k: v for k, v in batch.items() if k != "query_T_scene_cam"}
+        model.train()
+        blind = model.localize(no_gt, nm, generator=g)  # a level camera at the nominal height
+        assert blind.loss is None and blind.T_map_query.shape == (2,)
+        with pytest.raises(KeyError, match="query_T_scene_cam"):
+            model.localize(no_gt, nm, with_loss=True)

@@ -148,12 +148,12 @@ class SNAP(nn.Module):
     ) -> LocalizerOutput:
         """Pose of each query in the map frame -> `LocalizerOutput` (T_map_query (B,), ...).
 
-        The loss is filled when `query_T_scene_cam` is in the batch and the model is training
-        (or `with_loss=True`)."""
+        The loss is filled when `query_T_scene_cam` is in the batch and the model is training, or
+        when `with_loss=True` (which needs it)."""
         q = self.query(query_batch, generator)
         T_gt = None
         if with_loss is None:
-            with_loss = self.training
+            with_loss = self.training and "query_T_scene_cam" in query_batch
         if with_loss:
             if "query_T_scene_cam" not in query_batch:
                 raise KeyError("localize(with_loss=True) needs 'query_T_scene_cam' in the query batch")
