@@ -50,7 +50,9 @@ def test_missing_pbf_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "c.zarr").exists()
 
 
-@pytest.mark.parametrize("extra, message", [(["--pairs", "0"], "--pairs"), (["--pairs", "2", "--bbox", "1,2,3"], "--bbox")])
+@pytest.mark.parametrize(
+    "extra, message", [(["--pairs", "0"], "--pairs"), (["--pairs", "2", "--bbox", "1,2,3"], "--bbox")]
+)
 def test_bad_arguments_exit_2(tmp_path, capsys, helsinki_pbf, extra, message):
     code = main(["synth", "--osm", helsinki_pbf, "--out", str(tmp_path / "c.zarr"), *extra])
     err = capsys.readouterr().err.strip().splitlines()

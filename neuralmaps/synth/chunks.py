@@ -276,7 +276,9 @@ class _Context:
     query_pools: tuple[np.ndarray, np.ndarray]  # view indices that can be queries (see _query_pools)
 
 
-def _query_pools(views: _Views, config: Config, world_origin: np.ndarray, block_m: float) -> tuple[np.ndarray, np.ndarray]:
+def _query_pools(
+    views: _Views, config: Config, world_origin: np.ndarray, block_m: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Views that can be a pair's query, as (query-run views, map-run views): those with enough map
     views of other runs nearby, in the time window and the same split block (a necessary
     condition; `_sample_pair` checks the rest). Map-run views serve as queries too (their map views
@@ -344,7 +346,8 @@ def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
         left = np.array([-fwd[1], fwd[0]])
         pts = q_xy + fr[:, :1] * fwd + fr[:, 1:2] * left
         wgt = fr[:, 2]
-        in_scene = (pts[:, 0] >= origin[0]) & (pts[:, 0] < origin[0] + sx) & (pts[:, 1] >= origin[1]) & (pts[:, 1] < origin[1] + sy)
+        rel = pts - origin
+        in_scene = (rel[:, 0] >= 0) & (rel[:, 0] < sx) & (rel[:, 1] >= 0) & (rel[:, 1] < sy)
         overlap = float((wgt * in_scene).sum() / wgt.sum())
         if overlap < MIN_QUERY_OVERLAP:
             continue
@@ -687,11 +690,19 @@ def write_training_chunks(
 ) -> Path:
     """Write `num_pairs` map-scene/query pairs of the OSM extract `osm` to the Zarr store `out`.
 
-    Resumes an existing store written by the same command (same format, config data sections,
-    seed, source file and N; anything else is a ValueError unless `overwrite`). `world` / `runs`
-    may be passed pre-built (then `region`, `num_*_runs` only go into the attrs). `region` crops
-    the extract (a `neuralmaps.geo.Region`, or a (lon_min, lat_min, lon_max, lat_max) box). `on_pair_written(i)` is called after
-    each pair's chunk is marked done. Returns the store path.
+    Pair i depends only on (seed, i), the world and the runs. An existing store written by the
+    same call (format version, scene/synth config, seed, source sha256, N, chunking, crop, run
+    counts) is resumed: done pairs are skipped; anything else is a ValueError unless `overwrite`.
+
+    region: crop of the extract, a `neuralmaps.geo.Region` or a (lon_min, lat_min, lon_max,
+        lat_max) WGS84 box; None for the whole extract.
+    world, runs: pre-built `World` / `simulate_runs` output (benchmarks, tests); built from
+        `osm`, `region`, `seed` and `num_map_runs` / `num_query_runs` when None.
+    pairs_per_chunk: pairs per Zarr chunk along `pair` (the unit of writing and of resume).
+    on_pair_written: called with i after pair i's chunk is marked done.
+    preview_dir: when given, PNG previews of the first `num_previews` pairs are written there.
+    Returns the store path. Raises FileNotFoundError for a missing `osm`, ValueError (or
+    GeoInputError) for bad input, non-finite / non-rigid poses and incompatible stores.
     """
     from tqdm.auto import tqdm
 

@@ -43,7 +43,9 @@ def semantic_rgb(sem: np.ndarray) -> np.ndarray:
     return out
 
 
-def frustum_xy(T_scene_cam: np.ndarray, intrinsics: np.ndarray, model: str, length_m: float = FRUSTUM_LENGTH_M) -> np.ndarray:
+def frustum_xy(
+    T_scene_cam: np.ndarray, intrinsics: np.ndarray, model: str, length_m: float = FRUSTUM_LENGTH_M
+) -> np.ndarray:
     """(3, 2) scene-frame x-y of a camera's BEV frustum triangle: the camera centre and the points
     `length_m` along the rays through the left and right edge midpoints of the image."""
     import torch
