@@ -12,6 +12,7 @@ from neuralmaps.geometry import Transform2D
 from neuralmaps.models.localizer import (
     Localizer,
     PosePrior,
+    _log_ratio,
     _shift_sum,
     _window_max,
     kabsch_2d,
@@ -137,6 +138,41 @@ def test_prob_volume(problem):
     assert (dr.abs() <= 1.5).all(), dr
     assert ((i - idx[:, 1]).abs() <= 3).all() and ((j - idx[:, 2]).abs() <= 3).all()
     assert out.loss is None  # no T_gt
+
+
+@pytest.mark.parametrize("mode", ["voting", "ransac"])
+def test_invalid_map_region_is_ignored(problem, mode):
+    # The west 16 columns are unobserved and hold one constant "junk" feature; the query holds it
+    # too in a corner, so unmasked it would be a perfect match for those query points anywhere
+    # in that strip.
+    sl = slice(0, 8)
+    junk = torch.nn.functional.normalize(torch.randn(8, generator=torch.Generator().manual_seed(5)), dim=0)
+    hole = torch.zeros(8, 64, 64, dtype=torch.bool)
+    hole[:, :16] = True
+    map_feats = torch.where(hole[:, None], junk[None, :, None, None], problem.map_feats[sl])
+    query_feats = problem.query_feats[sl].clone()
+    query_feats[:, :, :8, :8] = junk[None, :, None, None]
+    with torch.no_grad():
+        out = _localizer()(map_feats, ~hole, query_feats, problem.query_valid[sl], problem.query_xy,
+                           problem.cell_m, mode=mode, generator=torch.Generator().manual_seed(1))
+    dr, dt = pose_errors(out.T_map_query, problem.T_gt[sl], problem.cell_m)
+    # Not the junk strip, and near the truth; query content over the unobserved strip (which the
+    # map cannot explain) may pull the optimum by a fraction of a cell / about a degree.
+    assert ((dr <= 2.0) & (dt <= 2.0)).all(), (dr, dt)
+    if mode == "voting":
+        assert torch.allclose(out.prob_volume.sum((1, 2, 3)), torch.ones(8), atol=1e-4)
+
+
+def test_log_ratio_is_log_softmax_over_valid_cells():
+    g = torch.Generator().manual_seed(6)
+    valid = torch.rand(2, 7, 9, generator=g) < 0.7
+    r = torch.rand(2, 3, 7, 9, generator=g) * 5 * valid[:, None]  # r = 0 on invalid cells
+    ell = _log_ratio(r, valid)
+    for b in range(2):
+        v = valid[b].reshape(-1)
+        ref = torch.log_softmax(r[b].reshape(3, -1)[:, v], -1) + torch.log(v.sum().float())
+        assert torch.allclose(ell[b].reshape(3, -1)[:, v], ref, atol=1e-5)
+        assert (ell[b].reshape(3, -1)[:, ~v] == 0).all()
 
 
 def test_ransac_has_no_volume(problem):

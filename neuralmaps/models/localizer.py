@@ -1,8 +1,9 @@
 """SNAP localizer: point-to-map scores, RANSAC pose sampling and exhaustive (coarse-to-fine) voting.
 
-A port of SNAP's `bev_localizer.py` / `pose_estimation.py` / `pose_exhaustive_voting.py`.
+A port of google-research/snap `bev_localizer.py`, `pose_estimation.py` and
+`pose_exhaustive_voting.py`, made fast on CPU.
 
-Frames and units (see docs/architecture.md):
+Frames and units (docs/architecture.md):
 - query BEV frame: metres, x forward, y left, origin at the camera;
 - map frame: metres from the map grid's south-west corner, x east, y north;
 - a pose `T_map_query` maps query-frame points to map-frame points: p_map = R(angle) p_q + t,
@@ -10,20 +11,40 @@ Frames and units (see docs/architecture.md):
 - model grids `(B, C, X, Y)`: cell (i, j) has its centre at ((i+0.5)·cell, (j+0.5)·cell) metres,
   continuous grid coordinates are `xy / cell` (`neuralmaps.grids`).
 
-Scores (shared by both modes). For a sparse set of valid query points n with L2-normalised
-features f_n and the L2-normalised map features m(x):
+Scores, shared by both modes. N sparse valid query cells (`num_points`, random) with
+L2-normalised features f_n at query-frame points p_n; m(x) the L2-normalised map features:
 
-    r_n(x) = tau · ReLU(f_n · m(x))                              (tau = exp(log_temperature))
-    l_n(x) = log_softmax_x(r_n)(x) + log(#valid map cells)         (log-likelihood ratio vs uniform)
-    score(T) = sum_n l_n(T p_n)   (bilinear; points off the map or on invalid cells add 0)
+    r_n(x) = tau · ReLU(f_n · m(x))                              tau = exp(log_temperature)
+    l_n(x) = log_softmax_x(r_n)(x) + log(#valid map cells)       log-likelihood ratio vs uniform
+    score(T) = sum_n l_n(T p_n)                                  bilinear; off the map / invalid: 0
 
 l_n is 0 for an uninformative match, so poses that push points off the map are neither rewarded
-nor penalised. RANSAC samples 2-point poses from the per-point top-k matches, scores them with
-`score` and refines the best on local grids. Voting evaluates the score exhaustively on a coarse
-pose grid (max-pooled r_n, so the true pose's cell cannot be missed by discretisation) and refines
-the best cells at full resolution with the same local grids; its scores drop the per-point
-normaliser (a constant per query point, so the argmax is unchanged) and are unnormalised
-log-scores, comparable within one query only.
+nor penalised (SNAP sums the raw r_n / N instead; the two differ per point by a constant, so
+they rank in-map poses identically).
+
+RANSAC (SNAP): per query point, the `num_matches` best 3x3 local maxima of r_n, sampled by
+softmax(r_n); pairs of distinct points give 2-point Kabsch poses; of `num_pose_retries` pairs the
+one with the best length ratio ||p1-p2|| / ||m1-m2|| is kept; `num_pose_samples` poses are scored
+with `score`, the best `num_candidates` refined on local grids. Loss: the NLL of T_gt among the
+samples, -(score(T_gt) - logsumexp(score(T_gt), score(samples))).
+
+Voting (exhaustive, coarse-to-fine): with stride s = ceil(max(X, Y) / coarse_cells), the per-point
+maps r_n of `num_coarse_points` points are max-pooled over windows 2s wide around each coarse
+cell (so the true pose's coarse cell cannot lose its matches to discretisation), turned into
+log-ratios over the coarse cells, and every (rotation 2πk/R, coarse cell) pose is scored by
+summing them at the rotated points, rotating about the query centroid. The volume's best local
+maxima are refined at full resolution on local grids (angles between the R rotations included)
+with `score` on all N points, computed from bilinearly interpolated (re-normalised) features, the
+per-point normaliser estimated on up to 4096 valid map cells, so voting and RANSAC scores are
+comparable up to that estimate and to where the ReLU is taken. `prob_volume` is the softmax of the
+coarse volume, re-indexed by camera cell (B, R, X, Y); the loss is the NLL of T_gt in it
+(trilinear, periodic in angle). At s = 1 (maps up to `coarse_cells` cells) the volume is at cell
+resolution.
+
+Beyond SNAP: sparse query points, top-k local-maximum matches instead of the full distribution
+(the untrained temperature makes the full distribution nearly uniform), iterative 5x5x5 local
+grids instead of one 41x41x41 grid, the pose prior, and voting over point score maps rather than
+dense template correlation.
 """
 
 from __future__ import annotations
@@ -217,8 +238,14 @@ class Localizer(nn.Module):
             out.append((v.reshape(B, N, -1) * w[..., None]).sum(1))
         return torch.cat(out, 1)
 
-    def _score_feats(self, m: Tensor, f: Tensor, p: Tensor, w: Tensor, angle: Tensor, t: Tensor, cell_m: float) -> Tensor:
-        """sum_n w_n tau ReLU(f_n · m(T p_n)) with bilinear m: m (B, D, X, Y), f (B, N, D) -> (B, P)."""
+    def _score_feats(self, m: Tensor, vmask: Tensor | None, f: Tensor, c: Tensor, p: Tensor, w: Tensor,
+                     angle: Tensor, t: Tensor, cell_m: float) -> Tensor:
+        """sum_n w_n a_n(T p_n) (tau ReLU(f_n · m(T p_n)) - c_n), the log-ratio score from features.
+
+        m (B, D, X, Y) unit or 0 on invalid cells; m(T p_n) is bilinear and re-normalised to unit
+        length so that invalid cells drop out instead of shrinking the similarity; a_n is the
+        bilinear fraction of valid cells (vmask (B, 1, X, Y) float, None when all are valid) and 0
+        off the map; c_n (B, N) the per-point log-mean-exp constant. f (B, N, D); poses (B, P) -> (B, P)."""
         B, N = w.shape
         P = angle.shape[1]
         out = []
@@ -226,10 +253,30 @@ class Localizer(nn.Module):
         for s in range(0, P, step):
             q = transform_points(angle[:, s : s + step], t[:, s : s + step], p) / cell_m  # (B, P', N, 2)
             Pc = q.shape[1]
-            v, _ = interpolate_nd(m, q.reshape(B, Pc * N, 2))  # (B, P'*N, D)
-            sims = (v.reshape(B, Pc, N, -1) * f[:, None]).sum(-1).relu()
-            out.append((sims * w[:, None]).sum(-1) * self.temperature)
+            q = q.reshape(B, Pc * N, 2)
+            v, inside = interpolate_nd(m, q)  # (B, P'*N, D), (B, P'*N)
+            frac = inside.to(m.dtype) if vmask is None else interpolate_nd(vmask, q)[0][..., 0]
+            v = v.reshape(B, Pc, N, -1)
+            # cos(f_n, v); mul + sum is much faster than vector_norm over a short last dim.
+            sq = (v * v).sum(-1).clamp_min(1e-12)
+            sims = ((v * f[:, None]).sum(-1) * torch.rsqrt(sq)).relu()
+            ell = (sims * self.temperature - c[:, None]) * frac.reshape(B, Pc, N)
+            out.append((ell * w[:, None]).sum(-1))
         return torch.cat(out, 1)
+
+    def _point_constants(self, f: Tensor, m: Tensor, map_valid: Tensor) -> Tensor:
+        """c_n = log mean over valid map cells of exp(r_n) (B, N), from up to 4096 valid cells
+        (evenly strided in a random order fixed per call) to stay cheap on large maps."""
+        B, D, X, Y = m.shape
+        valid = map_valid.reshape(B, -1)
+        n = min(4096, X * Y)
+        # Deterministic spread: rank valid cells by a hash of their index, keep the first n.
+        key = (torch.arange(X * Y, device=m.device) * 2654435761) % 4294967291
+        idx = torch.where(valid, key, key - 4294967291).topk(n, dim=1).indices  # (B, n)
+        ok = valid.gather(1, idx).to(m.dtype)  # fewer valid cells than n: the rest masked
+        cells = m.reshape(B, D, -1).gather(2, idx[:, None].expand(B, D, n))  # (B, D, n)
+        r = torch.bmm(f * self.temperature, cells).relu()  # (B, N, n)
+        return _masked_log_mean_exp(r, ok[:, None])
 
     def _refine(self, score_fn, angle: Tensor, t: Tensor, centre: Tensor, step_t: float, step_r: float,
                 cell_m: float, prior: PosePrior | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -420,6 +467,11 @@ class Localizer(nn.Module):
         # a point displaced by up to s/2 cells (pose discretisation) still finds its match.
         r = _window_max(self._relu_sims(fc, m), s)  # (B, Nc, Xc, Yc)
         Xc, Yc = r.shape[-2:]
+        # Log-ratio vs uniform at the coarse level (so that points off the map / on unobserved
+        # cells, which count 0, are neither rewarded nor penalised): a coarse cell is valid when
+        # its window holds a valid cell, and the constant is the log-mean-exp over valid cells.
+        cvalid = _window_max(map_valid[:, None].to(r.dtype), s)  # (B, 1, Xc, Yc) in {0, 1}
+        r = (r - _masked_log_mean_exp(r.flatten(2), cvalid.flatten(2))[..., None, None]) * cvalid
         vol = _shift_sum(r, wc, pc - centre[:, None], R, s * cell_m)  # (B, R, Xc, Yc) centroid-indexed
 
         # Pose of each coarse cell: the query centroid lands on the cell centre.
@@ -445,7 +497,9 @@ class Localizer(nn.Module):
             if prior is not None:  # the prior's centre: a candidate inside it even if no cell is
                 a0, t0 = _with_prior_centre(a0, t0, prior)
             full_centre = (p * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
-            score_fn = lambda a, tt: self._score_feats(m, f, p, w, a, tt, cell_m)  # noqa: E731
+            c = self._point_constants(f, m, map_valid)
+            vmask = None if bool(map_valid.all()) else map_valid[:, None].to(m.dtype)
+            score_fn = lambda a, tt: self._score_feats(m, vmask, f, c, p, w, a, tt, cell_m)  # noqa: E731
             a, t, sc = self._refine(score_fn, a0, t0, full_centre, step_t=s * cell_m / 2,
                                     step_r=math.pi / R, cell_m=cell_m, prior=prior)
         return self._output(a, t, sc, loss, prob_volume)
@@ -511,6 +565,15 @@ def _with_prior_centre(angle: Tensor, t: Tensor, prior: PosePrior) -> tuple[Tens
     """Append the prior's centre pose (its yaw, or 0) to poses angle (B, P), t (B, P, 2)."""
     a0 = prior.yaw.to(angle) if prior.yaw is not None else torch.zeros_like(angle[:, 0])
     return torch.cat([angle, a0[:, None]], 1), torch.cat([t, prior.xy.to(t)[:, None]], 1)
+
+
+def _masked_log_mean_exp(r: Tensor, valid: Tensor) -> Tensor:
+    """log mean over valid entries of exp(r) along the last dim: r (..., M), valid (..., M) {0, 1}
+    broadcastable -> (...). Empty rows give 0."""
+    r = r.masked_fill(valid <= 0, -torch.inf)
+    lse = torch.logsumexp(r, -1)
+    count = valid.expand_as(r).sum(-1)
+    return torch.where(count > 0, lse - count.clamp(min=1).log(), torch.zeros_like(lse))
 
 
 def _log_ratio(r: Tensor, valid: Tensor) -> Tensor:
