@@ -163,3 +163,21 @@ def test_semantic_net_learns_classes_from_features():
     assert metrics["binary/recall/traffic_sign"] > 0.9
     pred = SemanticNet.predict(net(feats, valid), valid)
     assert (pred["areas_class"] == semantic_labels(sem)["areas"]).float().mean() > 0.95
+
+
+def test_resnet_semantic_decoder_uses_context():
+    cfg = ModelConfig(feature_dim=8, semantic_decoder="resnet", semantic_dim=8, semantic_layers=1)
+    cfg.image_encoder = EncoderConfig(norm="batch")
+    net = SemanticNet(cfg).eval()
+    feats = torch.zeros(1, 8, 12, 12)
+    valid = torch.ones(1, 12, 12, dtype=torch.bool)
+    with torch.no_grad():
+        a = net(feats, valid)["areas"]
+        feats[0, :, 6, 6] = 1.0
+        b = net(feats, valid)["areas"]
+    changed = (a - b).abs().sum(1)[0] > 0
+    assert changed[6, 6] and changed[6, 8] and not changed[6, 11]  # 3x3 convs: a few cells around
+    valid[0, :3] = False
+    assert (net(feats, valid)["areas"][0, :, :3] == 0).all()
+    with pytest.raises(ValueError, match="semantic_decoder"):
+        SemanticNet(ModelConfig(semantic_decoder="transformer"))

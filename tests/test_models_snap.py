@@ -266,3 +266,20 @@ def test_localize_fills_the_loss_only_with_ground_truth_and_when_training_or_ask
         assert blind.loss is None and blind.T_map_query.shape == (2,)
         with pytest.raises(KeyError, match="query_T_scene_cam"):
             model.localize(no_gt, nm, with_loss=True)
+
+
+def test_fisheye_model_maps_and_keeps_its_camera_model(tmp_path):
+    cfg = tiny_config()
+    cfg.model.use_aerial = cfg.model.use_semantic = False
+    torch.manual_seed(0)
+    model = SNAP(cfg, camera_model="fisheye").eval()
+    batch = tiny_batch(cfg, B=1)
+    batch["map_cameras"][..., 6] = -0.05  # k1: barrel distortion
+    with torch.no_grad():
+        nm = model.map(batch)
+        pinhole = SNAP(cfg).eval()
+        pinhole.load_state_dict(model.state_dict())
+        nm_pinhole = pinhole.map(batch)
+    assert nm.valid.any() and not torch.equal(nm.features, nm_pinhole.features)
+    model.save(tmp_path / "f.pt")
+    assert SNAP.load(tmp_path / "f.pt").camera_model == "fisheye"
