@@ -109,7 +109,13 @@ class ImageEncoder(nn.Module):
         normalize_input: map inputs from [0, 1] to [-1, 1] (images; not for class embeddings).
 
     forward(x (B, in_channels, H, W)) -> (B, out_dim, H/stride, W/stride), stride = `self.stride`.
-    H and W need not be multiples of the stride: the FPN resizes to the tapped level's size.
+    H and W need not be multiples of the stride: the FPN resizes to the tapped level's size
+    (SNAP pads to a multiple and crops instead).
+
+    FPN as SNAP's `FPNDecoder` (per level a 1x1 lateral on the normalised, activated stage output,
+    bilinear upsampling and sum), with two differences: norm before ReLU on the laterals (the
+    pre-activation order of the backbone) and a 3x3 smoothing block on the output, as in the
+    standard FPN, against upsampling artefacts.
     """
 
     def __init__(
