@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -615,7 +616,8 @@ def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source
              "time_days": _days(r.time), "num_frames": len(r.frames)}
             for k, r in enumerate(runs)
         ]),
-        "aerial_appearance": "fixed 'aerial' appearance (distinct from every run's)",
+        "aerial_appearance": json.dumps({k: v for k, v in dataclasses.asdict(_aerial_appearance()).items()
+                                         if k != "occluders"}),
         "frames": "scene: x east, y north, z up, origin at SW corner at ground; cameras: OpenCV",
     }
 
