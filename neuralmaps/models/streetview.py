@@ -50,8 +50,8 @@ def depth_to_bin(depth: torch.Tensor, num_bins: int, min_m: float, max_m: float)
 
 @dataclass
 class ViewPatches:
-    """Per-view maps flattened into lookup tables for fused bilinear gathers
-    (`F.embedding_bag`: gather + weighted sum in one kernel, forward and backward).
+    """Per-view maps flattened into lookup tables for fused bilinear gathers (`weighted_gather`:
+    the 4 corners' gather and weighted sum in one kernel), prepared once per batch of views.
 
     feats: (B*V*h*w, C), row = ((b*V + v)*h + y)*w + x; scores: (B*V*h*w*S, 1) or None.
     """
@@ -334,6 +334,8 @@ class StreetViewEncoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if images.ndim != 5 or images.shape[2] != 3:
             raise ValueError(f"street-view images must be (B, V, 3, H, W), got {tuple(images.shape)}")
+        if xyz.ndim != 5 or xyz.shape[-1] != 3:
+            raise ValueError(f"voxel centres must be (B, X, Y, Z, 3), got {tuple(xyz.shape)}")
         if not bool(view_mask.any()):
             raise ValueError("street-view encoder: no valid view in the batch (view_mask all False)")
         maps, scores = self.encode_images(images, view_mask)
@@ -359,7 +361,7 @@ class StreetViewEncoder(nn.Module):
 
         patches = view_patches(maps, scores)
 
-        def run(xyz_chunk: torch.Tensor, *params: torch.Tensor):
+        def run(xyz_chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             pts = xyz_chunk.reshape(B, -1, 3)
             stats, valid = lift_patches_to_points(
                 patches, T_scene_view, cameras, view_mask, pts,
