@@ -355,6 +355,13 @@ class Localizer(nn.Module):
             prior: optional search limits; every returned pose satisfies them.
             num_rotations: R, voting only.
             generator: for the random query points and RANSAC samples.
+        Returns:
+            LocalizerOutput: the best pose and score (B,); the `num_candidates` best refined
+            candidates (B, K), best first (with a prior, candidates that could not be placed
+            inside it score -1e30; the best one always lies inside); `loss` (B,) when T_gt is
+            given; for voting `prob_volume` (B, R, X, Y), summing to 1 per item, entry (r, i, j)
+            the pose with angle 2πr/R and the camera at map cell (i, j)'s centre
+            (`pose_volume_index`).
         """
         self._check(map_feats, map_valid, query_feats, query_valid, query_xy, cell_m, mode)
         if num_rotations < 1:
@@ -654,15 +661,14 @@ def _shift_sum(r: Tensor, w: Tensor, p: Tensor, R: int, cell: float) -> Tensor:
 
 def _interp_volume(vol: Tensor, idx: Tensor) -> Tensor:
     """Trilinear interpolation of (B, R, X, Y) at continuous indices (B, 3) = (r, i, j); the angle
-    axis wraps around, positions clamp to the volume."""
-    logp = vol
+    axis wraps around, positions clamp to the volume. -> (B,)"""
     B, R, X, Y = vol.shape
     r, i, j = idx.unbind(-1)
     i, j = i.clamp(0, X - 1), j.clamp(0, Y - 1)
     r0, i0, j0 = r.floor(), i.floor().clamp(max=X - 2 if X > 1 else 0), j.floor().clamp(max=Y - 2 if Y > 1 else 0)
     fr, fi, fj = r - r0, i - i0, j - j0
-    out = torch.zeros(B, dtype=logp.dtype, device=logp.device)
-    b = torch.arange(B, device=logp.device)
+    out = torch.zeros(B, dtype=vol.dtype, device=vol.device)
+    b = torch.arange(B, device=vol.device)
     for dr in (0, 1):
         for di in (0, 1):
             for dj in (0, 1):
@@ -670,7 +676,7 @@ def _interp_volume(vol: Tensor, idx: Tensor) -> Tensor:
                 rr = (r0.long() + dr) % R
                 ii = (i0.long() + di).clamp(max=X - 1)
                 jj = (j0.long() + dj).clamp(max=Y - 1)
-                v = logp[b, rr, ii, jj]
+                v = vol[b, rr, ii, jj]
                 out = out + wgt * v
     return out
 
