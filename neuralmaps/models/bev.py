@@ -105,12 +105,12 @@ def fuse_modalities(
 class MatchingHead(nn.Module):
     """1x1 projection to `matching_dim`, L2-normalised, zero where invalid.
 
-    Init (SNAP): weights ~ truncated N with variance 1 / (sqrt(M) * fan_in), so that for unit-variance input features
-    the projected features have variance 1/sqrt(M) per channel and the dot product of two
-    independent projected vectors has unit variance (M terms of variance 1/M; exactly
-    (D + M + 1) / D in expectation over the weights). After the L2
-    normalisation the dot products lie in [-1, 1]; their scale is then set by the localizer's
-    learned temperature.
+    Init (SNAP): weights ~ truncated normal of variance 1 / (sqrt(M) * D), so that for
+    unit-variance input features the projected features have variance 1/sqrt(M) per channel and
+    the dot product of two independent projected vectors has unit variance (M terms of variance
+    1/M; (D + M + 1) / D exactly, in expectation over the weights). After the L2 normalisation
+    the dot products lie in [-1, 1]; their scale is then set by the localizer's learned
+    temperature.
     """
 
     def __init__(self, dim: int, matching_dim: int):
