@@ -79,8 +79,9 @@ class _WeightedGather(torch.autograd.Function):
         table, rows, weights = ctx.saved_tensors
         g_table = g_weights = None
         if ctx.needs_input_grad[0]:
-            contrib = (grad[:, None, :] * weights[..., None]).reshape(-1, table.shape[1])
-            g_table = torch.zeros_like(table).index_add_(0, rows.reshape(-1), contrib.to(table.dtype))
+            g_table = torch.zeros_like(table)
+            for j in range(rows.shape[1]):  # per corner: (M, C) temporaries instead of (M, J, C)
+                g_table.index_add_(0, rows[:, j], (grad * weights[:, j : j + 1]).to(table.dtype))
         if ctx.needs_input_grad[2]:
             g_weights = (table[rows] * grad[:, None, :]).sum(-1)
         return g_table, None, g_weights
