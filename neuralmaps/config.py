@@ -190,10 +190,10 @@ def _cpu_tiny() -> Config:
             num_views=8,
             image_hw=(128, 256),
         ),
-        # Model sized by measurement (benchmarks/bench_model.py, 2 threads, on the shared machine
-        # at load 3-6): a training step (B=4 scenes of 8 views + 4 queries, forward + backward +
-        # Adam) takes 2.3-4.8 s wall, 2.6 CPU s on one thread (profiled on synth data), peak RSS
-        # ~1.9 GB, so ~2000-3000 steps fit in 90 min on a quiet machine. The cost
+        # Model sized by measurement (benchmarks/bench_model.py, 2 threads, shared machine): a
+        # training step (B=4 scenes of 8 views + 4 queries, forward + backward + Adam) takes 1.8 s
+        # wall at load 1.7 (2.3-4.8 s at load 3-6), peak RSS ~1.8 GB, so ~3000 steps fit in
+        # 90 min when the machine is not shared. The cost
         # is ~60% lifting (48x64x24 voxels x top-3 views x feature_dim), ~15% image encoder, the
         # rest localizer and query. Hence: R18 at width 16 with 3 levels (stride 4 on 128x256
         # views), 32-d features (lifting cost is linear in it), 16-d matching. GroupNorm (BiT, as
