@@ -157,9 +157,9 @@ def test_semantic_net_learns_classes_from_features():
         opt.zero_grad()
         losses["total"].mean().backward()
         opt.step()
-    assert before["areas/accuracy"] < 0.5
-    assert metrics["areas/accuracy"] > 0.95 and metrics["areas/iou/average"] > 0.9
-    assert metrics["objects/recall/fence"] > 0.9 and metrics["objects/recall/tree"] > 0.9
+    assert before["area/accuracy"] < 0.5
+    assert metrics["area/accuracy"] > 0.95 and metrics["area/iou/average"] > 0.9
+    assert metrics["object/recall/fence"] > 0.9 and metrics["object/recall/tree"] > 0.9
     assert metrics["binary/recall/traffic_sign"] > 0.9
     pred = SemanticNet.predict(net(feats, valid), valid)
     assert (pred["areas_class"] == semantic_labels(sem)["areas"]).float().mean() > 0.95

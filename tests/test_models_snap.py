@@ -53,7 +53,7 @@ def test_semantic_loss_trains_only_the_decoder_and_leaves_the_map_frozen():
         if k in bn_before:
             assert torch.equal(v, bn_before[k]), f"{k} changed: the map must stay frozen"
     assert model.mapper.training  # mode restored
-    for key in ("areas/accuracy", "areas/iou/road", "objects/recall/void", "binary/iou/street_light"):
+    for key in ("area/accuracy", "area/iou/road", "object/recall/void", "binary/iou/street_light"):
         assert key in out
 
 

@@ -182,7 +182,9 @@ class SemanticNet(nn.Module):
     def loss(
         self, logits: dict[str, torch.Tensor], semantic: torch.Tensor, valid: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Class-balanced NLLs (B,) per group and their `total` (SNAP's weighting), and metrics.
+        """Class-balanced NLLs (B,) per group and their `total` (SNAP's weighting), and metrics
+        (scalars over the batch): `area/accuracy`, `area/recall/<class>`, `area/iou/<class>`,
+        `.../average`, the same for `object/` (with void), and `binary/{accuracy,recall,iou}/<class>`.
 
         semantic: ground-truth raster (B, K, X, Y); valid: map cells to supervise (B, X, Y)."""
         lab = semantic_labels(semantic)
@@ -200,7 +202,7 @@ class SemanticNet(nn.Module):
         }
         losses["total"] = (losses["nll_areas"] + (losses["nll_objects"] + losses["nll_binary"]) / 2) / 2
         with torch.no_grad():
-            metrics = multiclass_metrics(logits["areas"], lab["areas"], v_area, AREA_CLASSES, "areas")
-            metrics |= multiclass_metrics(logits["objects"], lab["objects"], valid, OBJECT_CLASSES_VOID, "objects")
+            metrics = multiclass_metrics(logits["areas"], lab["areas"], v_area, AREA_CLASSES, "area")
+            metrics |= multiclass_metrics(logits["objects"], lab["objects"], valid, OBJECT_CLASSES_VOID, "object")
             metrics |= binary_metrics(logits["binary"], lab["binary"], valid, BINARY_CLASSES, "binary")
         return losses, metrics
