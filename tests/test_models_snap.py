@@ -283,3 +283,28 @@ def test_fisheye_model_maps_and_keeps_its_camera_model(tmp_path):
     assert nm.valid.any() and not torch.equal(nm.features, nm_pinhole.features)
     model.save(tmp_path / "f.pt")
     assert SNAP.load(tmp_path / "f.pt").camera_model == "fisheye"
+
+
+def test_edge_cases_give_clear_errors_or_sane_maps(tmp_path):
+    cfg = tiny_config()
+    model = _model(cfg).eval()
+    batch = tiny_batch(cfg)
+    batch["map_view_mask"][1] = False  # the second scene has no street-level view at all
+    with torch.no_grad():
+        planes = model.mapper.map_planes(batch)
+        nm = model.map(batch)
+    assert planes[0].valid[0].any() and not planes[0].valid[1].any()
+    assert (planes[0].features[1] == 0).all()
+    assert nm.valid.all()  # aerial and semantic still cover it
+    with pytest.raises(ValueError, match=r"\(B, V, 3, H, W\)"):
+        model.map(dict(batch, map_images=batch["map_images"][:, :, :1]))
+    with pytest.raises(KeyError, match="map_cameras"):
+        model.map({k: v for k, v in batch.items() if k != "map_cameras"})
+    with pytest.raises(KeyError, match="query_camera"):
+        model.query({k: v for k, v in batch.items() if k != "query_camera"})
+    with pytest.raises(FileNotFoundError, match="nothere.pt"):
+        SNAP.load(tmp_path / "nothere.pt")
+    with pytest.raises(ValueError, match="at least one of use_streetview"):
+        cfg2 = tiny_config()
+        cfg2.model.use_streetview = cfg2.model.use_aerial = cfg2.model.use_semantic = False
+        SNAP(cfg2)
