@@ -122,13 +122,16 @@ def worker(method: str, rotations: int, dim: int, queries: int, naive_chunk: int
     from neuralmaps.models.localizer import Localizer, make_exact_recovery_problem, pose_errors
 
     extrapolate = method == "naive" and not (rotations == 64 and dim == 8)
-    problems = [make_exact_recovery_problem(1, dim, MAP_CELLS, QUERY_CELLS, CELL_M,
-                                            generator=torch.Generator().manual_seed(1000 + i))
-                for i in range(queries + 1)]  # the first one warms up
+    def problem(i: int):  # made one at a time (untimed) so that peak RSS is the method's own
+        return make_exact_recovery_problem(1, dim, MAP_CELLS, QUERY_CELLS, CELL_M,
+                                           generator=torch.Generator().manual_seed(1000 + i))
+
     loc = Localizer(ModelConfig())
-    base_rss = _rss_mb()
+    problem(0)
+    base_rss = _rss_mb()  # imports + one problem
     times, hits = [], []
-    for i, pb in enumerate(problems):
+    for i in range(queries + 1):  # query 0 warms up
+        pb = problem(i)
         t0 = time.perf_counter()
         with torch.no_grad():
             if method == "naive":
