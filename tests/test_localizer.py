@@ -19,6 +19,7 @@ from neuralmaps.models.localizer import (
     make_exact_recovery_problem,
     pose_errors,
     pose_volume_index,
+    transform_points,
     wrap_angle,
 )
 
@@ -190,6 +191,12 @@ def test_kabsch_2d_recovers_pose():
     a, tt = kabsch_2d(p1, p2, T.transform(p1[:, None])[:, 0], T.transform(p2[:, None])[:, 0])
     assert torch.allclose(wrap_angle(a - angle), torch.zeros(50), atol=1e-4)
     assert torch.allclose(tt, t, atol=1e-3)
+
+
+def test_transform_points_matches_transform2d():
+    g = torch.Generator().manual_seed(7)
+    a, t, p = torch.randn(3, 5, generator=g), torch.randn(3, 5, 2, generator=g), torch.randn(3, 7, 2, generator=g)
+    assert torch.allclose(transform_points(a, t, p), Transform2D(a, t).transform(p[:, None]), atol=1e-5)
 
 
 def test_shift_sum_inference_and_training_paths_agree():
