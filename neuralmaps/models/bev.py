@@ -152,18 +152,10 @@ def _require(batch: dict, keys: tuple[str, ...], what: str) -> None:
         raise KeyError(f"{what} batch lacks {missing}; it has {sorted(batch)}")
 
 
-def _yaw_pose_3d(T: "geometry.Transform2D") -> "geometry.Transform3D":
-    """Lift a 2D pose (rotation about z, x-y translation) to SE(3) with z unchanged."""
-    c, s = torch.cos(T.angle), torch.sin(T.angle)
-    one, zero = torch.ones_like(c), torch.zeros_like(c)
-    R = torch.stack([c, -s, zero, s, c, zero, zero, zero, one], -1).unflatten(-1, (3, 3))
-    return geometry.Transform3D(R, torch.cat([T.t, zero[..., None]], -1))
-
-
 def camera_in_query_bev(T_scene_cam: "geometry.Transform3D") -> "geometry.Transform3D":
     """`T_bev_cam`: the camera in its own query BEV frame (keeps height, pitch and roll only)."""
     T_scene_bev = geometry.camera_pose_to_bev(T_scene_cam)
-    return _yaw_pose_3d(T_scene_bev).inv() @ T_scene_cam
+    return T_scene_bev.to_3d().inv() @ T_scene_cam
 
 
 class BEVMapper(nn.Module):
