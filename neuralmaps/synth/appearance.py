@@ -16,7 +16,7 @@ import numpy as np
 from neuralmaps.geo.crs import heading_to_yaw
 
 from .materials import GROUND_ALBEDO, GROUND_SNOW, GROUND_VEGETATION
-from .raycast import RayScene
+from .raycast import RayScene, unit_face_normals
 
 SEASONS = ("spring", "summer", "autumn", "winter")
 
@@ -100,9 +100,7 @@ class Occluders:
     def face_normals(self) -> np.ndarray:
         """Unit face normals (F, 3) float32."""
         if self._normals is None:
-            v = self.vertices[self.faces]
-            n = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
-            self._normals = (n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+            self._normals = unit_face_normals(self.vertices, self.faces)
         return self._normals
 
     _GRID_M = 4.0  # cell of the coarse occupancy grid used to cull rays

@@ -62,3 +62,10 @@ class RayScene:
             dists=dists, query="OCCLUDED",
         )
         return np.asarray(res) >= 0
+
+
+def unit_face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Unit normals (F, 3) float32 of triangles `faces` (F, 3) over `vertices` (V, 3), by winding."""
+    v = vertices[faces]
+    n = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
+    return (n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)).astype(np.float32)

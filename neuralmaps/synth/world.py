@@ -28,7 +28,7 @@ from neuralmaps.config import CLASS_NAMES
 
 from .materials import VOID, FaceMat, GroundMat, class_id
 from .noise import NoiseTexture
-from .raycast import RayScene
+from .raycast import RayScene, unit_face_normals
 
 if TYPE_CHECKING:  # pragma: no cover
     from neuralmaps.geo import OSMLayers, Region
@@ -333,9 +333,7 @@ class World:
     def face_normals(self) -> np.ndarray:
         """Unit face normals (F, 3) float32 (outward for buildings)."""
         if self._normals is None:
-            v = self.vertices[self.faces]
-            n = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
-            self._normals = (n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+            self._normals = unit_face_normals(self.vertices, self.faces)
         return self._normals
 
     @property
