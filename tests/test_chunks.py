@@ -386,3 +386,18 @@ def test_store_of_other_version_or_config_is_refused(small_store, tmp_path):
         SceneDataset(p, "train")
     with pytest.raises(ValueError, match="format version 999"):
         write_small(p)
+
+
+def test_plain_xarray_sees_the_crs_after_importing_neuralmaps(small_store):
+    """The `.rio` accessor is registered by `import neuralmaps.data` (a fresh interpreter, since this
+    session has long imported rioxarray)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, xarray as xr; import neuralmaps.data; "
+        "ds = xr.open_zarr(sys.argv[1], decode_coords='all'); print(ds.rio.crs.to_epsg())"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(small_store)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(CROP_EPSG)

@@ -3,6 +3,8 @@
 Every bad input raises `GeoInputError` (a ValueError) whose message names the file and the problem.
 """
 
+import rioxarray  # noqa: F401  (registers the `.rio` accessor on every xarray object)
+
 from .crs import heading_to_yaw, utm_crs_for, yaw_to_heading
 from .errors import GeoInputError
 from .ortho import read_orthophoto, write_geotiff

@@ -258,7 +258,6 @@ class Region:
     def to_xarray(self, data, dims: Sequence[str] = ("y", "x"), coords: dict | None = None, **kw):
         """Wrap `data` (..., H, W) as a DataArray with pixel-centre x/y coordinates and the CRS and
         transform attached (rioxarray). `dims` ends with ("y", "x")."""
-        import rioxarray  # noqa: F401  (registers .rio)
         import xarray as xr
 
         dims = tuple(dims)
@@ -270,7 +269,6 @@ class Region:
 
     def attach_crs(self, obj):
         """Write this region's CRS and transform onto a DataArray/Dataset (rioxarray)."""
-        import rioxarray  # noqa: F401
 
         obj = obj.rio.write_crs(self.crs_string)
         return obj.rio.write_transform(self.transform)
@@ -278,7 +276,6 @@ class Region:
     @classmethod
     def from_xarray(cls, obj) -> "Region":
         """The Region of a DataArray/Dataset carrying a CRS (rioxarray) and regular x/y coords."""
-        import rioxarray  # noqa: F401
 
         crs = obj.rio.crs
         if crs is None:

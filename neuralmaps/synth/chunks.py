@@ -561,7 +561,6 @@ VARIABLE_DOCS = {
 
 def _template(num_pairs: int, config: Config, crs: Any, attrs: dict, pairs_per_chunk: int):
     import dask.array as da
-    import rioxarray  # noqa: F401
     import xarray as xr
 
     data_vars = {}
