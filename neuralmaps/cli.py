@@ -38,7 +38,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     osm = resolve_osm(args.osm)
     if args.pairs <= 0:
         raise ValueError(f"--pairs must be a positive integer, got {args.pairs}")
-    if args.map_runs <= 0 or args.query_runs < 0:
+    if (args.map_runs is not None and args.map_runs <= 0) or (args.query_runs is not None and args.query_runs < 0):
         raise ValueError(f"need --map-runs >= 1 and --query-runs >= 0, got {args.map_runs}, {args.query_runs}")
     config = preset(args.preset)
     region = None
@@ -85,8 +85,10 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bbox", default=None, metavar="LON0,LAT0,LON1,LAT1",
                    help="crop the extract to this WGS84 box (default: the whole extract)")
     p.add_argument("--preview", default=None, metavar="DIR", help="write preview PNGs to DIR")
-    p.add_argument("--map-runs", type=int, default=12, help="simulated mapping (car) runs")
-    p.add_argument("--query-runs", type=int, default=8, help="simulated query (pedestrian) runs")
+    p.add_argument("--map-runs", type=int, default=None,
+                   help="simulated mapping (car) runs (default: max(12, pairs/8))")
+    p.add_argument("--query-runs", type=int, default=None,
+                   help="simulated query (pedestrian) runs (default: max(8, pairs/16))")
     p.add_argument("--overwrite", action="store_true", help="delete an existing store at --out first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_synth)

@@ -401,3 +401,22 @@ def test_plain_xarray_sees_the_crs_after_importing_neuralmaps(small_store):
     out = subprocess.run([sys.executable, "-c", code, str(small_store)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(CROP_EPSG)
+
+
+def test_pairs_are_drawn_split_first_in_proportion():
+    from neuralmaps.synth.chunks import default_run_counts, pair_split
+
+    fractions = preset("cpu-tiny").synth.split_fractions
+    counts = np.bincount([pair_split(i, fractions) for i in range(1000)], minlength=3)
+    assert np.abs(counts - 1000 * np.asarray(fractions)).max() <= 2, counts
+    assert np.bincount([pair_split(i, fractions) for i in range(12)], minlength=3).tolist() == [10, 1, 1]
+    assert default_run_counts(12) == (12, 8) and default_run_counts(1000) == (125, 63)
+
+
+def test_small_store_pairs_land_in_their_drawn_split(small_store):
+    """The crop has captures in blocks of every split, so no pair needs the fallback."""
+    from neuralmaps.synth.chunks import pair_split
+
+    a = _read_all(small_store)
+    fractions = preset("cpu-tiny").synth.split_fractions
+    assert [int(s) for s in a["split"]] == [pair_split(i, fractions) for i in range(NUM_PAIRS)]

@@ -44,6 +44,8 @@ __all__ = [
     "CAMERA_MODELS",
     "write_training_chunks",
     "split_of_block",
+    "pair_split",
+    "default_run_counts",
     "block_of_xy",
     "T_scene_world",
     "check_store_attrs",
@@ -52,6 +54,7 @@ __all__ = [
 
 SPLIT_BLOCK_M = 150.0  # side of the square areas (aligned to CRS multiples) that are assigned a split
 MAX_ATTEMPTS_PER_PAIR = 400
+GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0  # low-discrepancy split sequence
 QUERY_RUN_FRACTION = 0.5  # share of queries drawn from pedestrian query runs (rest: other map runs)
 MIN_QUERY_OVERLAP = 0.3  # fraction of the query's BEV frustum that must lie inside the scene
 MAX_VIEW_DEPTH_M = 32.0  # scene points farther than this from a camera do not count as covered
@@ -69,6 +72,13 @@ def T_scene_world(scene_origin_en: Sequence[float], world_origin_en: Sequence[fl
     T[0, 3] = float(world_origin_en[0]) - float(scene_origin_en[0])
     T[1, 3] = float(world_origin_en[1]) - float(scene_origin_en[1])
     return T
+
+
+def default_run_counts(num_pairs: int) -> tuple[int, int]:
+    """(map runs, query runs) simulated for `num_pairs` pairs: at least 12 and 8, and one map run per
+    8 pairs (one query run per 16), so that pairs spread over the extract rather than repeating
+    the few places where a dozen runs overlap."""
+    return max(12, math.ceil(num_pairs / 8)), max(8, math.ceil(num_pairs / 16))
 
 
 def block_of_xy(x: float | np.ndarray, y: float | np.ndarray, block_m: float = SPLIT_BLOCK_M):
@@ -274,7 +284,8 @@ class _Context:
     world_bounds: tuple[float, float, float, float]  # CRS bounds where scenes may lie
     fractions: tuple[float, float, float]
     block_m: float
-    query_pools: tuple[np.ndarray, np.ndarray]  # view indices that can be queries (see _query_pools)
+    query_blocks: dict[int, list[tuple[np.ndarray, np.ndarray]]]  # split -> per block (query-run, map-run)
+    # views that can be queries (see _query_pools, _group_by_split_block)
 
 
 def _query_pools(
@@ -312,6 +323,28 @@ def _query_pools(
     return pools[0], pools[1]
 
 
+def pair_split(i: int, fractions: Sequence[float]) -> int:
+    """Split index that pair i is drawn for: a golden-ratio sequence over `fractions`, so that every
+    prefix of the pairs holds the splits in proportion (12 pairs: 10 train, 1 val, 1 test) and
+    pair i depends on i alone."""
+    u = ((int(i) + 0.5) * GOLDEN_FRACTION) % 1.0
+    return int(min(np.searchsorted(np.cumsum(np.asarray(fractions, float)), u, side="right"), 2))
+
+
+def _group_by_split_block(
+    pools: tuple[np.ndarray, np.ndarray], xy_crs: np.ndarray, fractions: Sequence[float], block_m: float
+) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """Query candidates grouped as {split: [(query-run views, map-run views) of one block, ...]}, blocks
+    sorted, so that pairs are spread over blocks instead of piling up where most runs overlap."""
+    bx, by = block_of_xy(xy_crs[:, 0], xy_crs[:, 1], block_m)
+    out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {0: [], 1: [], 2: []}
+    both = np.concatenate(pools)
+    for kx, ky in sorted(set(zip(bx[both].tolist(), by[both].tolist()))):
+        members = tuple(p[(bx[p] == kx) & (by[p] == ky)] for p in pools)
+        out[split_of_block(kx, ky, fractions)].append(members)
+    return out
+
+
 def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
     """Choose pair i's query view, scene placement and map views; depends only on (seed, i, ctx)."""
     cfg = ctx.config
@@ -319,13 +352,18 @@ def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
     cell = cfg.scene.cell_m
     V = ctx.views
     rng = np.random.default_rng([int(seed), int(i), 0x5EED])
-    ped, car = ctx.query_pools
+    # Draw the split first, then a block of that split, then a view in it (fall back to every block
+    # for the second half of the attempts, e.g. when no block of that split has captures).
+    wanted = ctx.query_blocks[pair_split(i, ctx.fractions)]
+    every = [g for k in sorted(ctx.query_blocks) for g in ctx.query_blocks[k]]
     fr = _frustum_points(cfg.scene.query_depth_m, cfg.scene.query_hfov_deg)
     cam_xy_crs = V.xy + ctx.world_origin
     bvx, bvy = block_of_xy(cam_xy_crs[:, 0], cam_xy_crs[:, 1], ctx.block_m)
     pts_scene = _scene_points((sx, sy))
     x0, y0, x1, y1 = ctx.world_bounds
-    for _ in range(MAX_ATTEMPTS_PER_PAIR):
+    for attempt in range(MAX_ATTEMPTS_PER_PAIR):
+        groups = wanted if wanted and attempt < MAX_ATTEMPTS_PER_PAIR // 2 else every
+        ped, car = groups[int(rng.integers(len(groups)))]
         # Half the queries from pedestrian runs (when any qualify), half from other map runs.
         pool = ped if len(ped) and (not len(car) or rng.random() < QUERY_RUN_FRACTION) else car
         q = int(rng.choice(pool))
@@ -682,8 +720,8 @@ def write_training_chunks(
     overwrite: bool = False,
     world: Any = None,
     runs: Sequence[Any] | None = None,
-    num_map_runs: int = 12,
-    num_query_runs: int = 8,
+    num_map_runs: int | None = None,
+    num_query_runs: int | None = None,
     pairs_per_chunk: int = 1,
     progress: bool = True,
     on_pair_written: Callable[[int], None] | None = None,
@@ -699,6 +737,8 @@ def write_training_chunks(
         lat_max) WGS84 box; None for the whole extract.
     world, runs: pre-built `World` / `simulate_runs` output (benchmarks, tests); built from
         `osm`, `region`, `seed` and `num_map_runs` / `num_query_runs` when None.
+    num_map_runs, num_query_runs: simulated capture runs; None scales them with `num_pairs`
+        (`default_run_counts`), so that large stores cover the whole extract.
     pairs_per_chunk: pairs per Zarr chunk along `pair` (the unit of writing and of resume).
     on_pair_written: called with i after pair i's chunk is marked done.
     preview_dir: when given, PNG previews of the first `num_previews` pairs are written there.
@@ -727,6 +767,10 @@ def write_training_chunks(
     if runs is not None:
         num_map_runs = sum(r.kind != "query" for r in runs)
         num_query_runs = len(runs) - num_map_runs
+    else:
+        default_map, default_query = default_run_counts(num_pairs)
+        num_map_runs = default_map if num_map_runs is None else int(num_map_runs)
+        num_query_runs = default_query if num_query_runs is None else int(num_query_runs)
     expect = {"data_fingerprint": data_fingerprint(config), "seed": int(seed), "num_pairs": num_pairs,
               "source_sha256": source_sha, "pairs_per_chunk": pairs_per_chunk, "crop_bounds": crop,
               "num_map_runs": int(num_map_runs), "num_query_runs": int(num_query_runs)}
@@ -757,8 +801,9 @@ def write_training_chunks(
     world_origin = np.asarray(world.origin, dtype=np.float64)[:2]
     bounds = tuple(float(b) for b in wreg.bounds)
     fractions = tuple(config.synth.split_fractions)
+    pools = _query_pools(views, config, world_origin, SPLIT_BLOCK_M)
     ctx = _Context(config, views, world_origin, bounds, fractions, SPLIT_BLOCK_M,
-                   _query_pools(views, config, world_origin, SPLIT_BLOCK_M))
+                   _group_by_split_block(pools, views.xy + world_origin, fractions, SPLIT_BLOCK_M))
 
     if done is None:
         attrs = _store_attrs(config, seed, num_pairs, osm.resolve(), source_sha, runs, views,
