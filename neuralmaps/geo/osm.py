@@ -14,7 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import geopandas as gpd
 import numpy as np
@@ -497,14 +497,19 @@ def _area_kind(row: Mapping[str, Any]) -> Any:
     return None
 
 
+def _kinds_of_rows(f: gpd.GeoDataFrame, tags: Sequence[str], kind_of: Callable[[Mapping[str, Any]], Any]) -> pd.Series:
+    """`kind_of` applied to each row's `tags` (missing columns read as None): an object Series."""
+    cols = {t: _col(f, t) for t in tags}
+    return pd.Series([kind_of({t: cols[t].iloc[i] for t in tags}) for i in range(len(f))],
+                     index=f.index, dtype=object)
+
+
 def _areas(f: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     f = f[_geom_is(f, "Polygon", "MultiPolygon")]
     if "building" in f.columns:  # a building=* polygon is a building, not an area
         f = f[_col(f, "building").isna()]
     tags = sorted({t for t, _ in AREA_KINDS} | {"kind"})
-    cols = {t: _col(f, t) for t in tags}
-    kind = pd.Series([_area_kind({t: cols[t].iloc[i] for t in tags}) for i in range(len(f))],
-                     index=f.index, dtype=object)
+    kind = _kinds_of_rows(f, tags, _area_kind)
     f = f[kind.notna()].copy()
     if len(f) == 0:
         return _empty(f.crs, _COLUMNS["areas"])
@@ -535,9 +540,7 @@ def _point_kind(row: Mapping[str, Any]) -> Any:
 def _points(f: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     f = f[_geom_is(f, "Point")]
     tags = ["kind", "natural", "highway", "traffic_sign", "power", "man_made"]
-    cols = {t: _col(f, t) for t in tags}
-    kind = pd.Series([_point_kind({t: cols[t].iloc[i] for t in tags}) for i in range(len(f))],
-                     index=f.index, dtype=object)
+    kind = _kinds_of_rows(f, tags, _point_kind)
     f = f[kind.notna()].copy()
     if len(f) == 0:
         return _empty(f.crs, _COLUMNS["points"])
