@@ -100,14 +100,96 @@ def axis_angle_to_matrix(axis_angle: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
+# Shared plumbing of SE(2) and SE(3)
+# ------------------------------------------------------------------------------------------------
+class _RigidTransform:
+    """What Transform2D and Transform3D share: the action p -> R p + t on points (..., N, dim),
+    homogeneous matrices and the tensor plumbing. Subclasses store the tensors named in `_fields`
+    (each with `_tails` trailing data dims after the common batch shape) and provide `R`, `t`."""
+
+    dim: int
+    _fields: tuple[str, str]
+    _tails: tuple[int, int]
+    R: Tensor
+    t: Tensor
+
+    def _map(self, fn: Any) -> Any:
+        return self.__class__(*(fn(getattr(self, f), tail) for f, tail in zip(self._fields, self._tails)))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.t.shape[:-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.t.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.t.device
+
+    def matrix(self) -> Tensor:
+        """Homogeneous matrices (..., dim+1, dim+1)."""
+        d = self.dim
+        M = torch.zeros((*self.shape, d + 1, d + 1), dtype=self.dtype, device=self.device)
+        M[..., :d, :d] = self.R
+        M[..., :d, d] = self.t
+        M[..., d, d] = 1
+        return M
+
+    def transform(self, p: Tensor) -> Tensor:
+        """Points (..., N, dim) -> (..., N, dim)."""
+        if p.shape[-1:] != (self.dim,) or p.dim() < 2:
+            raise ValueError(
+                f"{type(self).__name__}.transform: points must be (..., N, {self.dim}), got {tuple(p.shape)}"
+            )
+        return p @ self.R.transpose(-1, -2) + self.t[..., None, :]
+
+    def __call__(self, p: Tensor) -> Tensor:
+        return self.transform(p)
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, type(self)):
+            return self.compose(other)
+        if isinstance(other, Tensor):
+            return self.transform(other)
+        return NotImplemented
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        return self._map(lambda x, _: x.to(*args, **kwargs))
+
+    def float(self) -> Any:
+        return self.to(torch.float32)
+
+    def double(self) -> Any:
+        return self.to(torch.float64)
+
+    def detach(self) -> Any:
+        return self._map(lambda x, _: x.detach())
+
+    def reshape(self, *shape: int) -> Any:
+        return self._map(lambda x, tail: x.reshape(*shape, *x.shape[x.dim() - tail:]))
+
+    def __getitem__(self, idx: Any) -> Any:
+        return self._map(lambda x, tail: x[_index_with_tail(idx, tail)])
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError(f"len() of an unbatched {type(self).__name__}")
+        return self.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------
 # SE(2)
 # ------------------------------------------------------------------------------------------------
-class Transform2D:
+class Transform2D(_RigidTransform):
     """Rigid SE(2) transform, stored as `angle` (...,) radians counter-clockwise and `t` (..., 2).
 
     Applied to a point p: R(angle) p + t. `a @ b` composes so that (a @ b)(p) == a(b(p));
     `a @ points` (a tensor (..., N, 2)) transforms points.
     """
+
+    dim, _fields, _tails = 2, ("angle", "t"), (0, 1)
 
     def __init__(self, angle: Tensor | float, t: Tensor | Sequence[float]):
         t = _as_tensor(t)
@@ -166,26 +248,6 @@ class Transform2D:
         """Rotation matrices (..., 2, 2)."""
         return rotation_matrix_2d(self.angle)
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.angle.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.t.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.t.device
-
-    def matrix(self) -> Tensor:
-        """Homogeneous matrices (..., 3, 3)."""
-        M = torch.zeros((*self.shape, 3, 3), dtype=self.dtype, device=self.device)
-        M[..., :2, :2] = self.R
-        M[..., :2, 2] = self.t
-        M[..., 2, 2] = 1
-        return M
-
     # -- algebra -----------------------------------------------------------------------------
     def inv(self) -> "Transform2D":
         R_inv = self.R.transpose(-1, -2)
@@ -196,22 +258,6 @@ class Transform2D:
         _check_batch(self, other, "compose")
         t = self.t + (self.R @ other.t[..., None])[..., 0]
         return self.__class__(self.angle + other.angle, t)
-
-    def transform(self, p: Tensor) -> Tensor:
-        """Points (..., N, 2) -> (..., N, 2)."""
-        if p.shape[-1:] != (2,) or p.dim() < 2:
-            raise ValueError(f"Transform2D.transform: points must be (..., N, 2), got {tuple(p.shape)}")
-        return p @ self.R.transpose(-1, -2) + self.t[..., None, :]
-
-    def __call__(self, p: Tensor) -> Tensor:
-        return self.transform(p)
-
-    def __matmul__(self, other: "Transform2D | Tensor") -> "Transform2D | Tensor":
-        if isinstance(other, Transform2D):
-            return self.compose(other)
-        if isinstance(other, Tensor):
-            return self.transform(other)
-        return NotImplemented
 
     def magnitude(self) -> tuple[Tensor, Tensor]:
         """(rotation in degrees wrapped to [0, 180] (...,), translation norm in metres (...,))."""
@@ -229,30 +275,6 @@ class Transform2D:
         t = torch.cat([self.t.expand(*shape, 2), z.expand(shape)[..., None]], -1)
         return Transform3D(R.expand(*shape, 3, 3), t)
 
-    # -- tensor plumbing ---------------------------------------------------------------------
-    def to(self, *args: Any, **kwargs: Any) -> "Transform2D":
-        return self.__class__(self.angle.to(*args, **kwargs), self.t.to(*args, **kwargs))
-
-    def float(self) -> "Transform2D":
-        return self.to(torch.float32)
-
-    def double(self) -> "Transform2D":
-        return self.to(torch.float64)
-
-    def detach(self) -> "Transform2D":
-        return self.__class__(self.angle.detach(), self.t.detach())
-
-    def reshape(self, *shape: int) -> "Transform2D":
-        return self.__class__(self.angle.reshape(*shape), self.t.reshape(*shape, 2))
-
-    def __getitem__(self, idx: Any) -> "Transform2D":
-        return self.__class__(self.angle[idx], self.t[_index_with_tail(idx, 1)])
-
-    def __len__(self) -> int:
-        if not self.shape:
-            raise TypeError("len() of an unbatched Transform2D")
-        return self.shape[0]
-
     def __repr__(self) -> str:
         if self.angle.numel() == 1:
             deg = math.degrees(float(self.angle.reshape(-1)[0]))
@@ -263,11 +285,13 @@ class Transform2D:
 # ------------------------------------------------------------------------------------------------
 # SE(3)
 # ------------------------------------------------------------------------------------------------
-class Transform3D:
+class Transform3D(_RigidTransform):
     """Rigid SE(3) transform, stored as `R` (..., 3, 3) and `t` (..., 3). Applied to p: R p + t.
 
     `a @ b` composes ((a @ b)(p) == a(b(p))); `a @ points` transforms points (..., N, 3).
     """
+
+    dim, _fields, _tails = 3, ("R", "t"), (2, 1)
 
     def __init__(self, R: Tensor, t: Tensor | Sequence[float]):
         R = _as_tensor(R)
@@ -319,27 +343,6 @@ class Transform3D:
         return cls(torch.stack([T.R for T in transforms], dim),
                    torch.stack([T.t for T in transforms], dim))
 
-    # -- properties --------------------------------------------------------------------------
-    @property
-    def shape(self) -> torch.Size:
-        return self.t.shape[:-1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.t.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.t.device
-
-    def matrix(self) -> Tensor:
-        """Homogeneous matrices (..., 4, 4)."""
-        M = torch.zeros((*self.shape, 4, 4), dtype=self.dtype, device=self.device)
-        M[..., :3, :3] = self.R
-        M[..., :3, 3] = self.t
-        M[..., 3, 3] = 1
-        return M
-
     # -- algebra -----------------------------------------------------------------------------
     def inv(self) -> "Transform3D":
         R_inv = self.R.transpose(-1, -2)
@@ -350,22 +353,6 @@ class Transform3D:
         _check_batch(self, other, "compose")
         return self.__class__(self.R @ other.R, self.t + (self.R @ other.t[..., None])[..., 0])
 
-    def transform(self, p: Tensor) -> Tensor:
-        """Points (..., N, 3) -> (..., N, 3)."""
-        if p.shape[-1:] != (3,) or p.dim() < 2:
-            raise ValueError(f"Transform3D.transform: points must be (..., N, 3), got {tuple(p.shape)}")
-        return p @ self.R.transpose(-1, -2) + self.t[..., None, :]
-
-    def __call__(self, p: Tensor) -> Tensor:
-        return self.transform(p)
-
-    def __matmul__(self, other: "Transform3D | Tensor") -> "Transform3D | Tensor":
-        if isinstance(other, Transform3D):
-            return self.compose(other)
-        if isinstance(other, Tensor):
-            return self.transform(other)
-        return NotImplemented
-
     def magnitude(self) -> tuple[Tensor, Tensor]:
         """(rotation angle in degrees in [0, 180] (...,), translation norm in metres (...,))."""
         R = self.R
@@ -375,30 +362,6 @@ class Transform3D:
         ).norm(dim=-1)
         cos2 = R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1
         return torch.rad2deg(torch.atan2(sin2, cos2)), torch.linalg.norm(self.t, dim=-1)
-
-    # -- tensor plumbing ---------------------------------------------------------------------
-    def to(self, *args: Any, **kwargs: Any) -> "Transform3D":
-        return self.__class__(self.R.to(*args, **kwargs), self.t.to(*args, **kwargs))
-
-    def float(self) -> "Transform3D":
-        return self.to(torch.float32)
-
-    def double(self) -> "Transform3D":
-        return self.to(torch.float64)
-
-    def detach(self) -> "Transform3D":
-        return self.__class__(self.R.detach(), self.t.detach())
-
-    def reshape(self, *shape: int) -> "Transform3D":
-        return self.__class__(self.R.reshape(*shape, 3, 3), self.t.reshape(*shape, 3))
-
-    def __getitem__(self, idx: Any) -> "Transform3D":
-        return self.__class__(self.R[_index_with_tail(idx, 2)], self.t[_index_with_tail(idx, 1)])
-
-    def __len__(self) -> int:
-        if not self.shape:
-            raise TypeError("len() of an unbatched Transform3D")
-        return self.shape[0]
 
     def __repr__(self) -> str:
         if self.t.numel() == 3:
