@@ -16,7 +16,7 @@ import numpy as np
 from neuralmaps.geo.crs import heading_to_yaw
 
 from .materials import GROUND_ALBEDO, GROUND_SNOW, GROUND_VEGETATION
-from .raycast import RayScene, unit_face_normals
+from .raycast import MeshRayCasting, RayScene
 
 SEASONS = ("spring", "summer", "autumn", "winter")
 
@@ -69,7 +69,7 @@ def _as_datetime(time: np.datetime64 | datetime) -> datetime:
 
 
 @dataclass(eq=False)
-class Occluders:
+class Occluders(MeshRayCasting):
     """Dynamic objects of one run (parked cars, pedestrians): a small mesh in world-local metres.
 
     vertices (V, 3) float32, faces (F, 3) int32, colors (F, 3) float32 linear albedo. Rendered with
@@ -86,22 +86,6 @@ class Occluders:
     @classmethod
     def empty(cls) -> "Occluders":
         return cls(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.zeros((0, 3), np.float32))
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_scene": None}
-
-    @property
-    def scene(self) -> RayScene:
-        if self._scene is None:
-            self._scene = RayScene(self.vertices, self.faces)
-        return self._scene
-
-    @property
-    def face_normals(self) -> np.ndarray:
-        """Unit face normals (F, 3) float32."""
-        if self._normals is None:
-            self._normals = unit_face_normals(self.vertices, self.faces)
-        return self._normals
 
     _GRID_M = 4.0  # cell of the coarse occupancy grid used to cull rays
 

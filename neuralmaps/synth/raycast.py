@@ -69,3 +69,31 @@ def unit_face_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     v = vertices[faces]
     n = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
     return (n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+class MeshRayCasting:
+    """Mixin for a dataclass holding a mesh as `vertices` (V, 3) and `faces` (F, 3) with fields
+    `_scene` and `_normals` (default None): the Embree scene and the unit face normals are built
+    on first use; the scene is not pickled (it is rebuilt in a worker process)."""
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    _scene: "RayScene | None"
+    _normals: "np.ndarray | None"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_scene": None}
+
+    @property
+    def scene(self) -> RayScene:
+        """Embree scene of the mesh (built on first use)."""
+        if self._scene is None:
+            self._scene = RayScene(self.vertices, self.faces)
+        return self._scene
+
+    @property
+    def face_normals(self) -> np.ndarray:
+        """Unit face normals (F, 3) float32, by winding (outward for buildings)."""
+        if self._normals is None:
+            self._normals = unit_face_normals(self.vertices, self.faces)
+        return self._normals

@@ -28,7 +28,7 @@ from neuralmaps.config import CLASS_NAMES
 
 from .materials import VOID, FaceMat, GroundMat, class_id
 from .noise import NoiseTexture
-from .raycast import RayScene, unit_face_normals
+from .raycast import MeshRayCasting, RayScene
 
 if TYPE_CHECKING:  # pragma: no cover
     from neuralmaps.geo import OSMLayers, Region
@@ -264,7 +264,7 @@ class WorldBuilder:
 
 
 @dataclass(eq=False)
-class World:
+class World(MeshRayCasting):
     """A static digital twin in world-local metres (x east, y north, z up; origin = region SW corner).
 
     Mesh: vertices (V, 3) float32, faces (F, 3) int32 with per-face `face_class` (CLASS_NAMES index),
@@ -299,10 +299,6 @@ class World:
     _tangents: np.ndarray | None = field(default=None, repr=False)
     _facade_table: np.ndarray | None = field(default=None, repr=False)
 
-    def __getstate__(self) -> dict:
-        # Embree scenes are native objects: rebuilt on first use after unpickling (Dask, DataLoader).
-        return {**self.__dict__, "_scene": None}
-
     # -- the one place of the local-frame offset ---------------------------------------------
     def to_local(self, xy_crs: np.ndarray) -> np.ndarray:
         """CRS (easting, northing) (..., 2) float64 -> world-local (x, y) (..., 2) float64."""
@@ -322,20 +318,6 @@ class World:
         return (0.0, 0.0, float(self.size_m[0]), float(self.size_m[1]))
 
     # -- ray casting ---------------------------------------------------------------------------
-    @property
-    def scene(self) -> RayScene:
-        """Embree scene of the static mesh (built on first use)."""
-        if self._scene is None:
-            self._scene = RayScene(self.vertices, self.faces)
-        return self._scene
-
-    @property
-    def face_normals(self) -> np.ndarray:
-        """Unit face normals (F, 3) float32 (outward for buildings)."""
-        if self._normals is None:
-            self._normals = unit_face_normals(self.vertices, self.faces)
-        return self._normals
-
     @property
     def face_tangents(self) -> np.ndarray:
         """Unit horizontal tangents (F, 2) float32 of the faces (along walls; arbitrary on flat faces)."""
