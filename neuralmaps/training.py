@@ -74,10 +74,10 @@ def make_loader(dataset: SceneDataset, batch_size: int, shuffle: bool, num_worke
 
 @torch.no_grad()
 def evaluate_localization(
-    model: SNAP, dataset: SceneDataset, batch_size: int = 4, mode: str = "ransac", max_batches: int | None = None,
-    seed: int = 0,
+    model: SNAP, dataset: SceneDataset, batch_size: int = 4, max_batches: int | None = None, seed: int = 0,
 ) -> LocalizationMetrics:
-    """Localize every query of `dataset` against the map built from its own scene (eval mode)."""
+    """Localize every query of `dataset` against the map built from its own scene (eval mode,
+    the localizer's default RANSAC mode, as in `SNAP.loss`)."""
     was_training = model.training
     model.eval()
     metrics = LocalizationMetrics()
