@@ -70,22 +70,36 @@ class ModelConfig:
     num_depth_bins: int = 32
     min_depth_m: float = 1.0
     max_depth_m: float = 32.0
-    top_k_views: int = 3
+    top_k_views: int = 4  # SNAP: top_k_view_selection=4
     max_view_distance_m: float | None = None  # voxels whose nearest observing view is farther are invalid
     fusion_minmax: bool = False  # also pool min/max over views (SNAP default: mean + variance only)
     pooling: str = "max"  # vertical pooling: max, mean, sum, weighted, softmax, mlp
     z_offset_m: float = -4.0  # bottom of the vertical pooling range w.r.t. the camera height
-    z_jitter_m: float = 0.5  # training-time jitter of the query z offset
+    z_jitter_m: float = 2.0  # training-time jitter of the query z offset (SNAP: scene_z_offset_range ±2 m)
     use_streetview: bool = True
     use_aerial: bool = True
     use_semantic: bool = True
     modality_dropout: float = 0.3
     # Map confidence head (sigmoid). Off as in SNAP: the localization loss does not train it.
     confidence_head: bool = False
+    # Point scores are multiplied by exp(temperature), a learned scalar initialised here (SNAP:
+    # init_temperature=2.0, so the starting scale is e^2 ~ 7.4).
     temperature_init: float = 2.0
     num_pose_samples: int = 20000
     num_pose_retries: int = 8
     refine_grid: int = 5
+    # Localizer knobs (no weights depend on them; saved with every checkpoint).
+    num_query_points: int | None = None  # query cells scored per query; None: every valid frustum cell (SNAP)
+    num_coarse_points: int = 64  # voting: query cells of the coarse level
+    coarse_cells: int = 32  # voting: coarse grid cells along the map's longer side
+    num_candidates: int = 8  # K poses refined and returned in `topk`
+    keep_candidates: int = 2  # candidates refined past the first local-grid iteration
+    final_step_cells: float = 0.25  # local refinement stops below these steps
+    final_step_deg: float = 0.25
+    # Evaluation: an exhaustive grid of ±refine_range_m, ±refine_range_deg around the best
+    # candidates before the local refinement (SNAP: ±4 m, ±5°); 0 disables it.
+    refine_range_m: float = 4.0
+    refine_range_deg: float = 5.0
     # Semantic-raster encoder: class embedding size before its ResNet (SNAP: 8).
     semantic_embedding_dim: int = 8
     # Semantic net (decoder over the frozen map): "mlp" (SNAP default) or "resnet".
@@ -117,6 +131,16 @@ class TrainConfig:
     steps: int = 200_000
     num_workers: int = 4
     seed: int = 0
+    # Learning-rate schedule (SNAP): constant for `constant_fraction` of the steps, then cosine
+    # decay to 0; `warmup_steps` of linear warm-up first (0 in SNAP).
+    constant_fraction: float = 0.5
+    warmup_steps: int = 0
+    grad_clip: float | None = None  # max gradient norm; None: no clipping (SNAP)
+    semantic_steps: int = 20_000
+    semantic_lr: float | None = None  # None: `lr`
+    ckpt_every: int = 100  # steps between checkpoints (what a kill can lose at most)
+    eval_every: int = 500  # steps between validation evaluations
+    val_limit: int | None = 64  # validation pairs evaluated during training (None: all)
 
 
 @dataclass
@@ -142,12 +166,42 @@ class Config:
     def load_yaml(cls, path: str | Path) -> "Config":
         return cls.from_dict(yaml.safe_load(Path(path).read_text()))
 
+    def with_overrides(self, overrides: "list[str] | dict[str, Any]") -> "Config":
+        """A copy with dotted overrides applied: ["model.matching_dim=16", "train.batch_size=8"]
+        or {"model.matching_dim": 16}. Values are parsed as YAML; unknown keys are refused."""
+        d = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+        for key, value in items:
+            node, parts = d, key.split(".")
+            for i, part in enumerate(parts):
+                if not isinstance(node, dict) or part not in node:
+                    known = sorted(node) if isinstance(node, dict) else []
+                    raise ValueError(f"unknown config key {'.'.join(parts[: i + 1])!r} in override {key!r}; "
+                                     f"known here: {known}")
+                if i < len(parts) - 1:
+                    node = node[part]
+            if isinstance(node[parts[-1]], dict):
+                raise ValueError(f"override {key!r} names a section; give one of its fields")
+            node[parts[-1]] = value
+        return Config.from_dict(d)
+
     def fingerprint(self, *sections: str) -> str:
         """Short sha256 of the given sections (all when none), to detect incompatible data."""
         d = self.to_dict()
         if sections:
             d = {k: d[k] for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.field=value (e.g. model.matching_dim=16)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {item!r}: cannot parse the value ({e})") from None
+    return key.strip(), value
 
 
 def _to_plain(x: Any) -> Any:
@@ -209,7 +263,8 @@ def _cpu_tiny() -> Config:
             num_pose_retries=4,
             semantic_dim=64,
         ),
-        train=TrainConfig(batch_size=4, lr=1e-3, steps=3000, num_workers=1),
+        train=TrainConfig(batch_size=4, lr=1e-3, steps=3000, num_workers=1, warmup_steps=50,
+                          semantic_steps=400, ckpt_every=50, eval_every=250, val_limit=48),
     )
 
 

@@ -12,7 +12,6 @@ from neuralmaps.geometry import Transform2D
 from neuralmaps.models.localizer import (
     Localizer,
     PosePrior,
-    _log_ratio,
     _shift_sum,
     _window_max,
     kabsch_2d,
@@ -164,18 +163,6 @@ def test_invalid_map_region_is_ignored(problem, mode):
         assert torch.allclose(out.prob_volume.sum((1, 2, 3)), torch.ones(8), atol=1e-4)
 
 
-def test_log_ratio_is_log_softmax_over_valid_cells():
-    g = torch.Generator().manual_seed(6)
-    valid = torch.rand(2, 7, 9, generator=g) < 0.7
-    r = torch.rand(2, 3, 7, 9, generator=g) * 5 * valid[:, None]  # r = 0 on invalid cells
-    ell = _log_ratio(r, valid)
-    for b in range(2):
-        v = valid[b].reshape(-1)
-        ref = torch.log_softmax(r[b].reshape(3, -1)[:, v], -1) + torch.log(v.sum().float())
-        assert torch.allclose(ell[b].reshape(3, -1)[:, v], ref, atol=1e-5)
-        assert (ell[b].reshape(3, -1)[:, ~v] == 0).all()
-
-
 def test_ransac_has_no_volume(problem):
     with torch.no_grad():
         out = _run(_localizer(), problem, "ransac", slice(0, 2))
@@ -225,11 +212,16 @@ def test_shift_sum_inference_and_training_paths_agree():
 @pytest.mark.parametrize("X, Y, s", [(64, 64, 2), (17, 23, 3), (50, 41, 5), (9, 9, 4)])
 def test_window_max_covers_each_coarse_cell_and_half_a_block_around(X, Y, s):
     r = torch.rand(2, 3, X, Y, generator=torch.Generator().manual_seed(X * Y + s))
-    Xc, Yc, h = -(-X // s), -(-Y // s), s // 2
+    # Centred on the coarse cell's centre (fine index u·s + (s-1)/2), s cells either side: 2s
+    # cells for even s, 2s+1 for odd s (it was off by half a cell for odd s).
+    Xc, Yc = -(-X // s), -(-Y // s)
+    h, k = (s // 2, 2 * s) if s % 2 == 0 else ((s + 1) // 2, 2 * s + 1)
     ref = torch.zeros(2, 3, Xc, Yc)
     for u in range(Xc):
+        lo, hi = u * s - h, u * s - h + k
+        assert (lo + hi - 1) / 2 == u * s + (s - 1) / 2  # centred
         for v in range(Yc):
-            win = r[:, :, max(0, u * s - h) : u * s - h + 2 * s, max(0, v * s - h) : v * s - h + 2 * s]
+            win = r[:, :, max(0, u * s - h) : u * s - h + k, max(0, v * s - h) : v * s - h + k]
             ref[:, :, u, v] = win.amax((2, 3))
     assert torch.equal(_window_max(r, s), ref)
 

@@ -5,11 +5,15 @@ from .bev import BEVMapper, FeaturePlane, MatchingHead, VerticalPooling, fuse_mo
 from .encoders import ImageEncoder, SemanticRasterEncoder
 from .localizer import Localizer, LocalizerOutput, PosePrior
 from .semantic import SemanticNet
-from .snap import SNAP, NeuralMapTile
+from .snap import MODALITIES, SEMANTIC_MODALITIES, SNAP, NeuralMapTile, parse_modalities, select_modalities
 from .streetview import StreetViewEncoder, lift_views_to_points
 
 __all__ = [
     "SNAP",
+    "MODALITIES",
+    "SEMANTIC_MODALITIES",
+    "parse_modalities",
+    "select_modalities",
     "NeuralMapTile",
     "Localizer",
     "LocalizerOutput",

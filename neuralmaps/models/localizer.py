@@ -11,22 +11,30 @@ Frames and units (docs/architecture.md):
 - model grids `(B, C, X, Y)`: cell (i, j) has its centre at ((i+0.5)·cell, (j+0.5)·cell) metres,
   continuous grid coordinates are `xy / cell` (`neuralmaps.grids`).
 
-Scores, shared by both modes. N sparse valid query cells (`num_points`, random) with
+Scores. N valid query cells (`num_points`: all valid frustum cells by default, as SNAP) with
 L2-normalised features f_n at query-frame points p_n; m(x) the L2-normalised map features:
 
     r_n(x) = tau · ReLU(f_n · m(x))                              tau = exp(log_temperature)
-    l_n(x) = log_softmax_x(r_n)(x) + log(#valid map cells)       log-likelihood ratio vs uniform
-    score(T) = sum_n l_n(T p_n)                                  bilinear; off the map / invalid: 0
+    score(T) = (1/N) sum_n r_n(T p_n)                            bilinear, clamped to the map edge
 
-l_n is 0 for an uninformative match, so poses that push points off the map are neither rewarded
-nor penalised (SNAP sums the raw r_n / N instead; the two differ per point by a constant, so
-they rank in-map poses identically).
+(SNAP's `pose_scoring` with `mask_score_out_of_bounds=False`: a point pushed off the map takes the
+value of the nearest edge cell; invalid map cells have zero features, so r_n = 0 there.)
 
-RANSAC (SNAP): per query point, the `num_matches` best 3x3 local maxima of r_n, sampled by
-softmax(r_n); pairs of distinct points give 2-point Kabsch poses; of `num_pose_retries` pairs the
-one with the best length ratio ||p1-p2|| / ||m1-m2|| is kept; `num_pose_samples` poses are scored
-with `score`, the best `num_candidates` refined on local grids. Loss: the NLL of T_gt among the
-samples, -(score(T_gt) - logsumexp(score(T_gt), score(samples))).
+RANSAC (SNAP): (point, cell) matches are drawn from the joint distribution softmax_x(r_n)(x) / N
+over every valid point and every map cell; pairs of matches give 2-point Kabsch poses; of
+`num_pose_retries` pairs the one with the best length ratio ||p1-p2|| / ||m1-m2|| is kept;
+`num_pose_samples` poses are scored with `score`, the best `num_candidates` refined. Loss: the NLL
+of T_gt among the samples, -(score(T_gt) - logsumexp(score(T_gt), score(samples))).
+
+Refinement: in eval mode the best `keep_candidates` poses are first searched exhaustively over
+±`refine_range_m`, ±`refine_range_deg` (SNAP: ±4 m, ±5° at evaluation) at steps of one cell and
+1°, then every candidate goes through iterative 5x5x5 local grids whose steps halve down to
+`final_step_cells` / `final_step_deg`.
+
+Voting uses log-likelihood ratios against a uniform match instead of r_n,
+    l_n(x) = log_softmax_x(r_n)(x) + log(#valid map cells),
+which are 0 for an uninformative match, so that poses over unobserved map cells or off the map
+are neither rewarded nor penalised (large maps with holes).
 
 Voting (exhaustive, coarse-to-fine): with stride s = ceil(max(X, Y) / coarse_cells), the per-point
 maps r_n of `num_coarse_points` points are max-pooled over windows 2s wide around each coarse
@@ -41,10 +49,9 @@ coarse volume, re-indexed by camera cell (B, R, X, Y); the loss is the NLL of T_
 (trilinear, periodic in angle). At s = 1 (maps up to `coarse_cells` cells) the volume is at cell
 resolution.
 
-Beyond SNAP: sparse query points, top-k local-maximum matches instead of the full distribution
-(the untrained temperature makes the full distribution nearly uniform), iterative 5x5x5 local
-grids instead of one 41x41x41 grid, the pose prior, and voting over point score maps rather than
-dense template correlation.
+Beyond SNAP: optional sparse query points, a coarse exhaustive grid followed by iterative 5x5x5
+local grids instead of one 41x41x41 grid, the pose prior, and voting over point score maps rather
+than dense template correlation.
 """
 
 from __future__ import annotations
@@ -144,36 +151,31 @@ def _in_prior(angle: Tensor, t: Tensor, prior: PosePrior | None) -> Tensor | Non
 class Localizer(nn.Module):
     """SNAP's BEV localizer: query BEV (B, D, Xq, Yq) + map (B, D, X, Y) -> T_map_query.
 
-    The temperature is stored as `log_temperature` (tau = exp(log_temperature)), initialised at
-    log(cfg.temperature_init), so that it stays positive under gradient descent.
+    The scores are multiplied by tau = exp(log_temperature), the parameter initialised at
+    `cfg.temperature_init` (SNAP: `temperature`, init 2.0, so tau starts at e^2 ~ 7.4).
 
-    Knobs beyond ModelConfig (attributes, may be changed after construction):
-    - num_points: sparse query points used for scoring (<= valid query cells);
-    - num_coarse_points: the subset used for the coarse voting level;
-    - coarse_cells: the coarse voting grid has about this many cells along the longer map side;
-    - num_matches: top-k map matches per query point that RANSAC samples from;
-    - num_candidates: K, candidates refined and returned in `topk`;
-    - keep_candidates: candidates refined past the first local-grid iteration;
-    - final_step_cells, final_step_deg: the local-grid refinement stops below these steps.
+    The knobs come from ModelConfig (`num_query_points`, `num_coarse_points`, `coarse_cells`,
+    `num_candidates`, `keep_candidates`, `final_step_cells`, `final_step_deg`, `refine_range_m`,
+    `refine_range_deg`, see there); they are copied to attributes that may be changed after
+    construction (tests and benchmarks do).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.temperature_init <= 0:
-            raise ValueError(f"Localizer: temperature_init must be > 0, got {cfg.temperature_init}")
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature_init)))
+        self.log_temperature = nn.Parameter(torch.tensor(float(cfg.temperature_init)))
         self.num_pose_samples = cfg.num_pose_samples
         self.num_pose_retries = cfg.num_pose_retries
         self.refine_grid = cfg.refine_grid
-        self.num_points = 256
-        self.num_coarse_points = 64
-        self.coarse_cells = 32
-        self.num_matches = 8
-        self.num_candidates = 8
-        self.keep_candidates = 2
-        self.final_step_cells = 0.25
-        self.final_step_deg = 0.25
+        self.num_points = cfg.num_query_points  # None: all valid query cells
+        self.num_coarse_points = cfg.num_coarse_points
+        self.coarse_cells = cfg.coarse_cells
+        self.num_candidates = cfg.num_candidates
+        self.keep_candidates = cfg.keep_candidates
+        self.final_step_cells = cfg.final_step_cells
+        self.final_step_deg = cfg.final_step_deg
+        self.refine_range_m = cfg.refine_range_m
+        self.refine_range_deg = cfg.refine_range_deg
         self.chunk = 1 << 19  # point samples per scoring chunk (bounds memory)
 
     @property
@@ -210,10 +212,13 @@ class Localizer(nn.Module):
     def _sample_points(
         self, query_feats: Tensor, query_valid: Tensor, query_xy: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Random valid query cells, valid ones first: f (B, N, D) normalised, p (B, N, 2) m, w (B, N)."""
+        """Valid query cells in a random order, valid ones first: f (B, N, D) normalised, p (B, N, 2)
+        metres, w (B, N) {0, 1}. N = `num_points` (None: the most valid cells of any batch item)."""
         B, D = query_feats.shape[:2]
         valid = query_valid.reshape(B, -1)
-        n = min(self.num_points, valid.shape[1])
+        n = int(valid.sum(1).max())
+        if self.num_points is not None:
+            n = min(self.num_points, n)
         key = torch.rand(valid.shape, generator=generator, device=valid.device)
         idx = torch.where(valid, key, key - 2).topk(n, dim=1).indices  # valid cells rank first
         w = valid.gather(1, idx)
@@ -227,18 +232,22 @@ class Localizer(nn.Module):
         return torch.bmm(f * self.temperature, m.reshape(B, D, X * Y)).relu_().reshape(B, -1, X, Y)  # tau > 0
 
     # -- scoring -----------------------------------------------------------------------------
-    def _score_maps(self, ell: Tensor, p: Tensor, w: Tensor, angle: Tensor, t: Tensor, cell_m: float) -> Tensor:
-        """sum_n w_n l_n(T p_n): ell (B, N, X, Y) per-point log-scores, poses (B, P) -> (B, P)."""
-        B, N, X, Y = ell.shape
+    def _score_maps(self, r: Tensor, p: Tensor, w: Tensor, angle: Tensor, t: Tensor, cell_m: float) -> Tensor:
+        """SNAP's pose score (1/N) sum_n w_n r_n(T p_n), N = sum_n w_n: r (B, N, X, Y) per-point
+        score maps, bilinear with points clamped to the outer cell centres; poses (B, P) -> (B, P)."""
+        B, N, X, Y = r.shape
         P = angle.shape[1]
         out = []
         step = max(1, self.chunk // max(B * N, 1))
-        values = ell.reshape(B * N, 1, X, Y)
+        values = r.reshape(B * N, 1, X, Y)
+        lo = torch.tensor([0.5, 0.5], dtype=p.dtype, device=p.device)
+        hi = torch.tensor([X - 0.5, Y - 0.5], dtype=p.dtype, device=p.device)
+        wn = w / w.sum(1, keepdim=True).clamp(min=1)
         for s in range(0, P, step):
             q = transform_points(angle[:, s : s + step], t[:, s : s + step], p) / cell_m  # (B, P', N, 2)
-            q = q.transpose(1, 2).reshape(B * N, -1, 2)
-            v, _ = interpolate_nd(values, q)  # (B*N, P', 1), 0 off the map
-            out.append((v.reshape(B, N, -1) * w[..., None]).sum(1))
+            q = torch.maximum(torch.minimum(q, hi), lo).transpose(1, 2).reshape(B * N, -1, 2)
+            v, _ = interpolate_nd(values, q)  # (B*N, P', 1)
+            out.append((v.reshape(B, N, -1) * wn[..., None]).sum(1))
         return torch.cat(out, 1)
 
     def _score_feats(self, m: Tensor, vmask: Tensor | None, f: Tensor, c: Tensor, p: Tensor, w: Tensor,
@@ -382,14 +391,10 @@ class Localizer(nn.Module):
     # -- RANSAC ------------------------------------------------------------------------------
     def _ransac(self, m, map_valid, f, p, w, cell_m, T_gt, prior, generator) -> LocalizerOutput:
         B, D, X, Y = m.shape
-        N = f.shape[1]
         r = self._relu_sims(f, m)  # (B, N, X, Y), 0 on invalid map cells
         with torch.no_grad():
-            cand_cells, cand_probs = self._top_matches(r.detach(), map_valid, p, cell_m, prior)
-        ell = _log_ratio(r, map_valid)
-        with torch.no_grad():
-            angle, t = self._sample_poses(cand_cells, cand_probs, Y, p, w, cell_m, prior, generator)
-        score_fn = lambda a, tt: self._score_maps(ell, p, w, a, tt, cell_m)  # noqa: E731
+            angle, t = self._sample_poses(r.detach(), map_valid, p, w, cell_m, prior, generator)
+        score_fn = lambda a, tt: self._score_maps(r, p, w, a, tt, cell_m)  # noqa: E731
         scores = score_fn(angle, t)
         ok = _in_prior(angle, t, prior)
         if ok is not None:
@@ -402,60 +407,45 @@ class Localizer(nn.Module):
 
         K = min(self.num_candidates, scores.shape[1])
         with torch.no_grad():
+            r_ = r.detach()
+            score_fn = lambda a, tt: self._score_maps(r_, p, w, a, tt, cell_m)  # noqa: E731
             top = scores.detach().topk(K, dim=1).indices
             a0, t0 = angle.gather(1, top), t.gather(1, top[..., None].expand(B, K, 2))
             centre = (p * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
-            a, tt, s = self._refine(score_fn, a0, t0, centre, step_t=cell_m, step_r=math.radians(1.0),
-                                    cell_m=cell_m, prior=prior)
+            wide = not self.training and (self.refine_range_m > 0 or self.refine_range_deg > 0)
+            if wide:  # the local grids then start at half the wide grid's steps
+                a0, t0 = self._wide_search(score_fn, a0, t0, centre, cell_m, prior)
+            a, tt, s = self._refine(score_fn, a0, t0, centre, step_t=cell_m / (2 if wide else 1),
+                                    step_r=math.radians(0.5 if wide else 1.0), cell_m=cell_m, prior=prior)
         return self._output(a, tt, s, loss, None)
 
-    def _top_matches(self, r, map_valid, p, cell_m, prior) -> tuple[Tensor, Tensor]:
-        """Per query point, the `num_matches` best local maxima (3x3) of r (B, N, X, Y):
-        flat cell indices (B, N, k) and sampling probabilities softmax(r) over them (B, N, k)."""
+    def _sample_poses(self, r, map_valid, p, w, cell_m, prior, generator) -> tuple[Tensor, Tensor]:
+        """2-point RANSAC hypotheses with retries (SNAP `sample_transforms_ransac`).
+
+        Each match (n, x) is drawn from softmax_x(r_n)(x) / N over the valid points n and the
+        valid map cells x (with a prior, cells reachable from a pose inside it). r (B, N, X, Y).
+        Returns angle (B, P), t (B, P, 2) (plus the prior's centre pose when a prior is given)."""
         B, N, X, Y = r.shape
-        r = r.masked_fill(~map_valid[:, None], -1.0)  # below any valid score (r >= 0)
+        logits = r.masked_fill(~map_valid[:, None], -torch.inf)
         if prior is not None:  # a match must be reachable from a pose inside the prior
             dist = (_cell_centres(X, Y, cell_m, p)[None] - prior.xy.to(p)[:, None, None]).norm(dim=-1)  # (B, X, Y)
             radius = torch.as_tensor(prior.radius_m, dtype=p.dtype, device=p.device).reshape(-1, 1, 1, 1)
             reach = dist[:, None] <= radius + p.norm(dim=-1)[..., None, None] + cell_m
-            r = r.masked_fill(~reach, -1.0)
-        # Exact 3x3 non-maximum suppression from a short list: a higher neighbour of a listed cell
-        # is itself listed, so comparing within the list suffices.
-        L = min(8 * self.num_matches, X * Y)
-        vals, cells = r.reshape(B, N, -1).topk(L, dim=-1)  # (B, N, L), sorted
-        ci, cj = cells // Y, cells % Y
-        near = ((ci[..., :, None] - ci[..., None, :]).abs() <= 1) & ((cj[..., :, None] - cj[..., None, :]).abs() <= 1)
-        higher = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)  # [j, i]: i listed before j
-        keep = ~(near & higher).any(-1) & (vals >= 0)
-        k = min(self.num_matches, L)
-        order = (keep.to(vals.dtype) * 2 - torch.arange(L, device=r.device) / L).topk(k, dim=-1).indices
-        vals, cells, keep = vals.gather(2, order), cells.gather(2, order), keep.gather(2, order)
-        probs = torch.softmax(vals.masked_fill(~keep, -torch.inf), -1).nan_to_num(0.0)
-        return cells, probs
-
-    def _sample_poses(self, cells, probs, Y, p, w, cell_m, prior, generator) -> tuple[Tensor, Tensor]:
-        """2-point RANSAC hypotheses with retries, from the top matches (B, N, k) of each query point.
-        Returns angle (B, P), t (B, P, 2) (plus the prior's centre pose when a prior is given)."""
-        B, N, k = cells.shape
-        cdf = probs.cumsum(-1)
-        cdf[..., -1] = 1.0 + 1e-6
+            logits = logits.masked_fill(~reach, -torch.inf)
+        prob = torch.softmax(logits.reshape(B, N, X * Y), -1).nan_to_num_(0.0)  # rows without a cell: 0
+        # Joint distribution over (point, cell): valid points weigh 1/N each (SNAP's prob_points).
+        prob = prob * (w / w.sum(1, keepdim=True).clamp(min=1))[..., None]
+        cdf = prob.reshape(B, -1).double().cumsum_(-1)
         P, Rt = self.num_pose_samples, self.num_pose_retries
-        nv = w.sum(1)  # valid points come first
-        u = torch.rand(B, P * Rt, 4, generator=generator, device=p.device, dtype=p.dtype)
-        n1 = (u[..., 0] * nv[:, None]).long().clamp(max=N - 1)
-        n2 = (n1 + 1 + (u[..., 1] * (nv[:, None] - 1).clamp(min=1)).long()) % nv[:, None].clamp(min=1)
-
-        def pick(n: Tensor, uk: Tensor) -> tuple[Tensor, Tensor]:
-            c = cdf.gather(1, n[..., None].expand(-1, -1, k))  # (B, PR, k)
-            j = torch.searchsorted(c, uk[..., None].contiguous()).clamp(max=k - 1)
-            cell = cells.gather(1, n[..., None].expand(-1, -1, k)).gather(2, j)[..., 0]
-            ij = torch.stack([cell // Y, cell % Y], -1).to(p.dtype)
-            return p.gather(1, n[..., None].expand(-1, -1, 2)), (ij + 0.5) * cell_m
-
-        p1, m1 = pick(n1, u[..., 2])
-        p2, m2 = pick(n2, u[..., 3])
-        shape = (B, P, Rt, 2)
-        p1, p2, m1, m2 = (x.reshape(shape) for x in (p1, p2, m1, m2))
+        u = torch.rand(B, P * Rt * 2, generator=generator, device=p.device, dtype=torch.float64)
+        u = u * cdf[:, -1:]
+        idx = torch.searchsorted(cdf, u).clamp_(max=N * X * Y - 1)  # (B, P*Rt*2)
+        n, cell = idx // (X * Y), idx % (X * Y)
+        pq = p.gather(1, n[..., None].expand(-1, -1, 2))
+        pm = (torch.stack([cell // Y, cell % Y], -1).to(p.dtype) + 0.5) * cell_m
+        shape = (B, P, Rt, 2, 2)
+        pq, pm = pq.reshape(shape), pm.reshape(shape)
+        p1, p2, m1, m2 = pq[..., 0, :], pq[..., 1, :], pm[..., 0, :], pm[..., 1, :]
         d_p, d_m = (p2 - p1).norm(dim=-1), (m2 - m1).norm(dim=-1)
         ratio = torch.maximum(d_p / d_m.clamp(min=1e-5), d_m / d_p.clamp(min=1e-5))
         sel = ratio.argmin(-1)[..., None, None].expand(B, P, 1, 2)
@@ -464,6 +454,38 @@ class Localizer(nn.Module):
         if prior is not None:  # always offer one hypothesis inside the prior
             angle, t = _with_prior_centre(angle, t, prior)
         return angle, t
+
+    def _wide_search(self, score_fn, angle: Tensor, t: Tensor, centre: Tensor, cell_m: float,
+                     prior: PosePrior | None) -> tuple[Tensor, Tensor]:
+        """Exhaustive grid of ±refine_range_m (steps of one cell) and ±refine_range_deg (steps of
+        1°) around the best `keep_candidates` of the poses angle (B, K), t (B, K, 2), rotating about
+        the query point `centre` (B, 2). Each searched candidate moves to its best grid pose."""
+        k = min(self.keep_candidates, angle.shape[1])
+        if k == 0 or (self.refine_range_m <= 0 and self.refine_range_deg <= 0):
+            return angle, t
+        nt = int(self.refine_range_m // cell_m)
+        nr = int(self.refine_range_deg // 1.0)
+        lt = torch.arange(-nt, nt + 1, dtype=t.dtype, device=t.device) * cell_m
+        lr = torch.deg2rad(torch.arange(-nr, nr + 1, dtype=t.dtype, device=t.device))
+        dr, dx, dy = torch.meshgrid(lr, lt, lt, indexing="ij")
+        dr, dxy = dr.reshape(-1), torch.stack([dx, dy], -1).reshape(-1, 2)
+        B, G = angle.shape[0], dr.shape[0]
+        a_sel, t_sel = angle[:, :k], t[:, :k]
+        c = transform_points(a_sel, t_sel, centre[:, None])[:, :, 0, None]  # (B, k, 1, 2)
+        a_new = a_sel[..., None] + dr  # (B, k, G)
+        rc = transform_points(a_new.reshape(B, -1), torch.zeros(B, k * G, 2, dtype=t.dtype, device=t.device),
+                              centre[:, None]).reshape(B, k, G, 2)
+        t_new = c + dxy - rc
+        s = score_fn(a_new.reshape(B, -1), t_new.reshape(B, -1, 2)).reshape(B, k, G)
+        ok = _in_prior(a_new.reshape(B, -1), t_new.reshape(B, -1, 2), prior)
+        if ok is not None:
+            s = s.masked_fill(~ok.reshape(B, k, G), -torch.inf)
+            s[..., G // 2] = torch.where(torch.isinf(s[..., G // 2]), torch.full_like(s[..., G // 2], -1e30),
+                                         s[..., G // 2])
+        best = s.argmax(-1)  # (B, k)
+        a_best = a_new.gather(-1, best[..., None])[..., 0]
+        t_best = t_new.gather(2, best[..., None, None].expand(B, k, 1, 2))[:, :, 0]
+        return torch.cat([a_best, angle[:, k:]], 1), torch.cat([t_best, t[:, k:]], 1)
 
     # -- voting ------------------------------------------------------------------------------
     def _voting(self, m, map_valid, f, p, w, cell_m, T_gt, prior, R) -> LocalizerOutput:
@@ -586,22 +608,6 @@ def _masked_log_mean_exp(r: Tensor, valid: Tensor) -> Tensor:
     return torch.where(count > 0, lse - count.clamp(min=1).log(), torch.zeros_like(lse))
 
 
-def _log_ratio(r: Tensor, valid: Tensor) -> Tensor:
-    """l_n = log_softmax(r_n) over valid map cells + log(#valid): r (B, N, X, Y) >= 0 and 0 on
-    invalid cells, valid (B, X, Y) -> (B, N, X, Y), 0 on invalid cells."""
-    B, N, X, Y = r.shape
-    flat = r.reshape(B, N, -1)
-    num_invalid = (~valid).reshape(B, 1, -1).sum(-1, keepdim=True).to(r.dtype)  # (B, 1, 1)
-    mx = flat.amax(-1, keepdim=True).detach()
-    # Invalid cells hold r = 0: remove their exp(0 - mx) from the sum instead of masking a copy.
-    total = ((flat - mx).exp_().sum(-1, keepdim=True) - num_invalid * torch.exp(-mx)).clamp_min(1e-30)
-    c = mx + total.log() - torch.log(X * Y - num_invalid)  # log mean over valid cells of exp(r)
-    ell = (flat - c).reshape(B, N, X, Y)
-    if not bool(valid.all()):
-        ell = ell * valid[:, None].to(r.dtype)
-    return ell
-
-
 def _normalize_masked(feats: Tensor, valid: Tensor) -> Tensor:
     """L2-normalise (B, D, X, Y) over D and zero invalid cells (B, X, Y) (einsum: a fast reduction)."""
     sq = torch.einsum("bdxy,bdxy->bxy", feats, feats).clamp_min(1e-24)
@@ -609,13 +615,19 @@ def _normalize_masked(feats: Tensor, valid: Tensor) -> Tensor:
 
 
 def _window_max(r: Tensor, s: int) -> Tensor:
-    """Coarse cell u of stride s takes the max of r over fine cells [u·s - s//2, u·s - s//2 + 2s):
-    its own block plus half a block around it, so a point displaced by up to s/2 cells from where
-    the coarse pose puts it still finds its best match. (B, N, X, Y) -> (B, N, ceil(X/s), ceil(Y/s))."""
+    """Coarse cell u of stride s takes the max of r over a window centred on its centre (fine
+    index u·s + (s-1)/2) reaching s cells either side: [u·s - s/2, u·s + 3s/2) for even s, 2s+1
+    cells [u·s - (s+1)/2, u·s + (3s+1)/2) for odd s. So a point displaced by up to s/2 cells from
+    where the coarse pose puts it still finds its best match.
+    (B, N, X, Y) -> (B, N, ceil(X/s), ceil(Y/s))."""
     if s == 1:
         return r
     B, N, X, Y = r.shape
     Xc, Yc = -(-X // s), -(-Y // s)
+    if s % 2:
+        out = F.max_pool2d(r, kernel_size=2 * s + 1, stride=s, padding=(s + 1) // 2, ceil_mode=True)
+        out = out[..., :Xc, :Yc]
+        return F.pad(out, (0, Yc - out.shape[-1], 0, Xc - out.shape[-2]))  # 0: no evidence
     # Block maxima over [k·s - h, (k+1)·s - h), then a 2x2 max of neighbouring blocks. Pooling pads
     # with -inf, the same as "no evidence" (0) here since r >= 0 and every block holds a cell.
     blocks = F.max_pool2d(r, kernel_size=s, stride=s, padding=s // 2, ceil_mode=True)

@@ -7,29 +7,62 @@ poses `T_map_query` are `Transform2D`s of the query BEV frame in that frame.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .. import __version__, geometry
 from ..config import Config
+from ..storage import atomic_write_bytes
 from .bev import BEVMapper, FeaturePlane, camera_in_query_bev, fuse_modalities
 from .localizer import Localizer, LocalizerOutput, PosePrior
 from .semantic import SemanticNet
 
 CHECKPOINT_FORMAT = "neuralmaps.SNAP/1"
 
+PRETRAINED_NAME = "snap-cpu-tiny"
+
+MODALITIES = ("streetview", "aerial", "semantic")
+# The batch keys that carry each map modality (the SceneDataset contract).
+MODALITY_KEYS = {
+    "streetview": ("map_images", "map_T_scene_view", "map_cameras", "map_view_mask"),
+    "aerial": ("aerial",),
+    "semantic": ("semantic",),
+}
+# Maps decoded into classes are built without the semantic raster (it is the target).
+SEMANTIC_MODALITIES = ("streetview", "aerial")
+
+
+def parse_modalities(modalities: str | Sequence[str]) -> tuple[str, ...]:
+    """"streetview,aerial" or ["streetview", "aerial"] -> a checked tuple in MODALITIES order."""
+    items = modalities.replace("+", ",").split(",") if isinstance(modalities, str) else list(modalities)
+    items = [m.strip() for m in items if m.strip()]
+    unknown = sorted(set(items) - set(MODALITIES))
+    if unknown or not items:
+        raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {list(items)}")
+    return tuple(m for m in MODALITIES if m in items)
+
+
+def select_modalities(batch: dict, modalities: Sequence[str] | None) -> dict:
+    """A shallow copy of a scene batch without the inputs of the modalities not listed."""
+    if modalities is None:
+        return batch
+    keep = parse_modalities(modalities)
+    drop = {k for m in MODALITIES if m not in keep for k in MODALITY_KEYS[m]}
+    return {k: v for k, v in batch.items() if k not in drop}
+
 # Model fields that do not change the weights: they may differ between a checkpoint and the
 # config it is loaded with (sampling, training and view-selection knobs).
 RUNTIME_FIELDS = frozenset({
     "model.num_pose_samples", "model.num_pose_retries", "model.refine_grid", "model.modality_dropout",
     "model.z_jitter_m", "model.top_k_views", "model.max_view_distance_m", "model.temperature_init",
-    "model.area_frequencies", "model.object_frequencies",
+    "model.area_frequencies", "model.object_frequencies", "model.num_query_points", "model.num_coarse_points",
+    "model.coarse_cells", "model.num_candidates", "model.keep_candidates", "model.final_step_cells",
+    "model.final_step_deg", "model.refine_range_m", "model.refine_range_deg",
 })
 # Scene fields that define what the weights mean (voxel size, column height).
 SCENE_ARCH_FIELDS = ("cell_m",)
@@ -95,11 +128,25 @@ class SNAP(nn.Module):
         self.semantic_net = SemanticNet(config.model)
 
     # -- mapping -------------------------------------------------------------------------------
-    def map(self, scene_batch: dict, generator: torch.Generator | None = None) -> NeuralMapTile:
+    def map(
+        self,
+        scene_batch: dict,
+        generator: torch.Generator | None = None,
+        *,
+        modalities: Sequence[str] | None = None,
+        dropout: float | None = None,
+    ) -> NeuralMapTile:
         """Neural map of a batch of scenes: street-view volumes pooled vertically, aerial and
-        semantic planes, max-fused (with modality dropout while training), plus the heads."""
-        planes = self.mapper.map_planes(scene_batch, self.camera_model)
-        dropout = self.config.model.modality_dropout if self.training else 0.0
+        semantic planes, max-fused, plus the heads.
+
+        modalities: the inputs used, a subset of MODALITIES ("streetview", "aerial", "semantic");
+            None: every input the model has and the batch holds. The inputs left out are never
+            read, so nothing of them can reach the map.
+        dropout: modality-dropout probability; None: the config's while training, 0 in eval mode."""
+        batch = select_modalities(scene_batch, modalities)
+        planes = self.mapper.map_planes(batch, self.camera_model)
+        if dropout is None:
+            dropout = self.config.model.modality_dropout if self.training else 0.0
         plane = fuse_modalities(planes, dropout, generator)
         matching, confidence = self.mapper.heads(plane)
         return NeuralMapTile(plane.features, matching, plane.valid, confidence, self.config.scene.cell_m)
@@ -183,14 +230,18 @@ class SNAP(nn.Module):
         logits = self.semantic_net(neural_map.features, neural_map.valid)
         return self.semantic_net.predict(logits, neural_map.valid)
 
-    def semantic_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Semantic-net loss on the frozen map: the mapper runs in eval mode without gradients.
+    def semantic_loss(self, batch: dict, modalities: Sequence[str] = SEMANTIC_MODALITIES) -> dict[str, torch.Tensor]:
+        """Semantic-net loss on the frozen map: the mapper runs in eval mode, without gradients
+        and without modality dropout, on `modalities` only (default street view + aerial, as
+        SNAP: the semantic raster is the target, so it must not be an input of the decoded map).
         Returns the losses (`total` scalar, per-group (B,)) and the metrics."""
+        if "semantic" in modalities:
+            raise ValueError("semantic_loss: the semantic raster is the target; it cannot be a map input")
         was_training = self.mapper.training
         self.mapper.eval()
         try:
             with torch.no_grad():
-                neural_map = self.map(batch)
+                neural_map = self.map(batch, modalities=modalities, dropout=0.0)
         finally:
             self.mapper.train(was_training)
         logits = self.semantic_net(neural_map.features, neural_map.valid)
@@ -209,14 +260,24 @@ class SNAP(nn.Module):
             "config": self.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def pretrained_path(cls, name: str = PRETRAINED_NAME) -> Path:
+        """Path of a checkpoint shipped in the package (`neuralmaps/weights/<name>.pt`)."""
+        return Path(__file__).resolve().parent.parent / "weights" / f"{name}.pt"
+
+    @classmethod
+    def from_pretrained(cls, name: str = PRETRAINED_NAME, map_location: Any = "cpu") -> "SNAP":
+        """The model shipped with the package (no network): `snap-cpu-tiny`, trained on the
+        Helsinki digital twin (see MODEL_CARD.md), with its localization and semantic heads."""
+        path = cls.pretrained_path(name)
+        if not path.is_file():
+            shipped = sorted(p.stem for p in path.parent.glob("*.pt"))
+            raise FileNotFoundError(f"no shipped checkpoint {name!r} (looked for {path}); shipped: {shipped or 'none'}")
+        return cls.load(path, map_location=map_location)
 
     @classmethod
     def load(cls, path: str | Path, map_location: Any = "cpu", config: Config | None = None) -> "SNAP":

@@ -1,0 +1,129 @@
+"""SNAP fidelity (google-research/snap): temperature, pose scores, RANSAC proposals, refinement
+reach, and a semantic stage that never sees its own labels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models_helpers import tiny_batch, tiny_config
+from neuralmaps.config import ModelConfig
+from neuralmaps.geometry import Transform2D
+from neuralmaps.models import SNAP
+from neuralmaps.models.localizer import Localizer, make_exact_recovery_problem, pose_errors
+
+torch.set_num_threads(1)
+
+
+def test_temperature_starts_at_e_squared():
+    # SNAP multiplies point scores by exp(temperature), the parameter initialised at 2.0.
+    loc = Localizer(ModelConfig())
+    assert loc.temperature.item() == pytest.approx(math.exp(2.0), rel=1e-6)
+    f = torch.nn.functional.normalize(torch.randn(1, 3, 4), dim=-1)
+    m = torch.nn.functional.normalize(torch.randn(1, 4, 5, 6), dim=1)
+    ref = torch.einsum("bnd,bdxy->bnxy", f, m).relu() * math.exp(2.0)
+    assert torch.allclose(loc._relu_sims(f, m), ref, atol=1e-5)
+
+
+def test_pose_score_is_the_mean_over_valid_points_clamped_at_the_edge():
+    loc = Localizer(ModelConfig())
+    g = torch.Generator().manual_seed(0)
+    X, Y = 6, 5
+    r = torch.rand(1, 3, X, Y, generator=g)
+    p = torch.tensor([[[1.5, 1.5], [2.5, 3.5], [0.5, 0.5]]])  # metres, cell 1 m: cell centres
+    w = torch.tensor([[1.0, 1.0, 0.0]])  # the third point is not a valid query cell
+    # Identity pose: the mean of the two valid points' values at their cells.
+    s = loc._score_maps(r, p, w, torch.zeros(1, 1), torch.zeros(1, 1, 2), 1.0)
+    assert s.item() == pytest.approx(((r[0, 0, 1, 1] + r[0, 1, 2, 3]) / 2).item(), abs=1e-6)
+    # Shifted 10 m east: both points fall off the map and take the value of the nearest edge cell.
+    s = loc._score_maps(r, p, w, torch.zeros(1, 1), torch.tensor([[[10.0, 0.0]]]), 1.0)
+    assert s.item() == pytest.approx(((r[0, 0, X - 1, 1] + r[0, 1, X - 1, 3]) / 2).item(), abs=1e-6)
+
+
+def test_ransac_proposes_matches_outside_the_top_local_maxima():
+    # Each point's true cell scores just below 20 decoy peaks: a sampler restricted to the top-k
+    # local maxima never proposes it; SNAP's full softmax does, and the true pose is sampled.
+    loc = Localizer(ModelConfig(num_pose_samples=8000, num_pose_retries=4))
+    X = Y = 40
+    g = torch.Generator().manual_seed(3)
+    p = torch.tensor([[[2.5, 0.5], [10.5, 4.5]]])
+    T = Transform2D(torch.tensor([math.pi / 2]), torch.tensor([[17.0, 12.0]]))
+    true = T.transform(p)[0]  # map metres of the true matches (cell centres)
+    r = torch.zeros(1, 2, X, Y)
+    for n in range(2):
+        decoys = torch.randint(0, X, (20, 2), generator=g)
+        r[0, n, decoys[:, 0], decoys[:, 1]] = 5.0
+        i, j = (true[n] - 0.5).round().long().tolist()
+        r[0, n, i, j] = 4.9
+    valid = torch.ones(1, X, Y, dtype=torch.bool)
+    angle, t = loc._sample_poses(r, valid, p, torch.ones(1, 2), 1.0, None, torch.Generator().manual_seed(0))
+    err_t = (t[0] - T.t[0]).norm(dim=-1)
+    err_r = (angle[0] - T.angle[0] + math.pi).remainder(2 * math.pi) - math.pi
+    hits = ((err_t < 0.75) & (err_r.abs() < math.radians(3))).sum().item()
+    # P(true cell | point) = e^4.9 / (20 e^5 + e^4.9 + 1579) ~ 0.029; a pair of true matches:
+    # 2 (0.029 / 2)^2 ~ 4.2e-4 per draw, so ~13 of 8000 x 4 retries (a top-k sampler: 0).
+    assert hits >= 5, hits
+
+
+def test_refinement_reaches_four_metres_and_five_degrees():
+    # From a pose 3 m and 4 degrees off, eval-mode refinement (SNAP: ±4 m, ±5°) finds the truth.
+    pb = make_exact_recovery_problem(4, 8, 64, 32, cell_m=0.5, generator=torch.Generator().manual_seed(1))
+    loc = Localizer(ModelConfig()).eval()
+    with torch.no_grad():
+        f, p, w = loc._sample_points(pb.query_feats, pb.query_valid, pb.query_xy, torch.Generator().manual_seed(0))
+        m = torch.nn.functional.normalize(pb.map_feats, dim=1)
+        r = loc._relu_sims(f, m)
+        score_fn = lambda a, t: loc._score_maps(r, p, w, a, t, pb.cell_m)  # noqa: E731
+        centre = (p * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+        a0 = pb.T_gt.angle[:, None] + math.radians(4.0)
+        t0 = pb.T_gt.t[:, None] + torch.tensor([2.1, -2.1])  # 2.97 m
+        aw, tw = loc._wide_search(score_fn, a0, t0, centre, pb.cell_m, None)
+        a, t, _ = loc._refine(score_fn, aw, tw, centre, pb.cell_m / 2, math.radians(0.5), pb.cell_m, None)
+        dr, dt = pose_errors(Transform2D(a[:, 0], t[:, 0]), pb.T_gt, pb.cell_m)
+    assert (dt < 0.3).all() and (dr < 0.5).all(), (dt, dr)  # measured: <= 0.14 cells, <= 0.25 deg
+
+
+def _hooked_model(dropout: float) -> tuple[SNAP, dict]:
+    cfg = tiny_config(norm="group")
+    cfg.model.modality_dropout = dropout
+    torch.manual_seed(0)
+    model = SNAP(cfg).train()
+    return model, tiny_batch(cfg)
+
+
+def test_semantic_stage_never_reads_the_semantic_raster():
+    # The semantic raster is the target of the semantic stage: if its encoder runs while the
+    # decoded map is built, labels can flow into the prediction.
+    model, batch = _hooked_model(0.0)
+    calls = []
+    model.mapper.semantic.register_forward_hook(lambda *a: calls.append(1))
+    out = model.semantic_loss(batch)
+    assert not calls, "the semantic raster was encoded into the map that the semantic net decodes"
+    # And the map it decodes is the street view + aerial one, whatever the raster holds.
+    batch2 = dict(batch, semantic=1.0 - batch["semantic"])
+    logits = lambda b: model.semantic_net(*_map(model, b))  # noqa: E731
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(_flat(logits(batch)), _flat(logits(batch2))))
+    assert torch.isfinite(out["total"])
+    with pytest.raises(ValueError, match="target"):
+        model.semantic_loss(batch, modalities=("streetview", "semantic"))
+
+
+def _map(model, batch):
+    nm = model.map(batch, modalities=("streetview", "aerial"), dropout=0.0)
+    return nm.features, nm.valid
+
+
+def _flat(x):
+    return list(x.values()) if isinstance(x, dict) else [x]
+
+
+def test_semantic_stage_map_is_deterministic_in_train_mode():
+    # Modality dropout must not fire in the frozen map of the semantic stage.
+    model, batch = _hooked_model(0.9)
+    torch.manual_seed(1)
+    a = model.semantic_loss(batch)["total"].item()
+    b = model.semantic_loss(batch)["total"].item()
+    assert a == b
