@@ -8,9 +8,9 @@ optimiser state in `<out>/<stage>_opt.pt` so that a killed run resumes where it 
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import Config
+from .storage import atomic_write_bytes, atomic_write_text
 from .data import SceneDataset
 from .models import SNAP
 
@@ -74,7 +75,7 @@ def make_loader(dataset: SceneDataset, batch_size: int, shuffle: bool, num_worke
 
 @torch.no_grad()
 def evaluate_localization(
-    model: SNAP, dataset: SceneDataset, batch_size: int = 4, max_batches: int | None = None, seed: int = 0,
+    model: SNAP, dataset, batch_size: int = 4, max_batches: int | None = None, seed: int = 0,
 ) -> LocalizationMetrics:
     """Localize every query of `dataset` against the map built from its own scene (eval mode,
     the localizer's default RANSAC mode, as in `SNAP.loss`)."""
@@ -95,10 +96,59 @@ def evaluate_localization(
 
 
 STAGES = ("localization", "semantics")
+LOG_FIELDS = ("stage", "step", "loss", "median_err_xy_m", "median_area_accuracy", "recall@3m", "lr", "elapsed_s",
+              "val/recall@1m", "val/recall@3m", "val/recall@5m", "val/median_err_xy_m", "val/median_err_yaw_deg")
 
 
-def _lr_factor(step: int, steps: int, warmup: int = 50) -> float:
-    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+def lr_factor(step: int, steps: int, constant_fraction: float = 0.5, warmup: int = 0) -> float:
+    """SNAP's schedule: constant for `constant_fraction` of the steps, then cosine decay to 0,
+    after an optional linear warm-up of `warmup` steps. step 0-based."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    start = constant_fraction * steps
+    if step < start:
+        return warm
+    frac = min(1.0, (step - start) / max(steps - start, 1))
+    return warm * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _subset(dataset, limit: int | None):
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    # Evenly spread over the split, the same pairs at every evaluation.
+    idx = torch.linspace(0, len(dataset) - 1, limit).round().long().tolist()
+    return torch.utils.data.Subset(dataset, idx)
+
+
+def _append_log(out: Path, rec: dict) -> None:
+    """One record to log.jsonl (all keys) and log.csv (LOG_FIELDS), flushed at once."""
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    csv_path = out / "log.csv"
+    new = not csv_path.exists()
+    with open(csv_path, "a") as f:
+        if new:
+            f.write(",".join(LOG_FIELDS) + "\n")
+        f.write(",".join("" if rec.get(k) is None else str(rec[k]) for k in LOG_FIELDS) + "\n")
+
+
+def _truncate_logs(out: Path, stage: str, step: int) -> None:
+    """Drop the log records of `stage` after `step` (written after the checkpoint a killed run
+    resumes from, they will be written again)."""
+    path = out / "log.jsonl"
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    recs = []
+    for line in lines:
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by the kill
+            pass
+    keep = [r for r in recs if not (r.get("stage") == stage and r.get("step", 0) > step)]
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(out / "log.csv", ",".join(LOG_FIELDS) + "\n" + "".join(
+            ",".join("" if r.get(k) is None else str(r[k]) for k in LOG_FIELDS) + "\n" for r in keep))
 
 
 def train(
@@ -113,21 +163,28 @@ def train(
     batch_size: int | None = None,
     num_workers: int = 0,
     log_every: int = 10,
-    eval_every: int = 0,
-    ckpt_every: int = 200,
+    eval_every: int | None = None,
+    ckpt_every: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict]:
-    """Train one stage and return the log records (also appended to `<out_dir>/log.jsonl`).
+    """Train one stage and return the log records (also appended to `<out_dir>/log.jsonl` and
+    `log.csv`).
 
     stage "localization": self-supervised, the NLL of the ground-truth query pose; all parameters.
-    stage "semantics": the semantic decoder on the frozen map (only `model.semantic_net` learns).
-    Resumes from `<out_dir>/<stage>_last.pt` + `<stage>_opt.pt` when they exist."""
+    stage "semantics": the semantic decoder on the frozen map built from street view + aerial
+    (only `model.semantic_net` learns; the semantic raster is the target, never an input).
+    Every `ckpt_every` steps the model, optimiser, step and RNG state go atomically to
+    `<out_dir>/<stage>_state.pt` (and the model to `<stage>_last.pt`), so a run killed at any
+    moment resumes from there and loses at most `ckpt_every` steps."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
     cfg: Config = model.config
-    lr = lr or cfg.train.lr
-    batch_size = batch_size or cfg.train.batch_size
+    tc = cfg.train
+    lr = lr or (tc.semantic_lr or tc.lr if stage == "semantics" else tc.lr)
+    batch_size = batch_size or tc.batch_size
+    ckpt_every = ckpt_every or tc.ckpt_every
+    eval_every = tc.eval_every if eval_every is None else eval_every
     torch.manual_seed(seed)
     if stage == "localization":
         params, loss_fn, metric = list(model.parameters()), model.loss, "err_xy_m"
@@ -136,20 +193,27 @@ def train(
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=1e-4)
     start = 0
     out = Path(out_dir) if out_dir is not None else None
-    ckpt, opt_path = (out / f"{stage}_last.pt", out / f"{stage}_opt.pt") if out is not None else (None, None)
+    g = torch.Generator()
     if out is not None:
+        ckpt, state_path = out / f"{stage}_last.pt", out / f"{stage}_state.pt"
         out.mkdir(parents=True, exist_ok=True)
         cfg.save_yaml(out / "config.yaml")
-        if ckpt.is_file() and opt_path.is_file():
-            state = torch.load(opt_path, weights_only=True)
-            model.load_state_dict(SNAP.load(ckpt, config=cfg).state_dict())
+        if state_path.is_file():
+            state = torch.load(state_path, weights_only=True)
+            model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start = int(state["step"])
-    # Warm-up over 50 steps, then cosine decay; offset by `start` when resuming.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s + start, steps))
+            g.set_state(state["generator"])
+            _truncate_logs(out, stage, start)
+    if start == 0:
+        g.manual_seed(seed)
+    if start >= steps:
+        return []
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s + start, steps, tc.constant_fraction, tc.warmup_steps))
     loader = make_loader(train_set, batch_size, shuffle=True, num_workers=num_workers, seed=seed + start)
     batches = _cycle(loader)
-    g = torch.Generator().manual_seed(seed + start)
+    val_subset = _subset(val_set, tc.val_limit) if val_set is not None and len(val_set) else None
     records: list[dict] = []
     model.train()
     t0 = time.time()
@@ -163,7 +227,8 @@ def train(
             raise FloatingPointError(f"non-finite {stage} loss at step {step}: {loss.item()}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         sched.step()
         window.append((loss.item(), losses[metric].float().median().item()))
@@ -178,17 +243,30 @@ def train(
                 "lr": sched.get_last_lr()[0],
                 "elapsed_s": round(time.time() - t0, 1),
             }
+            if stage == "localization":
+                rec["recall@3m"] = sum(m <= 3.0 for m in values) / len(values)
             window = []
-            if val_set is not None and stage == "localization" and eval_every and ((step + 1) % eval_every == 0 or last):
-                rec |= {f"val/{k}": v for k, v in evaluate_localization(model, val_set).summary().items()}
+            if val_subset is not None and stage == "localization" and eval_every and ((step + 1) % eval_every == 0 or last):
+                rec |= {f"val/{k}": v for k, v in evaluate_localization(model, val_subset).summary().items()}
             records.append(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            post = {"loss": f"{rec['loss']:.3f}"}
+            if "recall@3m" in rec:
+                post["R@3m"] = f"{rec['recall@3m']:.2f}"
+            if "val/recall@3m" in rec:
+                post["val R@3m"] = f"{rec['val/recall@3m']:.2f}"
+            bar.set_postfix(post)
             if out is not None:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                _append_log(out, rec)
         if out is not None and ((step + 1) % ckpt_every == 0 or last):
+            # One atomic file holds everything a resume needs; the SNAP checkpoint follows.
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                     "generator": g.get_state()}
+            atomic_write_bytes(state_path, _torch_bytes(state))
             model.save(ckpt)
-            tmp = opt_path.with_suffix(".tmp")
-            torch.save({"optimizer": opt.state_dict(), "step": step + 1}, tmp)
-            os.replace(tmp, opt_path)
     return records
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()

@@ -1,14 +1,22 @@
-"""Data and model fit together: cpu-tiny trained for 100 steps on two dozen digital-twin pairs.
+"""Data, model and training loop fit together, and a killed run resumes.
 
-The localization loss must fall and the recall on those pairs must rise; the checkpoint written by
-the loop must reload and a rerun must resume instead of starting over. This is the end-to-end proof
-that the store, SceneDataset, the SNAP model and the training loop agree on frames and shapes.
-(~3 min on 2 CPU cores.)
+- Fit: cpu-tiny trained for 100 steps on two dozen digital-twin pairs must learn to localize the
+  pairs it trained on (a memorisation check of frames and shapes end to end, not a measure of
+  generalisation: that is `python -m training.evaluate` on the held-out split, docs/results.md).
+- Resume: `python -m training.train` is SIGKILLed at a random moment after its first checkpoint
+  and started again; the resumed run continues from the last checkpoint and logs every step once.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +30,7 @@ from neuralmaps.training import evaluate_localization, train
 
 NUM_PAIRS = 24
 STEPS = 100
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
@@ -37,17 +46,56 @@ def test_cpu_tiny_learns_to_localize_on_twin_pairs(tmp_path):
     records = train(model, pairs, steps=STEPS, batch_size=2, lr=1e-3, log_every=10, out_dir=out, progress=False)
     after = evaluate_localization(model, pairs)
 
+    # Measured (seed 0): loss 7.1 -> 2.0; recall@3 m 0.04 -> 1.0, @1 m 0.0 -> 0.79; median 17 m -> 0.5 m.
     losses = [r["loss"] for r in records]
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
-    assert after.recall(3.0) >= before.recall(3.0) + 0.3, (before.summary(), after.summary())
-    assert after.recall(1.0) > before.recall(1.0), (before.summary(), after.summary())
-    assert after.summary()["median_err_xy_m"] < before.summary()["median_err_xy_m"]
+    b, a = before.summary(), after.summary()
+    assert b["recall@3m"] <= 0.2 and a["recall@3m"] >= 0.85, (b, a)
+    assert a["recall@1m"] >= 0.4, (b, a)
+    assert a["median_err_xy_m"] < 1.2, (b, a)
 
-    # The loop's artefacts: log, config, checkpoint that reloads to the same weights, resumable state.
+    # The loop's artefacts: log, config, a checkpoint that reloads to the same weights.
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(10, STEPS + 1, 10))
-    assert (out / "config.yaml").is_file()
+    assert (out / "config.yaml").is_file() and (out / "log.csv").is_file()
     reloaded = SNAP.load(out / "localization_last.pt")
-    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert train(model, pairs, steps=STEPS, batch_size=2, out_dir=out, progress=False) == []
+    for (name, x), y in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def _train_cmd(store: Path, out: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "training.train", "--data", str(store), "--out", str(out), "--steps", str(steps),
+            "--semantic-steps", "0", "--threads", "1", "--log-every", "1", "--quiet",
+            "--set", "train.ckpt_every=2", "train.eval_every=0", "train.batch_size=2"]
+
+
+@pytest.mark.slow
+def test_training_resumes_after_sigkill_at_a_random_moment(tmp_path):
+    store = write_small(tmp_path / "kill.zarr", num_pairs=8)
+    out, steps = tmp_path / "run", 8
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_train_cmd(store, out, steps), cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = out / "localization_state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"finished or failed before the first checkpoint: {proc.stderr.read().decode()[-2000:]}"
+    time.sleep(random.Random().uniform(0.0, 3.0))  # anywhere: mid-step, mid-write, mid-log
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max((json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()
+                     if line.strip().endswith("}")), default=0)
+    resumed_from = torch.load(state, weights_only=True)["step"]
+    assert resumed_from >= killed_at - 2  # lost at most one checkpoint interval
+
+    done = subprocess.run(_train_cmd(store, out, steps), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1)), logged  # every step once, none lost or doubled
+    csv_steps = [int(line.split(",")[1]) for line in (out / "log.csv").read_text().splitlines()[1:]]
+    assert csv_steps == logged
+    assert torch.load(state, weights_only=True)["step"] == steps
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+    SNAP.load(out / "localization_last.pt")  # a complete, loadable checkpoint

@@ -1,10 +1,13 @@
 """Train SNAP on a training-chunk store: localization (self-supervised), then semantics.
 
-    python training/train.py --data demo/chunks.zarr --preset cpu-tiny --out outputs/cpu-tiny \
-        --steps 3000 --semantic-steps 500
+    python -m training.train --preset cpu-tiny --data data/helsinki.zarr --out outputs/cpu-tiny \
+        [--set model.matching_dim=16 train.batch_size=8] [--modalities streetview,aerial,semantic] \
+        [--init pretrained|CKPT] [--steps N] [--semantic-steps N]
 
-Writes `<out>/localization_last.pt`, `<out>/semantics_last.pt` (= the final model), `config.yaml`,
-`log.jsonl` and `metrics.json`. A killed run resumes when started again with the same arguments.
+(`python training/train.py ...` is the same.) Writes `<out>/localization_last.pt`,
+`<out>/semantics_last.pt` (= the final model), `config.yaml`, `log.jsonl`, `log.csv`,
+`metrics.json` and `run.json` (the command, data, seeds and commit). A run killed at any moment
+resumes when started again with the same arguments, losing at most `train.ckpt_every` steps.
 """
 
 from __future__ import annotations
@@ -12,53 +15,99 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __package__ in (None, ""):  # run as a script: make `training` and `neuralmaps` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from neuralmaps.config import preset  # noqa: E402
+from neuralmaps.config import Config, preset  # noqa: E402
 from neuralmaps.data import SceneDataset  # noqa: E402
-from neuralmaps.models import SNAP  # noqa: E402
+from neuralmaps.models import MODALITIES, SNAP, parse_modalities  # noqa: E402
 from neuralmaps.training import evaluate_localization, train  # noqa: E402
+
+
+def build_config(preset_name: str, overrides: list[str], modalities: str | None) -> Config:
+    """The preset, then `--modalities` (which inputs the map is built from), then `--set`."""
+    cfg = preset(preset_name)
+    if modalities:
+        mods = parse_modalities(modalities)
+        cfg = cfg.with_overrides({f"model.use_{m}": m in mods for m in MODALITIES})
+    return cfg.with_overrides(overrides or [])
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="training-chunk store (neuralmaps synth --out)")
-    ap.add_argument("--preset", default="cpu-tiny")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=None, help="localization steps (default: config)")
-    ap.add_argument("--semantic-steps", type=int, default=300)
+    ap.add_argument("--preset", default="cpu-tiny", help="config preset: cpu-tiny or paper")
+    ap.add_argument("--out", required=True, help="run folder (checkpoints, logs, metrics)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="dotted config overrides, e.g. model.matching_dim=16 train.batch_size=8")
+    ap.add_argument("--modalities", default=None,
+                    help="map inputs trained with, any of streetview,aerial,semantic (default: the preset's)")
+    ap.add_argument("--init", default=None, help="warm start: 'pretrained' (the shipped model) or a checkpoint path")
+    ap.add_argument("--steps", type=int, default=None, help="localization steps (default: train.steps)")
+    ap.add_argument("--semantic-steps", type=int, default=None, help="semantic steps (default: train.semantic_steps)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="data-loader processes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=10, help="steps between log records")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    cfg = preset(args.preset)
+    def fail(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
     try:
+        cfg = build_config(args.preset, args.set, args.modalities)
         train_set = SceneDataset(args.data, "train", config=cfg)
         val_set = SceneDataset(args.data, "val", config=cfg)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if len(train_set) == 0:
+            return fail(f"{args.data} holds no finished train pairs")
+        model = SNAP(cfg)
+        if args.init:
+            init = SNAP.from_pretrained() if args.init == "pretrained" else SNAP.load(args.init)
+            missing = model.load_state_dict(init.state_dict(), strict=False)
+            if missing.unexpected_keys or missing.missing_keys:
+                return fail(f"--init {args.init}: weights do not fit the config "
+                            f"(missing {missing.missing_keys[:5]}, unexpected {missing.unexpected_keys[:5]})")
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        return fail(str(e))
     out = Path(args.out)
-    model = SNAP(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     steps = args.steps or cfg.train.steps
-    common = dict(out_dir=out, batch_size=args.batch_size, num_workers=args.workers, seed=args.seed)
+    sem_steps = cfg.train.semantic_steps if args.semantic_steps is None else args.semantic_steps
+    run = {"argv": sys.argv if argv is None else ["training.train", *argv], "data": str(args.data),
+           "train_pairs": len(train_set), "val_pairs": len(val_set), "seed": args.seed, "commit": _commit(),
+           "steps": steps, "semantic_steps": sem_steps, "init": args.init, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(out / "runs.jsonl", "a") as f:  # one line per (re)start: the whole schedule of the run
+        f.write(json.dumps(run) + "\n")
+    common = dict(out_dir=out, batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
+                  progress=not args.quiet, log_every=args.log_every)
     train(model, train_set, steps=steps, stage="localization", val_set=val_set if len(val_set) else None,
-          eval_every=max(steps // 5, 1), lr=args.lr, **common)
-    if args.semantic_steps:
-        train(model, train_set, steps=args.semantic_steps, stage="semantics", **common)
+          lr=args.lr, **common)
+    if sem_steps:
+        train(model, train_set, steps=sem_steps, stage="semantics", **common)
     metrics = {}
-    for name, ds in (("train", train_set), ("val", val_set)):
-        if len(ds):
-            metrics[name] = evaluate_localization(model, ds).summary()
+    if len(val_set):
+        metrics["val"] = evaluate_localization(model, val_set).summary()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics))
     return 0
