@@ -1,0 +1,2 @@
+"""Command-line front ends outside the package: `python -m training.train`, `python -m training.evaluate`,
+`python training/plot.py`."""
