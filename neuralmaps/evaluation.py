@@ -74,7 +74,10 @@ MODALITY_KEYS = {
     "semantic": ("semantic",),
 }
 MODALITY_FLAGS = {"streetview": "use_streetview", "aerial": "use_aerial", "semantic": "use_semantic"}
-AERIAL_RGB_TEMPERATURE = 10.0  # scale of the correlation scores in [-1, 1] (softmax sharpness)
+# Scale of the correlation scores in [-1, 1] (softmax sharpness). Swept on a 12-pair Helsinki crop
+# store (seed 0, split all, both modes): recall@5m 42 / 42 / 42 / 42 / 8 / 0 % (RANSAC) at
+# tau = 1 / 2 / 3 / 5 / 10 / 30; heading recall@5deg 75 % up to tau = 5.
+AERIAL_RGB_TEMPERATURE = 3.0
 AERIAL_RGB_CONTRAST_CELLS = 5  # window of the local-contrast feature, cells
 PRETRAINED_NAME = "snap-cpu-tiny.pt"
 NUM_SEMANTIC_SCENES = 4  # scenes drawn in semantics.png
