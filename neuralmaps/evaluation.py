@@ -305,7 +305,8 @@ class SemanticConfusion:
         vb = valid[:, None].expand_as(gt_b)
         for k in range(len(BINARY_CLASSES)):
             p, g = pred_b[:, k][vb[:, k]], gt_b[:, k][vb[:, k]]
-            self.binary[k] += np.array([(p & g).sum(), (p & ~g).sum(), (~p & g).sum(), (~p & ~g).sum()], np.int64)
+            counts = torch.stack([(p & g).sum(), (p & ~g).sum(), (~p & g).sum(), (~p & ~g).sum()])
+            self.binary[k] += counts.cpu().numpy().astype(np.int64)
 
     @staticmethod
     def _multiclass(cm: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
@@ -365,6 +366,12 @@ def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
     return tqdm(it, total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock times measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _true_pose(batch: dict) -> geometry.Transform2D:
     return geometry.camera_pose_to_bev(geometry.Transform3D.from_matrix(batch["query_T_scene_cam"].double())).float()
 
@@ -379,7 +386,7 @@ def _result(data: EvalData, batch: dict, mode: str, d_m: torch.Tensor, d_deg: to
     idx = int(batch["index"][0])
     T_gt = _true_pose(batch)
     cx, cy = _map_size_m(batch, cell_m)
-    dist = float(torch.linalg.norm(T_gt.t[0] - torch.tensor([cx / 2, cy / 2])))
+    dist = float(torch.linalg.norm(T_gt.t[0].cpu() - torch.tensor([cx / 2, cy / 2])))
     return QueryResult(idx, mode, float(d_m[0]), float(d_deg[0]), time_s, str(data.pair_split[idx]),
                        str(data.pair_block[idx]), str(data.pair_query_type[idx]), dist)
 
@@ -397,6 +404,7 @@ def evaluate_model(
     num_rotations: int = 64,
     progress: bool = True,
     keep_scenes: int = NUM_SEMANTIC_SCENES,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Localize every query of `data` with the learned model in each of `modes`, against the map
     built from `modalities` only; decode that map's semantics (when `semantics`).
@@ -404,12 +412,14 @@ def evaluate_model(
     Returns {"results": [QueryResult], "map_times_s": [...], "semantic": SemanticConfusion | None,
     "scenes": [(aerial (3,X,Y), gt areas (X,Y), pred areas (X,Y), valid (X,Y))] for plots}.
     RANSAC's samples use a generator seeded from (seed, pair index), so a query's result does not
-    depend on which other queries are evaluated."""
+    depend on which other queries are evaluated. `device`: where to run (default: the model's)."""
     check_modalities(model, modalities)
     for m in modes:
         if m not in MODES:
             raise EvaluationError(f"unknown mode {m!r}; choose from {MODES}")
     model.eval()
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(dev)
     cell_m = model.config.scene.cell_m
     loader, n = _loader(data, limit)
     results: list[QueryResult] = []
@@ -420,14 +430,17 @@ def evaluate_model(
 
     for batch in _progress(loader, n, "evaluate", progress):
         idx = int(batch["index"][0])
+        batch = {k: v.to(dev) if k != "scene_origin" else v for k, v in batch.items()}
         t0 = time.perf_counter()
         nmap = build_map(model, batch, modalities)
+        _sync(dev)
         map_times.append(time.perf_counter() - t0)
         T_gt = _true_pose(batch)
         for mode in modes:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + idx)
+            g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + idx)
             t0 = time.perf_counter()
             out = model.localize(batch, nmap, mode=mode, with_loss=False, num_rotations=num_rotations, generator=g)
+            _sync(dev)
             dt = time.perf_counter() - t0
             d_m, d_deg = pose_errors(T_gt, out.T_map_query)
             results.append(_result(data, batch, mode, d_m, d_deg, dt, cell_m))
@@ -437,8 +450,9 @@ def evaluate_model(
             if len(scenes) < keep_scenes:
                 lab = semantic_labels(batch["semantic"])
                 scenes.append((
-                    batch["aerial"][0].numpy(), lab["areas"][0].numpy(), lab["areas_valid"][0].numpy(),
-                    sem["areas"].argmax(1)[0].numpy(), nmap.valid[0].cpu().numpy(), idx,
+                    batch["aerial"][0].cpu().numpy(), lab["areas"][0].cpu().numpy(),
+                    lab["areas_valid"][0].cpu().numpy(), sem["areas"].argmax(1)[0].cpu().numpy(),
+                    nmap.valid[0].cpu().numpy(), idx,
                 ))
     return {"results": results, "map_times_s": map_times, "semantic": conf, "scenes": scenes}
 
@@ -633,6 +647,9 @@ def build_metrics(
         metrics["semantic_accuracy"] = sem["areas"]["accuracy"]
         metrics["semantic_accuracy_per_class"] = sem["areas"]["class_accuracy"]
         metrics["semantic"] = sem
+        if "semantic" in modalities:
+            metrics["semantic_warning"] = ("the semantic raster was a map input: the decoder can read its own "
+                                           "labels back, so these semantic metrics are not a mapping result")
     metrics |= {
         "method": method,
         "primary_mode": primary,
@@ -810,6 +827,7 @@ def run_evaluation(
     num_rotations: int = 64,
     semantics: bool = True,
     progress: bool = True,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint ("pretrained" or a path) or a baseline (`BASELINES`) on a store's split
     and write the outputs (`write_outputs`). Returns the metrics dict."""
@@ -837,8 +855,10 @@ def run_evaluation(
         modalities = parse_modalities(modalities)
         model = load_model(checkpoint)
         data = open_eval_data(data_path, split, config=model.config)
+        if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+            raise EvaluationError(f"--device {device}: CUDA is not available here")
         run = evaluate_model(model, data, modalities=modalities, modes=modes, semantics=semantics, limit=limit,
-                             seed=seed, num_rotations=num_rotations, progress=progress)
+                             seed=seed, num_rotations=num_rotations, progress=progress, device=device)
         metrics = build_metrics(run, method="snap", modalities=modalities, modes=modes, data=data,
                                 checkpoint=str(checkpoint), seed=seed)
         title = f"SNAP {'+'.join(modalities)} on {Path(data_path).name} ({split})"

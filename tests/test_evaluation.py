@@ -146,6 +146,19 @@ def test_map_ignores_inputs_of_modalities_not_evaluated(store, model, modalities
     assert (with_sem.features - alt.features).abs().max() > 1e-3
 
 
+def test_evaluate_model_on_device_is_reproducible(store, checkpoint, device):
+    """A direct run (one query, both modes, semantics) on each reachable device: the RANSAC result is
+    the same for a given seed, and every output is filled."""
+    model = SNAP.load(checkpoint)
+    data = ev.open_eval_data(store, "all", config=model.config)
+    runs = [ev.evaluate_model(model, data, limit=1, seed=3, progress=False, device=device) for _ in range(2)]
+    r0, r1 = runs[0]["results"], runs[1]["results"]
+    assert [r.mode for r in r0] == ["ransac", "voting"]
+    assert r0[0].err_m == pytest.approx(r1[0].err_m, abs=1e-4) and r0[0].err_deg == pytest.approx(r1[0].err_deg, abs=1e-3)
+    assert r0[0].query_type in ("car", "pedestrian") and r0[0].time_s > 0
+    assert runs[0]["semantic"].areas.sum() > 0 and len(runs[0]["scenes"]) == 1
+
+
 def test_unknown_modality_is_refused():
     with pytest.raises(ev.EvaluationError, match="modalities"):
         ev.parse_modalities("streetview,lidar")

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None, help="evaluate at most N queries (the first N pairs)")
     ap.add_argument("--no-semantics", action="store_true", help="skip the semantic-mapping evaluation")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N], for the learned model")
     ap.add_argument("--seed", type=int, default=0, help="seed of RANSAC samples and the prior's headings")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             data_path=args.data, split=args.split, out_dir=args.out, checkpoint=args.checkpoint,
             baseline=args.baseline, modalities=modalities, mode=args.mode, limit=args.limit, seed=args.seed,
             num_rotations=args.rotations, semantics=not args.no_semantics, progress=not args.quiet,
+            device=args.device,
         )
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
