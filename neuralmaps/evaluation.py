@@ -343,6 +343,19 @@ class SemanticConfusion:
         return out
 
 
+def _json_safe(x: Any) -> Any:
+    """Nested dicts / lists with NaN and inf floats (and numpy scalars) made JSON-safe (None)."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return _num(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
 def _num(v: Any) -> float | None:
     """JSON-friendly float: None for NaN / inf."""
     v = float(v)
@@ -676,28 +689,37 @@ def class_colors() -> dict[str, tuple[float, float, float]]:
     define them, else the preview palette)."""
     from . import config as _config
 
-    for mod in (_config,):
-        colors = getattr(mod, "CLASS_COLORS", None)
-        if colors:
-            return _as_rgb01(colors)
+    candidates = [getattr(_config, "CLASS_COLORS", None)]
     try:
         from . import classes as _classes  # type: ignore[attr-defined]
 
-        colors = getattr(_classes, "CLASS_COLORS", None)
-        if colors:
-            return _as_rgb01(colors)
+        candidates.append(getattr(_classes, "CLASS_COLORS", None))
     except ImportError:
         pass
+    for colors in candidates:
+        try:
+            out = _as_rgb01(colors) if colors else {}
+        except (TypeError, ValueError):
+            out = {}
+        if all(c in out for c in AREA_CLASSES):
+            return out
     from .synth.preview import CLASS_COLORS
 
     return _as_rgb01(CLASS_COLORS)
 
 
 def _as_rgb01(colors: Any) -> dict[str, tuple[float, float, float]]:
-    if not isinstance(colors, dict):  # a sequence in CLASS_NAMES order
+    """Colours as {name: (r, g, b) in [0, 1]} from a dict or a CLASS_NAMES-ordered sequence of
+    0-1 or 0-255 triples or matplotlib colour strings."""
+    from matplotlib.colors import to_rgb
+
+    if not isinstance(colors, dict):
         colors = dict(zip(CLASS_NAMES, colors))
     out = {}
     for k, c in colors.items():
+        if isinstance(c, str):
+            out[k] = tuple(to_rgb(c))
+            continue
         c = tuple(float(v) for v in c)[:3]
         out[k] = tuple(v / 255.0 for v in c) if max(c) > 1.0 else c
     return out
@@ -791,7 +813,7 @@ def write_outputs(out_dir: str | os.PathLike, metrics: dict[str, Any], run: dict
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     p = out / "metrics.json"
-    _atomic_write_bytes(p, (json.dumps(metrics, indent=2, allow_nan=False, default=_num) + "\n").encode())
+    _atomic_write_bytes(p, (json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n").encode())
     paths.append(p)
     buf = io.StringIO()
     w = csv.writer(buf)
