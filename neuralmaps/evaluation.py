@@ -57,7 +57,7 @@ __all__ = [
     "EvalData", "QueryResult", "SemanticConfusion", "open_eval_data", "load_model", "parse_modalities",
     "map_batch_for", "pose_errors", "recall_summary", "prior_chance_recall", "ground_rgb",
     "rgb_features", "evaluate_model", "evaluate_prior", "evaluate_aerial_rgb", "build_metrics",
-    "plot_recall_curves", "plot_semantics", "write_outputs", "run_evaluation", "class_colors",
+    "plot_recall_curves", "plot_semantics", "write_outputs", "run_evaluation", "class_colors", "results_table",
 ]
 
 MODALITIES = ("streetview", "aerial", "semantic")
@@ -833,6 +833,28 @@ def write_outputs(out_dir: str | os.PathLike, metrics: dict[str, Any], run: dict
         plot_semantics(run["scenes"], p, f"{title}  area mIoU {miou:.3f}" if miou is not None else title)
         paths.append(p)
     return paths
+
+
+def results_table(metrics_files: dict[str, str | os.PathLike]) -> str:
+    """A Markdown table of evaluations (e.g. the modality ablation beside the baselines): one row per
+    {row name: metrics.json path}, with the joint recalls (%), median errors, the primary mode, the
+    voting recall at (3 m, 3 deg) when evaluated, and the area mIoU (%)."""
+    head = ("| run | modalities | mode | queries | R@1m,1° | R@3m,3° | R@5m,5° | median m | median ° "
+            "| voting R@3m,3° | area mIoU |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def pct(v: Any) -> str:
+        return "–" if v is None else f"{100 * v:.1f}"
+
+    for name, path in metrics_files.items():
+        m = json.loads(Path(path).read_text())
+        voting = m.get("modes", {}).get("voting", {}).get("recall_3m_3deg")
+        lines.append(
+            f"| {name} | {'+'.join(m['modalities']) or '–'} | {m.get('primary_mode', '?')} | {m['num_queries']} "
+            f"| {pct(m['recall_1m_1deg'])} | {pct(m['recall_3m_3deg'])} | {pct(m['recall_5m_5deg'])} "
+            f"| {m['median_error_m']:.2f} | {m['median_error_deg']:.1f} | {pct(voting)} | {pct(m.get('semantic_miou'))} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def run_evaluation(

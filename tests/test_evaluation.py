@@ -276,7 +276,7 @@ def test_cli_modalities_and_mode(store, checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("baseline", ["prior", "aerial-rgb"])
-def test_cli_baselines(store, tmp_path, baseline):
+def test_cli_baselines(store, tmp_path, baseline, capsys):
     from training.evaluate import main
 
     out = tmp_path / baseline
@@ -284,6 +284,8 @@ def test_cli_baselines(store, tmp_path, baseline):
     m = json.loads((out / "metrics.json").read_text())
     _check_metrics(m, NUM_PAIRS)
     assert m["method"] == baseline
+    assert main(["--table", f"{baseline}={out}"]) == 0
+    assert f"| {baseline} |" in capsys.readouterr().out
     if baseline == "prior":
         # Chance predicts P(d <= 3 m) * 3/180 <= 1.7 %: with 6 queries, no hit is by far the likeliest.
         assert m["chance"]["recall_3m_3deg"] <= 3 / 180 and m["recall_3m_3deg"] <= 1 / NUM_PAIRS

@@ -5,6 +5,7 @@
         --modalities streetview --mode voting --limit 50
     python -m training.evaluate --baseline prior --data STORE --split test --out DIR
     python -m training.evaluate --baseline aerial-rgb --data STORE --split test --out DIR
+    python -m training.evaluate --table "street view=DIR1" "prior=DIR2" ...   # Markdown table of results
 
 Writes DIR/metrics.json (recall_1m_1deg, recall_3m_3deg, recall_5m_5deg, median_error_m,
 median_error_deg, num_queries, modalities; semantic_miou and semantic_iou_per_class with a semantic
@@ -37,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--baseline", choices=BASELINES,
                       help="prior: scene centre + random heading; aerial-rgb: ground-projected query colours "
                            "matched to the raw orthophoto")
-    ap.add_argument("--data", required=True, help="training-chunk store (neuralmaps synth --out), any city")
+    what.add_argument("--table", nargs="+", metavar="NAME=DIR",
+                      help="print a Markdown table of earlier evaluations (their DIR/metrics.json) and exit")
+    ap.add_argument("--data", help="training-chunk store (neuralmaps synth --out), any city (required)")
     ap.add_argument("--split", default="test", help="train, val, test or all (default test)")
-    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--out", help="output folder (required)")
     ap.add_argument("--modalities", default=",".join(DEFAULT_MODALITIES),
                     help="map inputs, a comma-separated subset of streetview,aerial,semantic (default streetview,aerial)")
     ap.add_argument("--mode", default="both", choices=("ransac", "voting", "both"),
@@ -55,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.table:
+        return _table(args.table)
+    missing = [f"--{k}" for k in ("data", "out") if getattr(args, k) is None]
+    if missing:
+        ap.error(f"the following arguments are required: {', '.join(missing)}")
     import torch
 
     torch.set_num_threads(max(1, args.threads))
@@ -73,6 +82,27 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("recall_1m_1deg", "recall_3m_3deg", "recall_5m_5deg", "median_error_m", "median_error_deg",
             "num_queries", "modalities", "semantic_miou")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}))
+    return 0
+
+
+def _table(items: list[str]) -> int:
+    from pathlib import Path
+
+    from neuralmaps.evaluation import results_table
+
+    files = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        path = Path(folder if sep else name) / "metrics.json"
+        if not path.is_file():
+            print(f"error: {path} not found (give NAME=DIR of an evaluation's --out)", file=sys.stderr)
+            return 2
+        files[name] = path
+    try:
+        print(results_table(files), end="")
+    except (KeyError, ValueError) as e:
+        print(f"error: not an evaluation's metrics.json ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
     return 0
 
 
