@@ -94,7 +94,7 @@ class EvaluationError(ValueError):
 class EvalData:
     """The pairs of a split (or of all splits) and their per-pair metadata.
 
-    dataset: SceneDataset items (a ConcatDataset for split "all"), in pair-index order per split.
+    dataset: SceneDataset items in store pair-index order (all splits' for split "all").
     split / block / query_type: by store pair index (str arrays of the store's length).
     """
 
@@ -146,7 +146,11 @@ def open_eval_data(path: str | os.PathLike, split: str, config: Config | None = 
         pair_query_type = np.array([vehicle_types[v] if 0 <= v < len(vehicle_types) else "?" for v in qv], dtype=object)
     else:
         pair_query_type = np.full(n, "?", dtype=object)
-    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    if len(parts) == 1:
+        dataset: Dataset = parts[0]
+    else:  # every split, in store pair order (so --limit N takes the store's first N pairs)
+        order = np.argsort(np.concatenate([p.indices for p in parts]), kind="stable")
+        dataset = torch.utils.data.Subset(ConcatDataset(parts), order.tolist())
     return EvalData(path, split, dataset, parts[0].store_config, pair_split, pair_block, pair_query_type)
 
 

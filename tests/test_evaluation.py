@@ -109,6 +109,7 @@ def test_semantic_confusion_iou_recall_accuracy():
 def test_open_eval_data_splits_and_metadata(store):
     everything = ev.open_eval_data(store, "all")
     assert len(everything) == NUM_PAIRS
+    assert [int(everything.dataset[k]["index"]) for k in range(NUM_PAIRS)] == list(range(NUM_PAIRS))
     n = 0
     for s in ("train", "val", "test"):
         try:
