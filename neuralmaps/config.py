@@ -90,6 +90,11 @@ class ModelConfig:
     refine_grid: int = 5
     # Localizer knobs (no weights depend on them; saved with every checkpoint).
     num_query_points: int | None = None  # query cells scored per query; None: every valid frustum cell (SNAP)
+    # Pose score over the query points: "mean" (SNAP) or "sum". The sum is SNAP's score times the
+    # number of points, i.e. a temperature N times larger; on a CPU budget of ~1e3 steps it learns
+    # far faster (cpu-tiny fit test, 100 steps on 24 pairs: NLL 7.7 -> 5.9 with the mean, 35 -> 2.5
+    # with the sum over 256 points), since the learned temperature moves ~1e-3 per step.
+    score_reduction: str = "mean"
     num_coarse_points: int = 64  # voting: query cells of the coarse level
     coarse_cells: int = 32  # voting: coarse grid cells along the map's longer side
     num_candidates: int = 8  # K poses refined and returned in `topk`
@@ -261,6 +266,8 @@ def _cpu_tiny() -> Config:
             matching_dim=16,
             num_pose_samples=2048,
             num_pose_retries=4,
+            num_query_points=256,  # a random 256 of the ~750 valid frustum cells: 1/3 of the scoring cost
+            score_reduction="sum",
             semantic_dim=64,
         ),
         train=TrainConfig(batch_size=4, lr=1e-3, steps=3000, num_workers=1, warmup_steps=50,

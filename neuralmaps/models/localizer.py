@@ -17,6 +17,8 @@ L2-normalised features f_n at query-frame points p_n; m(x) the L2-normalised map
     r_n(x) = tau · ReLU(f_n · m(x))                              tau = exp(log_temperature)
     score(T) = (1/N) sum_n r_n(T p_n)                            bilinear, clamped to the map edge
 
+(`score_reduction="sum"` drops the 1/N: SNAP's score at N times the temperature; cpu-tiny uses it.)
+
 (SNAP's `pose_scoring` with `mask_score_out_of_bounds=False`: a point pushed off the map takes the
 value of the nearest edge cell; invalid map cells have zero features, so r_n = 0 there.)
 
@@ -176,6 +178,9 @@ class Localizer(nn.Module):
         self.final_step_deg = cfg.final_step_deg
         self.refine_range_m = cfg.refine_range_m
         self.refine_range_deg = cfg.refine_range_deg
+        if cfg.score_reduction not in ("mean", "sum"):
+            raise ValueError(f"ModelConfig.score_reduction must be 'mean' or 'sum', got {cfg.score_reduction!r}")
+        self.score_reduction = cfg.score_reduction
         self.chunk = 1 << 19  # point samples per scoring chunk (bounds memory)
 
     @property
@@ -233,7 +238,8 @@ class Localizer(nn.Module):
 
     # -- scoring -----------------------------------------------------------------------------
     def _score_maps(self, r: Tensor, p: Tensor, w: Tensor, angle: Tensor, t: Tensor, cell_m: float) -> Tensor:
-        """SNAP's pose score (1/N) sum_n w_n r_n(T p_n), N = sum_n w_n: r (B, N, X, Y) per-point
+        """SNAP's pose score (1/N) sum_n w_n r_n(T p_n), N = sum_n w_n (without 1/N for
+        `score_reduction="sum"`): r (B, N, X, Y) per-point
         score maps, bilinear with points clamped to the outer cell centres; poses (B, P) -> (B, P)."""
         B, N, X, Y = r.shape
         P = angle.shape[1]
@@ -242,7 +248,7 @@ class Localizer(nn.Module):
         values = r.reshape(B * N, 1, X, Y)
         lo = torch.tensor([0.5, 0.5], dtype=p.dtype, device=p.device)
         hi = torch.tensor([X - 0.5, Y - 0.5], dtype=p.dtype, device=p.device)
-        wn = w / w.sum(1, keepdim=True).clamp(min=1)
+        wn = w / w.sum(1, keepdim=True).clamp(min=1) if self.score_reduction == "mean" else w
         for s in range(0, P, step):
             q = transform_points(angle[:, s : s + step], t[:, s : s + step], p) / cell_m  # (B, P', N, 2)
             q = torch.maximum(torch.minimum(q, hi), lo).transpose(1, 2).reshape(B * N, -1, 2)

@@ -62,7 +62,7 @@ RUNTIME_FIELDS = frozenset({
     "model.z_jitter_m", "model.top_k_views", "model.max_view_distance_m", "model.temperature_init",
     "model.area_frequencies", "model.object_frequencies", "model.num_query_points", "model.num_coarse_points",
     "model.coarse_cells", "model.num_candidates", "model.keep_candidates", "model.final_step_cells",
-    "model.final_step_deg", "model.refine_range_m", "model.refine_range_deg",
+    "model.final_step_deg", "model.refine_range_m", "model.refine_range_deg", "model.score_reduction",
 })
 # Scene fields that define what the weights mean (voxel size, column height).
 SCENE_ARCH_FIELDS = ("cell_m",)
