@@ -50,6 +50,7 @@ def test_cpu_tiny_learns_to_localize_on_twin_pairs(tmp_path):
     losses = [r["loss"] for r in records]
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     b, a = before.summary(), after.summary()
+    print(f"fit: loss {losses[:3]} -> {losses[-3:]}; before {b}; after {a}")
     assert b["recall@3m"] <= 0.2 and a["recall@3m"] >= 0.85, (b, a)
     assert a["recall@1m"] >= 0.4, (b, a)
     assert a["median_err_xy_m"] < 1.2, (b, a)
