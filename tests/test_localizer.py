@@ -16,12 +16,11 @@ from neuralmaps.models.localizer import (
     _shift_sum,
     _window_max,
     kabsch_2d,
-    make_exact_recovery_problem,
-    pose_errors,
     pose_volume_index,
     transform_points,
     wrap_angle,
 )
+from neuralmaps.testing import make_exact_recovery_problem, pose_errors
 
 torch.set_num_threads(1)
 

@@ -167,6 +167,12 @@ def test_ground_dataset_carries_crs(toy_world):
     ds = toy_world.ground_dataset()
     assert ds.rio.crs.to_epsg() == 32635
     assert float(ds.x[0]) == pytest.approx(X0 + 0.05) and float(ds.y[0]) == pytest.approx(Y0 + 100 - 0.05)
+    # One grid: the local ground grid is the CRS grid shifted by the world's origin.
+    x, y = toy_world.ground_grid.coords()
+    np.testing.assert_allclose(x + toy_world.origin[0], ds.x.values)
+    np.testing.assert_allclose(y + toy_world.origin[1], ds.y.values)
+    r, c, inside = toy_world.ground_grid.index(np.array([0.01, 99.99, -0.01]), np.array([99.99, 0.01, 50.0]))
+    assert r.tolist() == [0, 999, 0] and c.tolist() == [0, 999, 0] and inside.tolist() == [True, True, False]
 
 
 def test_building_styles_depend_on_seed_and_id():

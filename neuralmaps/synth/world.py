@@ -242,8 +242,10 @@ class WorldBuilder:
 
     def build(self) -> "World":
         if self.ground_mat is None:
+            from neuralmaps.geo.region import RasterGrid
+
             res = self.ground_res
-            shape = (max(1, round(self.size_m[1] / res)), max(1, round(self.size_m[0] / res)))
+            shape = RasterGrid.from_bounds((0.0, 0.0, *self.size_m), res).shape
             self.ground_mat = np.full(shape, GroundMat.BARE, np.uint8)
             self.ground_label = np.full(shape, VOID, np.uint8)
             self.size_m = (shape[1] * res, shape[0] * res)
@@ -346,13 +348,18 @@ class World(MeshRayCasting):
             self._texture = NoiseTexture(self.seed + 11)
         return self._texture
 
+    @property
+    def ground_grid(self):
+        """The ground rasters' north-up grid in local metres (`neuralmaps.geo.region.RasterGrid`):
+        `ground_res` pixels from (0, 0) to `size_m`, row 0 north."""
+        from neuralmaps.geo.region import RasterGrid
+
+        h, w = self.ground_mat.shape
+        return RasterGrid(0.0, h * self.ground_res, self.ground_res, (h, w))
+
     def ground_lookup(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ground (material, label) at local points (N,) each; outside the raster: (BARE, 255)."""
-        h, w = self.ground_mat.shape
-        col = np.floor(np.asarray(x) / self.ground_res).astype(np.int64)
-        row = np.floor((h * self.ground_res - np.asarray(y)) / self.ground_res).astype(np.int64)
-        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-        r, c = np.where(inside, row, 0), np.where(inside, col, 0)
+        r, c, inside = self.ground_grid.index(x, y)
         mat = np.where(inside, self.ground_mat[r, c], GroundMat.BARE).astype(np.uint8)
         lab = np.where(inside, self.ground_label[r, c], VOID).astype(np.uint8)
         return mat, lab
