@@ -3,7 +3,7 @@
 Methods: `voting` (ours: coarse-to-fine exhaustive voting), `ransac` (SNAP's sampler; rotations
 do not apply), and `naive` (direct correlation: per rotation, F.conv2d of the full-resolution map
 with the rotated query template; the baseline). Every query is an exact-recovery problem
-(`neuralmaps.models.localizer.make_exact_recovery_problem`): a query cut from a random smooth map
+(`neuralmaps.testing.make_exact_recovery_problem`): a query cut from a random smooth map
 at a random pose; recall counts poses within 1 cell and 1 degree, measured on the timed runs.
 Per-query time is one query (B = 1) localized end to end, after one untimed warm-up query.
 
@@ -119,7 +119,8 @@ def worker(method: str, rotations: int, dim: int, queries: int, naive_chunk: int
     torch.set_num_threads(THREADS)
     from neuralmaps.config import ModelConfig
     from neuralmaps.geometry import Transform2D
-    from neuralmaps.models.localizer import Localizer, make_exact_recovery_problem, pose_errors
+    from neuralmaps.models.localizer import Localizer
+    from neuralmaps.testing import make_exact_recovery_problem, pose_errors
 
     extrapolate = method == "naive" and not (rotations == 64 and dim == 8)
     def problem(i: int):  # made one at a time (untimed) so that peak RSS is the method's own

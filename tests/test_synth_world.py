@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import shapely
 
-from neuralmaps.config import CLASS_NAMES
+from neuralmaps.classes import AREA_CLASSES, CLASS_NAMES, VOID, class_id
 from neuralmaps.geo import GeoInputError, Region
 from neuralmaps.geo.crs import lonlat_to_crs, utm_crs_for
-from neuralmaps.synth.materials import VOID, FaceMat, GroundMat, class_id
+from neuralmaps.synth.materials import FaceMat, GroundMat
 from neuralmaps.synth.world import World
 
 CRS = "EPSG:32635"
@@ -76,6 +76,57 @@ def test_helsinki_ground_raster(helsinki_world):
     assert np.all(w.ground_label[lane] == class_id("road"))
 
 
+def test_helsinki_ground_labels_are_the_rasterizers_classes(helsinki_world):
+    """The twin's ground label is, pixel for pixel, the area class of rasterize_osm's raster of the
+    same region (VOID where it has none): one set of shapes and priorities for both."""
+    from neuralmaps.geo.rasterize import rasterize_osm
+
+    w = helsinki_world
+    reg = Region.from_xarray(w.ground_dataset())
+    hot = np.asarray(rasterize_osm(w.layers, reg))
+    assert hot.shape[1:] == w.ground_label.shape
+    for c in AREA_CLASSES:
+        np.testing.assert_array_equal(w.ground_label == class_id(c), hot[class_id(c)] > 0, err_msg=c)
+    np.testing.assert_array_equal(w.ground_label == VOID, hot[[class_id(c) for c in AREA_CLASSES]].sum(0) == 0)
+
+
+def test_helsinki_crossing_nodes_are_painted_where_labelled(helsinki_world):
+    """Every crossing node the rasterizer labels as a crosswalk across a road gets zebra stripes
+    (0.5 m paint / 0.5 m gap along its walk): about half of its crosswalk pixels or more."""
+    from neuralmaps.geo.rasterize import crossing_node_walks
+
+    w = helsinki_world
+    walks, _ = crossing_node_walks(w.layers)
+    checked = 0
+    for walk in walks:
+        s = np.linspace(0.0, walk.length, 200)
+        xy = w.to_local(np.array([(p.x, p.y) for p in walk.interpolate(s)]))
+        mat, lab = w.ground_lookup(xy[:, 0], xy[:, 1])
+        on = lab == class_id("crosswalk")
+        if on.sum() < 20:  # outside the world, or under a building / a crossing way's own label
+            continue
+        checked += 1
+        frac = float((mat[on] == GroundMat.ZEBRA).mean())
+        assert frac > 0.3, (walk.wkt, frac)  # measured 0.45-0.8 (crossings overlap)
+    assert checked >= 10, checked
+
+
+def test_crossing_node_near_a_crossing_way_is_painted_where_labelled():
+    """A crossing node 1.5 m east of the toy's crossing way: the rasterizer draws its own 3 m
+    crosswalk (x 30-33 m), so the twin paints zebra stripes there too (it used to count the node
+    as covered by the way up to 2 m away and left x 31.5-33 m labelled crosswalk but unpainted)."""
+    frames = toy_frames()
+    frames["points"] = gpd.GeoDataFrame({"kind": ["crossing"]}, geometry=[shapely.Point(X0 + 31.5, Y0 + 40)], crs=CRS)
+    w = World.from_osm(frames, Region.from_bounds((X0, Y0, X0 + 100, Y0 + 100), CRS, 0.5), seed=3,
+                       ground_resolution_m=0.1, progress=False)
+    y = np.arange(34.05, 46.0, 0.1)
+    for x in (32.05, 32.55):
+        mat, lab = w.ground_lookup(np.full_like(y, x), y)
+        on = lab == class_id("crosswalk")
+        assert on.sum() > 40, on.sum()
+        assert 0.3 < float((mat[on] == GroundMat.ZEBRA).mean()) < 0.7
+
+
 def test_local_frame_round_trip(helsinki_world):
     w, reg = helsinki_world, helsinki_region()
     assert np.allclose(w.origin, (reg.bounds[0], reg.bounds[1]))
@@ -116,6 +167,12 @@ def test_ground_dataset_carries_crs(toy_world):
     ds = toy_world.ground_dataset()
     assert ds.rio.crs.to_epsg() == 32635
     assert float(ds.x[0]) == pytest.approx(X0 + 0.05) and float(ds.y[0]) == pytest.approx(Y0 + 100 - 0.05)
+    # One grid: the local ground grid is the CRS grid shifted by the world's origin.
+    x, y = toy_world.ground_grid.coords()
+    np.testing.assert_allclose(x + toy_world.origin[0], ds.x.values)
+    np.testing.assert_allclose(y + toy_world.origin[1], ds.y.values)
+    r, c, inside = toy_world.ground_grid.index(np.array([0.01, 99.99, -0.01]), np.array([99.99, 0.01, 50.0]))
+    assert r.tolist() == [0, 999, 0] and c.tolist() == [0, 999, 0] and inside.tolist() == [True, True, False]
 
 
 def test_building_styles_depend_on_seed_and_id():

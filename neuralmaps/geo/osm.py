@@ -27,7 +27,7 @@ from .crs import WGS84, to_crs
 from .errors import GeoInputError
 from .region import Region, _reproject_geom
 
-__all__ = ["OSMLayers", "read_osm", "LAYER_NAMES", "clear_osm_cache"]
+__all__ = ["OSMLayers", "read_osm", "LAYER_NAMES", "clear_osm_cache", "polygonal"]
 
 # -- defaults (documented, deterministic) ------------------------------------------------------
 LEVEL_HEIGHT_M = 3.0  # building:levels × 3 m + 1 m
@@ -392,7 +392,7 @@ def _buildings(f: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     if len(f) == 0:
         return _empty(f.crs, _COLUMNS["buildings"])
     f["geometry"] = shapely.make_valid(f.geometry.values)
-    f["geometry"] = [_polygonal(g) for g in f.geometry]
+    f["geometry"] = [polygonal(g) for g in f.geometry]
     f = f[~shapely.is_empty(f.geometry.values) & ~shapely.is_missing(f.geometry.values)]
     kind = _col(f, "kind") if "kind" in f.columns else _col(f, "building")
     kind = kind.map(lambda v: "building" if v in (None, "yes") else str(v))
@@ -415,8 +415,8 @@ def _buildings(f: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     return _keep(f, "buildings")
 
 
-def _polygonal(g):
-    """Keep only the polygonal part of a make_valid result."""
+def polygonal(g):
+    """The polygonal part of a (make_valid) geometry; an empty Polygon when it has none."""
     if g is None:
         return shapely.Polygon()
     if g.geom_type in ("Polygon", "MultiPolygon"):
@@ -514,7 +514,7 @@ def _areas(f: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     if len(f) == 0:
         return _empty(f.crs, _COLUMNS["areas"])
     f["kind"] = kind[kind.notna()]
-    f["geometry"] = [_polygonal(g) for g in shapely.make_valid(f.geometry.values)]
+    f["geometry"] = [polygonal(g) for g in shapely.make_valid(f.geometry.values)]
     return _keep(f[~f.geometry.is_empty], "areas")
 
 

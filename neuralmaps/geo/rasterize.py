@@ -28,18 +28,21 @@ import xarray as xr
 from rasterio.features import rasterize as _rio_rasterize
 from shapely.geometry.base import BaseGeometry
 
-from ..config import CLASS_NAMES
+from ..classes import AREA_PRIORITY, CLASS_NAMES, OBJECT_PRIORITY, VOID, class_id
 from .osm import OSMLayers, read_osm
 from .region import Region
 
-__all__ = ["rasterize_osm", "AREA_PRIORITY", "OBJECT_PRIORITY", "burn", "crossing_node_shapes"]
+__all__ = [
+    "rasterize_osm", "area_label", "AREA_PRIORITY", "OBJECT_PRIORITY", "burn", "crossing_node_shapes",
+    "crossing_node_walks", "CROSSING_WAY_COVER_M", "CROSSING_WIDTH_M",
+]
 
-AREA_PRIORITY = ("terrain", "road", "sidewalk", "crosswalk", "building")  # later wins
-OBJECT_PRIORITY = ("tree", "fence", "pole")  # later wins
 TERRAIN_KINDS = {"grass", "park", "garden", "playground", "pitch", "scrub", "wood", "sand", "rock"}
 SIDEWALK_FOOTWAYS = {"sidewalk", "footway", "cycleway", "path", "steps"}
 CROSSING_NODE_RADIUS_M = 1.5  # crossing nodes off any road
 CROSSING_WIDTH_M = 3.0  # along the road, for crossing nodes on a road
+CROSSING_WAY_COVER_M = 1.0  # a crossing node this close to a crossing way is drawn by the way
+CROSSING_NODE_ROAD_M = 3.0  # a crossing node this close to a drivable road crosses it
 POINT_RADII_M = {  # point kind -> (class, disc radius in metres)
     "tree": ("tree", 2.0),
     "pole": ("pole", 0.3),
@@ -75,43 +78,54 @@ def _discs(pts: gpd.GeoDataFrame, radius: float) -> list[BaseGeometry]:
     return list(pts.geometry.buffer(radius, quad_segs=4).values) + list(pts.geometry.values)
 
 
-def crossing_node_shapes(layers: OSMLayers) -> list[BaseGeometry]:
-    """Crosswalk footprints of `highway=crossing` nodes that no crossing way already draws.
+def crossing_node_walks(layers: OSMLayers) -> tuple[list[shapely.LineString], list[shapely.Point]]:
+    """The `highway=crossing` nodes that no crossing way already draws, as walking lines.
 
-    A node on (within 3 m of) a drivable road becomes a rectangle across that road: its width
-    + 1 m long, CROSSING_WIDTH_M wide along the road. Other nodes become CROSSING_NODE_RADIUS_M discs.
-    """
+    A node is drawn by a crossing way when one passes within CROSSING_WAY_COVER_M. A node within
+    CROSSING_NODE_ROAD_M of a drivable road crosses the nearest one: its walk is the 2-point line
+    through the node across the road (the road's width + 1 m long, perpendicular to the road's
+    direction over +-1 m). Returns (walks, off-road nodes); the crosswalk is the walk widened to
+    CROSSING_WIDTH_M along the road, an off-road node a CROSSING_NODE_RADIUS_M disc. The twin
+    paints its zebra stripes along the same walks."""
     p, f, r = layers.points, layers.footways, layers.roads
-    nodes = p[p.kind == "crossing"].geometry
+    nodes = p[p.kind == "crossing"].geometry if len(p) else p.geometry
     if len(nodes) == 0:
-        return []
-    ways = f[f.kind == "crossing"].geometry
+        return [], []
+    ways = f[f.kind == "crossing"].geometry if len(f) else f.geometry
     if len(ways):  # the node where a crossing way meets the road is drawn by the way
-        near, _ = ways.sindex.query(nodes.values, predicate="dwithin", distance=1.0)
+        near, _ = ways.sindex.query(nodes.values, predicate="dwithin", distance=CROSSING_WAY_COVER_M)
         nodes = nodes[~np.isin(np.arange(len(nodes)), near)]
-    roads = r[r.drivable.astype(bool)].reset_index(drop=True)
-    out: list[BaseGeometry] = []
+    roads = r[r.drivable.astype(bool)].reset_index(drop=True) if len(r) else r
     if len(roads) == 0 or len(nodes) == 0:
-        return out + list(nodes.buffer(CROSSING_NODE_RADIUS_M, quad_segs=4).values)
-    (i_node, i_road), dist = roads.sindex.nearest(nodes.values, max_distance=3.0, return_distance=True)
+        return [], list(nodes.values)
+    (i_node, i_road), dist = roads.sindex.nearest(nodes.values, max_distance=CROSSING_NODE_ROAD_M,
+                                                  return_distance=True)
     on_road = np.zeros(len(nodes), bool)
     on_road[i_node] = True
+    walks: list[shapely.LineString] = []
+    off: list[shapely.Point] = []
     for n, k in zip(i_node, i_road):
         pt, line, width = nodes.values[n], roads.geometry.values[k], float(roads.width_m.values[k])
         d = line.project(pt)
         a, b = line.interpolate(max(d - 1.0, 0.0)), line.interpolate(min(d + 1.0, line.length))
         t = np.array([b.x - a.x, b.y - a.y])
         if not np.linalg.norm(t) > 0:
-            out.append(pt.buffer(CROSSING_NODE_RADIUS_M, quad_segs=4))
+            off.append(pt)
             continue
         t /= np.linalg.norm(t)
         nrm = np.array([-t[1], t[0]])
-        c = np.array([pt.x, pt.y])
-        ht, hn = CROSSING_WIDTH_M / 2, width / 2 + 0.5
-        corners = [c + ht * t + hn * nrm, c - ht * t + hn * nrm, c - ht * t - hn * nrm, c + ht * t - hn * nrm]
-        out.append(shapely.Polygon(corners))
-    out += list(nodes[~on_road].buffer(CROSSING_NODE_RADIUS_M, quad_segs=4).values)
-    return out
+        c, hn = np.array([pt.x, pt.y]), width / 2 + 0.5
+        walks.append(shapely.LineString([c - hn * nrm, c + hn * nrm]))
+    return walks, off + list(nodes[~on_road].values)
+
+
+def crossing_node_shapes(layers: OSMLayers) -> list[BaseGeometry]:
+    """Crosswalk footprints of the crossing nodes that no crossing way already draws
+    (`crossing_node_walks`): rectangles across roads, CROSSING_WIDTH_M wide along the road, and
+    CROSSING_NODE_RADIUS_M discs for the others."""
+    walks, off = crossing_node_walks(layers)
+    return ([w.buffer(CROSSING_WIDTH_M / 2, cap_style="flat") for w in walks]
+            + [pt.buffer(CROSSING_NODE_RADIUS_M, quad_segs=4) for pt in off])
 
 
 def _area_shapes(layers: OSMLayers) -> dict[str, list[BaseGeometry]]:
@@ -130,6 +144,27 @@ def _area_shapes(layers: OSMLayers) -> dict[str, list[BaseGeometry]]:
     }
 
 
+def _layers(source: Any, region: Region) -> OSMLayers:
+    # Already-read layers are only cropped: an empty tile or strip of them rasterizes to zeros.
+    return source.crop(region, margin_m=5.0) if isinstance(source, OSMLayers) else read_osm(source, region)
+
+
+def _area_label(layers: OSMLayers, region: Region) -> np.ndarray:
+    label = np.full(region.shape, VOID, np.uint8)
+    shapes = _area_shapes(layers)
+    for name in AREA_PRIORITY:  # later wins
+        burn(shapes[name], region, class_id(name), out=label)
+    return label
+
+
+def area_label(source: Any, region: Region) -> np.ndarray:
+    """The exclusive area class of each pixel: (H, W) uint8, `class_id(name)` or VOID where none.
+
+    The area channels of `rasterize_osm` one-hot encode exactly this; the twin's ground raster
+    is labelled with it. source: as for `rasterize_osm`."""
+    return _area_label(_layers(source, region), region)
+
+
 def rasterize_osm(source: Any, region: Region) -> xr.DataArray:
     """Multi-hot class raster of OSM `source` on `region`'s grid.
 
@@ -139,19 +174,14 @@ def rasterize_osm(source: Any, region: Region) -> xr.DataArray:
     Priorities (later wins) - areas: terrain < road < sidewalk < crosswalk < building;
     objects: tree < fence < pole; traffic_sign / traffic_light / street_light independent.
     """
-    # Already-read layers are only cropped: an empty tile or strip of them rasterizes to zeros.
-    layers = source.crop(region, margin_m=5.0) if isinstance(source, OSMLayers) else read_osm(source, region)
-    idx = {c: i for i, c in enumerate(CLASS_NAMES)}
+    layers = _layers(source, region)
+    idx = {c: class_id(c) for c in CLASS_NAMES}
     out = np.zeros((len(CLASS_NAMES),) + region.shape, np.uint8)
 
     # Exclusive areas: one label raster, burnt in priority order, then one-hot.
-    label = np.zeros(region.shape, np.uint8)
-    for value, (name, geoms) in enumerate(
-        sorted(_area_shapes(layers).items(), key=lambda kv: AREA_PRIORITY.index(kv[0])), start=1
-    ):
-        burn(geoms, region, value, out=label)
-    for value, name in enumerate(AREA_PRIORITY, start=1):
-        out[idx[name]] = label == value
+    label = _area_label(layers, region)
+    for name in AREA_PRIORITY:
+        out[idx[name]] = label == idx[name]
 
     # Exclusive objects, same scheme.
     p = layers.points

@@ -21,7 +21,7 @@ from shapely.geometry.base import BaseGeometry
 from .crs import WGS84, crs_to_lonlat, epsg_of, lonlat_to_crs, to_crs, transformer, utm_crs_for
 from .errors import GeoInputError
 
-__all__ = ["Region", "Tile"]
+__all__ = ["Region", "Tile", "RasterGrid"]
 
 _SNAP_TOL = 1e-6  # in pixels: bounds this close to a grid line are not pushed one pixel outward
 
@@ -33,6 +33,50 @@ def _snap_bounds(bounds: Sequence[float], res: float) -> tuple[float, float, flo
     f = lambda v: round(math.floor(v / res + _SNAP_TOL) * res, 6)  # noqa: E731
     c = lambda v: round(math.ceil(v / res - _SNAP_TOL) * res, 6)  # noqa: E731
     return f(xmin), f(ymin), c(xmax), c(ymax)
+
+
+@dataclass(frozen=True)
+class RasterGrid:
+    """The north-up pixel <-> metre math, in any planar frame (a CRS, or the twin's local frame).
+
+    `shape` (H, W) pixels of `res` metres; the west edge at x = `xmin`, the north edge at
+    y = `ymax`; row 0 is north. Continuous pixel coordinates (row, col) put pixel (r, c)'s centre
+    at (r + 0.5, c + 0.5). `Region`, the twin's ground raster and orthophotos all use it."""
+
+    xmin: float
+    ymax: float
+    res: float
+    shape: tuple[int, int]  # (H, W)
+
+    @classmethod
+    def from_bounds(cls, bounds: Sequence[float], res: float) -> "RasterGrid":
+        """The grid of (xmin, ymin, xmax, ymax) at `res`: round(extent / res) pixels a side (at
+        least 1), anchored at the north-west corner."""
+        xmin, ymin, xmax, ymax = (float(b) for b in bounds)
+        shape = (max(1, round((ymax - ymin) / res)), max(1, round((xmax - xmin) / res)))
+        return cls(xmin, ymax, float(res), shape)
+
+    def xy_to_pixel(self, x, y):
+        """(x, y) metres -> continuous (row, col); `np.floor` gives the pixel containing the point."""
+        return (self.ymax - np.asarray(y, dtype=float)) / self.res, (np.asarray(x, dtype=float) - self.xmin) / self.res
+
+    def pixel_to_xy(self, row, col):
+        """Continuous (row, col) -> (x, y) metres (inverse of `xy_to_pixel`)."""
+        return self.xmin + np.asarray(col, dtype=float) * self.res, self.ymax - np.asarray(row, dtype=float) * self.res
+
+    def index(self, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Integer (row, col) of the pixels containing (x, y), and whether they lie on the grid
+        (rows/cols of points off the grid are clamped to 0)."""
+        r, c = self.xy_to_pixel(x, y)
+        row, col = np.floor(r).astype(np.int64), np.floor(c).astype(np.int64)
+        inside = (row >= 0) & (row < self.shape[0]) & (col >= 0) & (col < self.shape[1])
+        return np.where(inside, row, 0), np.where(inside, col, 0), inside
+
+    def coords(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel-centre coordinates: x (W,) ascending, y (H,) descending, float64."""
+        x, _ = self.pixel_to_xy(0, np.arange(self.shape[1]) + 0.5)
+        _, y = self.pixel_to_xy(np.arange(self.shape[0]) + 0.5, 0)
+        return x, y
 
 
 @dataclass(frozen=True)
@@ -73,8 +117,7 @@ class Region:
         if not all(map(math.isfinite, (xmin, ymin, xmax, ymax))) or xmax <= xmin or ymax <= ymin:
             raise GeoInputError(f"empty or invalid bounds {tuple(bounds_xy)}")
         xmin, ymin, xmax, ymax = _snap_bounds((xmin, ymin, xmax, ymax), res)
-        shape = (round((ymax - ymin) / res), round((xmax - xmin) / res))
-        return cls(crs, Affine(res, 0.0, xmin, 0.0, -res, ymax), shape)
+        return cls(crs, Affine(res, 0.0, xmin, 0.0, -res, ymax), RasterGrid.from_bounds((xmin, ymin, xmax, ymax), res).shape)
 
     @classmethod
     def from_bbox(
@@ -136,6 +179,11 @@ class Region:
         return f"EPSG:{epsg}" if epsg is not None else self.crs.to_wkt()
 
     @property
+    def grid(self) -> RasterGrid:
+        """The pixel <-> CRS-metre math of this grid."""
+        return RasterGrid(float(self.transform.c), float(self.transform.f), self.resolution, self.shape)
+
+    @property
     def geobox(self) -> GeoBox:
         """The same grid as an odc-geo GeoBox."""
         return GeoBox(self.shape, self.transform, self.crs_string)
@@ -160,11 +208,7 @@ class Region:
 
     def coords(self) -> tuple[np.ndarray, np.ndarray]:
         """Pixel-centre coordinates: x (W,) ascending, y (H,) descending (row 0 is north), float64."""
-        res, (h, w) = self.resolution, self.shape
-        xmin, _, _, ymax = self.bounds
-        x = xmin + (np.arange(w) + 0.5) * res
-        y = ymax - (np.arange(h) + 0.5) * res
-        return x, y
+        return self.grid.coords()
 
     # -- coordinate conversions --------------------------------------------------------------
     def lonlat_to_xy(self, lon, lat):
@@ -178,15 +222,11 @@ class Region:
     def xy_to_pixel(self, x, y):
         """(x, y) in the CRS -> continuous (row, col); pixel (r, c) has its centre at (r+0.5, c+0.5).
         Use `np.floor` to get the integer index of the pixel containing the point."""
-        xmin, _, _, ymax = self.bounds
-        res = self.resolution
-        return (ymax - np.asarray(y, dtype=float)) / res, (np.asarray(x, dtype=float) - xmin) / res
+        return self.grid.xy_to_pixel(x, y)
 
     def pixel_to_xy(self, row, col):
         """Continuous (row, col) -> (x, y) in the CRS (inverse of `xy_to_pixel`)."""
-        xmin, _, _, ymax = self.bounds
-        res = self.resolution
-        return xmin + np.asarray(col, dtype=float) * res, ymax - np.asarray(row, dtype=float) * res
+        return self.grid.pixel_to_xy(row, col)
 
     def lonlat_to_pixel(self, lon, lat):
         """WGS84 lon/lat -> continuous (row, col)."""

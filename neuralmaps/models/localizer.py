@@ -71,7 +71,6 @@ from ..grids import interpolate_nd
 
 __all__ = [
     "PosePrior", "LocalizerOutput", "Localizer", "kabsch_2d", "pose_volume_index",
-    "ExactRecoveryProblem", "make_exact_recovery_problem", "pose_errors",
 ]
 
 
@@ -700,57 +699,3 @@ def _interp_volume(vol: Tensor, idx: Tensor) -> Tensor:
                 v = vol[b, rr, ii, jj]
                 out = out + wgt * v
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# The exact-recovery problem (tests and benchmarks/bench_localizer.py)
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class ExactRecoveryProblem:
-    """A query BEV cut out of a random smooth map at a known pose (every tensor batched)."""
-
-    map_feats: Tensor  # (B, D, X, Y) L2-normalised
-    map_valid: Tensor  # (B, X, Y) all True
-    query_feats: Tensor  # (B, D, Xq, Yq) map features interpolated at T_gt(query_xy)
-    query_valid: Tensor  # (B, Xq, Yq) the query cell lies on the map
-    query_xy: Tensor  # (Xq, Yq, 2) metres, x forward 0..Xq·cell, y left centred on the axis
-    cell_m: float
-    T_gt: Transform2D  # (B,) T_map_query
-
-
-def make_exact_recovery_problem(
-    batch: int, dim: int, map_cells: int, query_cells: int, cell_m: float = 1.0, sigma_cells: float = 2.0,
-    generator: torch.Generator | None = None,
-) -> ExactRecoveryProblem:
-    """Random smooth map (Gaussian-filtered noise, sigma in cells, L2-normalised over `dim`), and a
-    query BEV cut from it at a random pose: any angle, a sub-cell translation, the BEV centre
-    (query_cells/2 ahead of the camera) uniform over the central half of the map."""
-    B, D, X, Xq = batch, dim, map_cells, query_cells
-    noise = torch.randn(B * D, 1, X, X, generator=generator)
-    k = 2 * int(3 * sigma_cells) + 1
-    x = torch.arange(k, dtype=torch.float32) - k // 2
-    ker = torch.exp(-(x**2) / (2 * sigma_cells**2))
-    ker = ker / ker.sum()
-    sm = F.conv2d(F.pad(noise, (k // 2,) * 4, mode="circular"), ker.view(1, 1, k, 1))
-    sm = F.conv2d(sm, ker.view(1, 1, 1, k)).reshape(B, D, X, X)
-    map_feats = F.normalize(sm, dim=1)
-
-    i = (torch.arange(Xq, dtype=torch.float32) + 0.5) * cell_m
-    query_xy = torch.stack(torch.meshgrid(i, i - Xq * cell_m / 2, indexing="ij"), -1)
-    angle = torch.rand(B, generator=generator) * (2 * math.pi)
-    centre = (torch.rand(B, 2, generator=generator) * 0.5 + 0.25) * (X * cell_m)
-    ahead = torch.stack([torch.cos(angle), torch.sin(angle)], -1) * (Xq * cell_m / 2)
-    T_gt = Transform2D(angle, centre - ahead)
-    pts = T_gt.transform(query_xy.reshape(1, -1, 2).expand(B, -1, 2)) / cell_m
-    q, valid = interpolate_nd(map_feats, pts)
-    return ExactRecoveryProblem(
-        map_feats=map_feats, map_valid=torch.ones(B, X, X, dtype=torch.bool),
-        query_feats=q.transpose(1, 2).reshape(B, D, Xq, Xq), query_valid=valid.reshape(B, Xq, Xq),
-        query_xy=query_xy, cell_m=cell_m, T_gt=T_gt,
-    )
-
-
-def pose_errors(T_est: Transform2D, T_gt: Transform2D, cell_m: float) -> tuple[Tensor, Tensor]:
-    """Rotation error in degrees and translation error in cells, (B,) each."""
-    dr, dt = (T_gt.inv() @ T_est).magnitude()
-    return dr, dt / cell_m

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AREA_CLASSES, BINARY_CLASSES, OBJECT_CLASSES, ModelConfig
+from ..classes import AREA_CLASSES, BINARY_CLASSES, OBJECT_CLASSES, OBJECT_CLASSES_VOID
+from ..config import ModelConfig
 from .encoders import PreActBasic, _norm
 
 NUM_AREA, NUM_OBJECT, NUM_BINARY = len(AREA_CLASSES), len(OBJECT_CLASSES), len(BINARY_CLASSES)
-OBJECT_CLASSES_VOID = OBJECT_CLASSES + ("void",)
 
 
 def balancing_weights(frequencies: torch.Tensor, binary: bool = False, eps: float = 1e-3):

@@ -9,14 +9,8 @@ from enum import IntEnum
 
 import numpy as np
 
-from neuralmaps.config import CLASS_NAMES
-
-VOID = 255  # label of sky, dynamic occluders and unlabelled ground
-
-
-def class_id(name: str) -> int:
-    """Index of a semantic class in `CLASS_NAMES` (the label value in renders)."""
-    return CLASS_NAMES.index(name)
+# Class ids and VOID live in neuralmaps.classes; re-exported for the twin's modules.
+from neuralmaps.classes import VOID, class_id  # noqa: F401
 
 
 class GroundMat(IntEnum):

@@ -11,11 +11,10 @@ cloud noise, labelled void.
 from __future__ import annotations
 
 import math
-import time
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,11 +26,31 @@ from .appearance import Appearance
 from .materials import VOID, FaceMat
 from .noise import value_noise
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .world import World
 
-__all__ = ["RenderOutput", "render_view", "render_orthophoto", "camera_rays", "trace",
-           "benchmark_render", "benchmark_ortho", "camera_pose"]
+class World(Protocol):
+    """What the renderer reads of a `neuralmaps.synth.world.World` (which calls the renderer from
+    `World.render`; the renderer does not import it, so the two do not import each other)."""
+
+    vertices: np.ndarray
+    face_class: np.ndarray
+    face_mat: np.ndarray
+    face_color: np.ndarray
+    face_owner: np.ndarray
+    styles: Any
+
+    @property
+    def scene(self) -> Any: ...
+    @property
+    def face_normals(self) -> np.ndarray: ...
+    @property
+    def face_tangents(self) -> np.ndarray: ...
+    @property
+    def facade_table(self) -> np.ndarray: ...
+    @property
+    def texture(self) -> Any: ...
+    def ground_lookup(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+__all__ = ["RenderOutput", "render_view", "render_orthophoto", "camera_rays", "trace", "camera_pose"]
 
 SHADOW_BIAS_M = 0.02  # shadow rays start this far off the surface (float32 self-hit margin)
 _SUN_COLOR = np.array((1.0, 0.96, 0.90), np.float32)
@@ -176,17 +195,20 @@ def render_orthophoto(
     ss = int(np.clip(round(resolution_m / 0.2), 1, 4)) if supersample is None else int(supersample)
     if ss < 1:
         raise ValueError(f"render_orthophoto: supersample must be >= 1, got {supersample}")
-    w, h = max(1, round((xmax - xmin) / resolution_m)), max(1, round((ymax - ymin) / resolution_m))
+    from neuralmaps.geo.region import RasterGrid
+
+    grid = RasterGrid.from_bounds((xmin, ymin, xmax, ymax), resolution_m)
+    h, w = grid.shape
     top = float(world.vertices[:, 2].max()) + 5.0 if len(world.vertices) else 10.0
     if app.occluders is not None and len(app.occluders.vertices):
         top = max(top, float(app.occluders.vertices[:, 2].max()) + 5.0)
     out = np.zeros((h, w, 3), np.uint8)
     sub = (np.arange(ss) + 0.5) / ss  # sample offsets inside a pixel
-    x = (xmin + (np.arange(w)[:, None] + sub[None]).ravel() * resolution_m).astype(np.float32)  # (w * ss,)
+    x = grid.pixel_to_xy(0, (np.arange(w)[:, None] + sub[None]).ravel())[0].astype(np.float32)  # (w * ss,)
     rows = max(1, max_rays // (w * ss * ss))
     for r0 in tqdm(range(0, h, rows), desc="orthophoto", disable=not progress, leave=False):
         r1 = min(h, r0 + rows)
-        y = (ymax - (np.arange(r0, r1)[:, None] + sub[None]).ravel() * resolution_m).astype(np.float32)
+        y = grid.pixel_to_xy((np.arange(r0, r1)[:, None] + sub[None]).ravel(), 0)[1].astype(np.float32)
         xx, yy = np.meshgrid(x, y)
         origins = np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, top, np.float32)], -1)
         dirs = np.broadcast_to(np.array((0, 0, -1), np.float32), origins.shape)
@@ -350,59 +372,6 @@ def tonemap(rgb_linear: np.ndarray, app: Appearance) -> np.ndarray:
     gain = (app.exposure * (_GAMMA_LUT_SIZE - 1)) * np.asarray(app.white_balance, np.float32)
     idx = np.clip(rgb_linear * gain, 0, _GAMMA_LUT_SIZE - 1).astype(np.int32)
     return _GAMMA_LUT[idx]
-
-
-# -- benchmarks (called by benchmarks/bench_synth.py) -------------------------------------------------
-def benchmark_render(world: "World", hw: tuple[int, int] = (128, 256), n: int = 50, appearance: Appearance | None = None,
-                     seed: int = 0) -> float:
-    """Views per second of `render_view` for n random pinhole views (90 deg HFOV) at 2 m height
-    on road pixels of the world, with shading, shadows and (for a world built from OSM, when no
-    appearance is given) the occluders of a simulated mapping run. Uses the current process's threads."""
-    h, w = hw
-    cam = PinholeCamera.from_fov(w, h, 90.0)
-    rng = np.random.default_rng(seed)
-    poses = [_street_pose(world, rng) for _ in range(n)]
-    app = appearance
-    if app is None and world.layers is not None:
-        from .capture import simulate_runs
-
-        app = simulate_runs(world, 1, 0, seed, map_run_length_m=50.0)[0].appearance
-    elif app is None:
-        app = Appearance.sample(seed)
-    render_view(world, cam, poses[0], app)  # warm-up: builds the Embree scene and the ray cache
-    t0 = time.perf_counter()
-    for T in poses:
-        render_view(world, cam, T, app)
-    return n / (time.perf_counter() - t0)
-
-
-def benchmark_ortho(world: "World", resolution: float = 0.2, area_m2: float = 250_000.0,
-                    appearance: Appearance | None = None) -> float:
-    """Seconds per km² of `render_orthophoto` at `resolution` m on a square of `area_m2` (clipped to
-    the world) at the world's centre."""
-    W, H = world.size_m
-    side = min(math.sqrt(area_m2), W, H)
-    cx, cy = W / 2, H / 2
-    b = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-    app = appearance if appearance is not None else Appearance.sample(0)
-    world.scene  # noqa: B018  (build the Embree scene outside the timing)
-    t0 = time.perf_counter()
-    render_orthophoto(world, b, resolution, app)
-    return (time.perf_counter() - t0) / (side * side / 1e6)
-
-
-def _street_pose(world: "World", rng: np.random.Generator, height: float = 2.0) -> Transform3D:
-    """A random horizontal camera pose at `height` m over ground that is road if the world has roads."""
-    from .materials import class_id
-
-    hgt, wid = world.ground_mat.shape
-    x, y = rng.uniform(0, world.size_m[0]), rng.uniform(0, world.size_m[1])
-    for _ in range(10_000):  # rejection sampling: cheap on huge rasters
-        r, c = int(rng.integers(hgt)), int(rng.integers(wid))
-        if world.ground_label[r, c] == class_id("road"):
-            x, y = (c + 0.5) * world.ground_res, (hgt - r - 0.5) * world.ground_res
-            break
-    return camera_pose(x, y, height, yaw=float(rng.uniform(-math.pi, math.pi)))
 
 
 def camera_pose(x: float, y: float, z: float, yaw: float, pitch: float = 0.0) -> Transform3D:

@@ -24,9 +24,9 @@ import shapely.ops
 import trimesh
 from tqdm.auto import tqdm
 
-from neuralmaps.config import CLASS_NAMES
+from neuralmaps.classes import AREA_CLASSES, VOID, class_id
 
-from .materials import VOID, FaceMat, GroundMat, class_id
+from .materials import FaceMat, GroundMat
 from .noise import NoiseTexture
 from .raycast import MeshRayCasting, RayScene
 
@@ -38,8 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["World", "WorldBuilder", "BuildingStyles"]
 
-GROUND_PRIORITY = ("crosswalk", "sidewalk", "road", "building", "terrain")  # label of a multi-hot pixel
-_LABEL_TO_MAT = {
+_LABEL_TO_MAT = {  # ground material under each area class
     "crosswalk": GroundMat.ASPHALT, "sidewalk": GroundMat.PAVING, "road": GroundMat.ASPHALT,
     "building": GroundMat.FOOTPRINT, "terrain": GroundMat.GRASS,
 }
@@ -243,8 +242,10 @@ class WorldBuilder:
 
     def build(self) -> "World":
         if self.ground_mat is None:
+            from neuralmaps.geo.region import RasterGrid
+
             res = self.ground_res
-            shape = (max(1, round(self.size_m[1] / res)), max(1, round(self.size_m[0] / res)))
+            shape = RasterGrid.from_bounds((0.0, 0.0, *self.size_m), res).shape
             self.ground_mat = np.full(shape, GroundMat.BARE, np.uint8)
             self.ground_label = np.full(shape, VOID, np.uint8)
             self.size_m = (shape[1] * res, shape[0] * res)
@@ -347,13 +348,18 @@ class World(MeshRayCasting):
             self._texture = NoiseTexture(self.seed + 11)
         return self._texture
 
+    @property
+    def ground_grid(self):
+        """The ground rasters' north-up grid in local metres (`neuralmaps.geo.region.RasterGrid`):
+        `ground_res` pixels from (0, 0) to `size_m`, row 0 north."""
+        from neuralmaps.geo.region import RasterGrid
+
+        h, w = self.ground_mat.shape
+        return RasterGrid(0.0, h * self.ground_res, self.ground_res, (h, w))
+
     def ground_lookup(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ground (material, label) at local points (N,) each; outside the raster: (BARE, 255)."""
-        h, w = self.ground_mat.shape
-        col = np.floor(np.asarray(x) / self.ground_res).astype(np.int64)
-        row = np.floor((h * self.ground_res - np.asarray(y)) / self.ground_res).astype(np.int64)
-        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-        r, c = np.where(inside, row, 0), np.where(inside, col, 0)
+        r, c, inside = self.ground_grid.index(x, y)
         mat = np.where(inside, self.ground_mat[r, c], GroundMat.BARE).astype(np.uint8)
         lab = np.where(inside, self.ground_label[r, c], VOID).astype(np.uint8)
         return mat, lab
@@ -421,6 +427,7 @@ class World(MeshRayCasting):
     def _build(cls, path_or_layers: Any, region: "Region | None", seed: int, ground_resolution_m: float,
                progress: bool) -> "World":
         from neuralmaps.geo import GeoInputError, Region, read_osm
+        from neuralmaps.geo.osm import polygonal
 
         t0 = time.perf_counter()
         layers = read_osm(path_or_layers, region=region)
@@ -442,8 +449,8 @@ class World(MeshRayCasting):
         b_geoms = shapely.make_valid(shapely.transform(bl.geometry.values, lambda xy: crs_to_local(xy, b.origin))) if len(bl) else []
         heights = bl["height_m"].to_numpy(np.float64) if len(bl) else []
         for g, h, bid in tqdm(list(zip(b_geoms, heights, ids)), desc="buildings", disable=not progress, leave=False):
-            g = _polygonal(g)
-            if g is None:
+            g = polygonal(g)
+            if g.is_empty:
                 continue
             h = float(h) if np.isfinite(h) and h > 0 else 12.0
             b.add_building(g, float(np.clip(h, 2.5, 150.0)), _as_int_id(bid))
@@ -466,7 +473,7 @@ class World(MeshRayCasting):
 
 
 # -- helpers ------------------------------------------------------------------------------------
-CACHE_VERSION = 1  # bump when the world's construction changes
+CACHE_VERSION = 2  # bump when the world's construction changes (2: zebra paint of crossing nodes = rasterizer walks)
 
 
 def _cache_key(source: Any, region: "Region | None", seed: int, ground_res: float) -> str | None:
@@ -504,15 +511,6 @@ def _as_int_id(v: Any) -> int:
         return int(v)
     except (TypeError, ValueError):
         return int.from_bytes(str(v).encode()[:8].ljust(8, b"\0"), "little") & 0x7FFFFFFFFFFFFFFF
-
-
-def _polygonal(g):
-    if g is None or g.is_empty:
-        return None
-    if g.geom_type in ("Polygon", "MultiPolygon"):
-        return g
-    polys = [p for p in getattr(g, "geoms", []) if p.geom_type in ("Polygon", "MultiPolygon")]
-    return shapely.union_all(polys) if polys else None
 
 
 def _lines_local(frame, origin: np.ndarray) -> list[np.ndarray]:
@@ -555,33 +553,28 @@ def _add_points(b: WorldBuilder, layers: "OSMLayers", seed: int) -> None:
 def _ground_raster(layers: "OSMLayers", ground_region: "Region", progress: bool):
     """(material, label) uint8 rasters (H, W), north-up, of the ground region.
 
-    Labels come from `rasterize_osm` (the same classes the model's semantic raster has), one class
-    per pixel by GROUND_PRIORITY; materials add area kinds (water, parking, ...) and the painted
-    markings (dashed lane lines, zebra stripes, tram rails). Built in row strips so that the
-    temporaries stay small whatever the region's size."""
+    Labels are `geo.rasterize.area_label`, the area classes of the model's semantic raster, pixel
+    for pixel; materials add area kinds (water, parking, ...) and the painted markings (dashed lane
+    lines, zebra stripes along the rasterizer's crossing shapes, tram rails). Built in row strips
+    so that the temporaries stay small whatever the region's size."""
     from neuralmaps.geo import GeoInputError
-    from neuralmaps.geo.rasterize import rasterize_osm
+    from neuralmaps.geo.rasterize import area_label
 
     h, w = ground_region.shape
     label = np.full((h, w), VOID, np.uint8)
     mat = np.full((h, w), GroundMat.BARE, np.uint8)
     paint = _ground_paint(layers)
     strip = max(1, int(16_000_000 // max(w, 1)))  # rows per strip: bounds the multi-hot raster's memory
-    prio = [CLASS_NAMES.index(c) for c in GROUND_PRIORITY]
     road, terrain, crosswalk = class_id("road"), class_id("terrain"), class_id("crosswalk")
     for r0 in tqdm(range(0, h, strip), desc="ground", disable=not progress, leave=False):
         sub = ground_region.window(slice(r0, min(h, r0 + strip)), slice(0, w))
         lab, m = label[r0:r0 + sub.shape[0]], mat[r0:r0 + sub.shape[0]]
         try:
-            hot = np.asarray(rasterize_osm(layers, sub))
+            lab[:] = area_label(layers, sub)
         except GeoInputError:  # no OSM feature in this strip: it stays unlabelled bare ground
-            hot = None
-        if hot is not None:
-            for c in reversed(prio):  # highest priority last
-                on = hot[c] > 0
-                lab[on] = c
-                m[on] = _LABEL_TO_MAT[CLASS_NAMES[c]]
-            del hot
+            pass
+        for name in AREA_CLASSES:
+            m[lab == class_id(name)] = _LABEL_TO_MAT[name]
         # Area kinds override unlabelled / terrain pixels (and road pixels for parking lots).
         am = paint.burn("areas", sub, fill=255)
         if am is not None:
@@ -662,35 +655,10 @@ def _dashes(line: shapely.LineString, dash: float, gap: float, width: float) -> 
 
 
 def _crossing_nodes(layers: "OSMLayers") -> list:
-    """Zebra stripes for crossing nodes that no crossing way covers: across the nearest road."""
-    pts = layers.points
-    roads = layers.roads
-    if len(pts) == 0 or len(roads) == 0:
-        return []
-    cross = pts[pts["kind"] == "crossing"]
-    if len(cross) == 0:
-        return []
-    fw = layers.footways
-    ways = fw[fw["kind"] == "crossing"] if len(fw) else fw
-    covered = shapely.union_all(ways.geometry.values).buffer(2.0) if len(ways) else None
-    tree = shapely.STRtree(roads.geometry.values)
-    out = []
-    for p in cross.geometry.values:
-        if covered is not None and covered.contains(p):
-            continue
-        i = tree.nearest(p)
-        road = roads.geometry.values[i]
-        if road.distance(p) > 3.0:
-            continue
-        s = road.project(p)
-        a, c = road.interpolate(max(0.0, s - 1.0)), road.interpolate(min(road.length, s + 1.0))
-        d = np.array([c.x - a.x, c.y - a.y])
-        if np.linalg.norm(d) < 1e-6:
-            continue
-        d /= np.linalg.norm(d)
-        half = float(roads["width_m"].iloc[i]) / 2 + 0.5
-        n = np.array([-d[1], d[0]])
-        walk = shapely.LineString([(p.x - n[0] * half, p.y - n[1] * half), (p.x + n[0] * half, p.y + n[1] * half)])
-        out += _dashes(walk, dash=0.5, gap=0.5, width=3.0)
-    return out
+    """Zebra stripes for the crossing nodes that no crossing way draws: along the rasterizer's
+    walks across the road (`crossing_node_walks`), so every such crosswalk label is painted."""
+    from neuralmaps.geo.rasterize import CROSSING_WIDTH_M, crossing_node_walks
+
+    walks, _ = crossing_node_walks(layers)
+    return [d for w in walks for d in _dashes(w, dash=0.5, gap=0.5, width=CROSSING_WIDTH_M)]
 

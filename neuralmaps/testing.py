@@ -1,0 +1,139 @@
+"""Test and benchmark scaffolding (as `xarray.testing`): problems with known answers, error
+measures and timing helpers used by `tests/` and `benchmarks/`. Not imported by the library.
+
+- `make_exact_recovery_problem`: a query BEV cut out of a random smooth map at a known pose, for
+  the localizer (frames as in `neuralmaps.models.localizer`); `pose_errors` measures the result.
+- `benchmark_render`, `benchmark_ortho`: throughput of the twin's renderer (`benchmarks/bench_synth.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .classes import class_id
+from .geometry import PinholeCamera, Transform2D, Transform3D
+from .grids import interpolate_nd
+from .synth.appearance import Appearance
+from .synth.capture import simulate_runs
+from .synth.render import camera_pose, render_orthophoto, render_view
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .synth.world import World
+
+__all__ = [
+    "ExactRecoveryProblem", "make_exact_recovery_problem", "pose_errors", "benchmark_render", "benchmark_ortho",
+    "street_pose",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# The localizer's exact-recovery problem (tests/test_localizer.py, benchmarks/bench_localizer.py)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ExactRecoveryProblem:
+    """A query BEV cut out of a random smooth map at a known pose (every tensor batched)."""
+
+    map_feats: Tensor  # (B, D, X, Y) L2-normalised
+    map_valid: Tensor  # (B, X, Y) all True
+    query_feats: Tensor  # (B, D, Xq, Yq) map features interpolated at T_gt(query_xy)
+    query_valid: Tensor  # (B, Xq, Yq) the query cell lies on the map
+    query_xy: Tensor  # (Xq, Yq, 2) metres, x forward 0..Xq·cell, y left centred on the axis
+    cell_m: float
+    T_gt: Transform2D  # (B,) T_map_query
+
+
+def make_exact_recovery_problem(
+    batch: int, dim: int, map_cells: int, query_cells: int, cell_m: float = 1.0, sigma_cells: float = 2.0,
+    generator: torch.Generator | None = None,
+) -> ExactRecoveryProblem:
+    """Random smooth map (Gaussian-filtered noise, sigma in cells, L2-normalised over `dim`), and a
+    query BEV cut from it at a random pose: any angle, a sub-cell translation, the BEV centre
+    (query_cells/2 ahead of the camera) uniform over the central half of the map."""
+    B, D, X, Xq = batch, dim, map_cells, query_cells
+    noise = torch.randn(B * D, 1, X, X, generator=generator)
+    k = 2 * int(3 * sigma_cells) + 1
+    x = torch.arange(k, dtype=torch.float32) - k // 2
+    ker = torch.exp(-(x**2) / (2 * sigma_cells**2))
+    ker = ker / ker.sum()
+    sm = F.conv2d(F.pad(noise, (k // 2,) * 4, mode="circular"), ker.view(1, 1, k, 1))
+    sm = F.conv2d(sm, ker.view(1, 1, 1, k)).reshape(B, D, X, X)
+    map_feats = F.normalize(sm, dim=1)
+
+    i = (torch.arange(Xq, dtype=torch.float32) + 0.5) * cell_m
+    query_xy = torch.stack(torch.meshgrid(i, i - Xq * cell_m / 2, indexing="ij"), -1)
+    angle = torch.rand(B, generator=generator) * (2 * math.pi)
+    centre = (torch.rand(B, 2, generator=generator) * 0.5 + 0.25) * (X * cell_m)
+    ahead = torch.stack([torch.cos(angle), torch.sin(angle)], -1) * (Xq * cell_m / 2)
+    T_gt = Transform2D(angle, centre - ahead)
+    pts = T_gt.transform(query_xy.reshape(1, -1, 2).expand(B, -1, 2)) / cell_m
+    q, valid = interpolate_nd(map_feats, pts)
+    return ExactRecoveryProblem(
+        map_feats=map_feats, map_valid=torch.ones(B, X, X, dtype=torch.bool),
+        query_feats=q.transpose(1, 2).reshape(B, D, Xq, Xq), query_valid=valid.reshape(B, Xq, Xq),
+        query_xy=query_xy, cell_m=cell_m, T_gt=T_gt,
+    )
+
+
+def pose_errors(T_est: Transform2D, T_gt: Transform2D, cell_m: float) -> tuple[Tensor, Tensor]:
+    """Rotation error in degrees and translation error in cells, (B,) each."""
+    dr, dt = (T_gt.inv() @ T_est).magnitude()
+    return dr, dt / cell_m
+
+
+# ------------------------------------------------------------------------------------------------
+# Renderer throughput (benchmarks/bench_synth.py)
+# ------------------------------------------------------------------------------------------------
+def benchmark_render(world: "World", hw: tuple[int, int] = (128, 256), n: int = 50, appearance: Appearance | None = None,
+                     seed: int = 0) -> float:
+    """Views per second of `render_view` for n random pinhole views (90 deg HFOV) at 2 m height
+    on road pixels of the world, with shading, shadows and (for a world built from OSM, when no
+    appearance is given) the occluders of a simulated mapping run. Uses the current process's threads."""
+    h, w = hw
+    cam = PinholeCamera.from_fov(w, h, 90.0)
+    rng = np.random.default_rng(seed)
+    poses = [street_pose(world, rng) for _ in range(n)]
+    app = appearance
+    if app is None and world.layers is not None:
+        app = simulate_runs(world, 1, 0, seed, map_run_length_m=50.0)[0].appearance
+    elif app is None:
+        app = Appearance.sample(seed)
+    render_view(world, cam, poses[0], app)  # warm-up: builds the Embree scene and the ray cache
+    t0 = time.perf_counter()
+    for T in poses:
+        render_view(world, cam, T, app)
+    return n / (time.perf_counter() - t0)
+
+
+def benchmark_ortho(world: "World", resolution: float = 0.2, area_m2: float = 250_000.0,
+                    appearance: Appearance | None = None) -> float:
+    """Seconds per km² of `render_orthophoto` at `resolution` m on a square of `area_m2` (clipped to
+    the world) at the world's centre."""
+    W, H = world.size_m
+    side = min(math.sqrt(area_m2), W, H)
+    cx, cy = W / 2, H / 2
+    b = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+    app = appearance if appearance is not None else Appearance.sample(0)
+    world.scene  # noqa: B018  (build the Embree scene outside the timing)
+    t0 = time.perf_counter()
+    render_orthophoto(world, b, resolution, app)
+    return (time.perf_counter() - t0) / (side * side / 1e6)
+
+
+def street_pose(world: "World", rng: np.random.Generator, height: float = 2.0) -> Transform3D:
+    """A random horizontal camera pose at `height` m over ground that is road if the world has roads."""
+    hgt, wid = world.ground_mat.shape
+    x, y = rng.uniform(0, world.size_m[0]), rng.uniform(0, world.size_m[1])
+    for _ in range(10_000):  # rejection sampling: cheap on huge rasters
+        r, c = int(rng.integers(hgt)), int(rng.integers(wid))
+        if world.ground_label[r, c] == class_id("road"):
+            x, y = (float(v) for v in world.ground_grid.pixel_to_xy(r + 0.5, c + 0.5))
+            break
+    return camera_pose(x, y, height, yaw=float(rng.uniform(-math.pi, math.pi)))
