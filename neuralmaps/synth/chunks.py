@@ -43,7 +43,9 @@ __all__ = [
     "SPLIT_BLOCK_M",
     "CAMERA_MODELS",
     "write_training_chunks",
-    "split_of_block",
+    "assign_splits",
+    "sampling_context",
+    "plan_pairs",
     "pair_split",
     "default_run_counts",
     "block_of_xy",
@@ -86,15 +88,54 @@ def block_of_xy(x: float | np.ndarray, y: float | np.ndarray, block_m: float = S
     return np.floor(np.asarray(x) / block_m).astype(np.int64), np.floor(np.asarray(y) / block_m).astype(np.int64)
 
 
-def split_of_block(bx: int, by: int, fractions: Sequence[float]) -> int:
-    """Split index (into SPLIT_NAMES) of block (bx, by): a deterministic hash, independent of the
-    seed and of the extract's bounds, so two stores of one area never disagree."""
-    f = np.asarray(fractions, dtype=float)
-    if f.shape != (3,) or (f < 0).any() or not math.isclose(f.sum(), 1.0, abs_tol=1e-6):
-        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {tuple(fractions)}")
+def _block_rank(bx: int, by: int) -> float:
+    """A fixed pseudo-random number in [0, 1) of block (bx, by) (sha256; independent of the seed
+    and of the extract), the order in which `assign_splits` deals blocks out."""
     h = hashlib.sha256(f"neuralmaps-split:{int(bx)}:{int(by)}".encode()).digest()
-    u = int.from_bytes(h[:8], "little") / 2.0**64
-    return int(min(np.searchsorted(np.cumsum(f), u, side="right"), 2))
+    return int.from_bytes(h[:8], "little") / 2.0**64
+
+
+def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
+    f = np.asarray(fractions, dtype=float)
+    if f.shape != (3,) or not np.isfinite(f).all() or (f < 0).any() or not math.isclose(f.sum(), 1.0, abs_tol=1e-6):
+        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {tuple(fractions)}")
+    return f
+
+
+def assign_splits(weights: dict[tuple[int, int], float], fractions: Sequence[float]) -> dict[tuple[int, int], int]:
+    """Split index (into SPLIT_NAMES) of every block in `weights` ({(bx, by): weight >= 0}, the
+    number of views in the block that can be a pair's query).
+
+    Blocks are dealt out heaviest first (ties in a fixed pseudo-random order, `_block_rank`), each
+    to the split that lags its fraction of the total weight most; once only as many weighted blocks
+    remain as splits (of non-zero fraction) still without one, each of those gets one. So every
+    split gets about its fraction of the places pairs can come from, and a split is empty only when
+    fewer weighted blocks exist than splits. Blocks of weight 0 go to the split that lags most.
+    A fixed hash per block (the rule before) left Helsinki's val area without one mapping road
+    (issue 10): with ~60 usable blocks and a 10 % fraction, chance decided whether val got any.
+    Deterministic in (weights, fractions).
+    """
+    f = _check_fractions(fractions)
+    for b, w in weights.items():
+        if not (math.isfinite(float(w)) and float(w) >= 0):
+            raise ValueError(f"block {b}: weight must be finite and >= 0, got {w}")
+    order = sorted(weights, key=lambda b: (-float(weights[b]), _block_rank(*b), b))
+    total = float(sum(float(weights[b]) for b in order))
+    live = f > 0
+    weighted = [b for b in order if float(weights[b]) > 0]
+    dealt = np.zeros(3)
+    out: dict[tuple[int, int], int] = {}
+    for k, b in enumerate(order):
+        w = float(weights[b])
+        lag = np.where(live, f * total - dealt, -np.inf)
+        empty = [s for s in range(3) if live[s] and s not in out.values()]
+        if w > 0 and empty and len(weighted) - k <= len(empty):
+            s = max(empty, key=lambda s: (lag[s], -s))  # the last weighted blocks: one per empty split
+        else:
+            s = int(np.argmax(lag))
+        dealt[s] += w
+        out[(int(b[0]), int(b[1]))] = s
+    return out
 
 
 def data_fingerprint(config: Config) -> str:
@@ -284,6 +325,7 @@ class _Context:
     world_bounds: tuple[float, float, float, float]  # CRS bounds where scenes may lie
     fractions: tuple[float, float, float]
     block_m: float
+    layout: dict[tuple[int, int], int]  # (bx, by) -> split of every block with roads or captures
     query_blocks: dict[int, list[tuple[np.ndarray, np.ndarray]]]  # split -> per block (query-run, map-run)
     # views that can be queries (see _query_pools, _group_by_split_block)
 
@@ -332,7 +374,7 @@ def pair_split(i: int, fractions: Sequence[float]) -> int:
 
 
 def _group_by_split_block(
-    pools: tuple[np.ndarray, np.ndarray], xy_crs: np.ndarray, fractions: Sequence[float], block_m: float
+    pools: tuple[np.ndarray, np.ndarray], xy_crs: np.ndarray, layout: dict[tuple[int, int], int], block_m: float
 ) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
     """Query candidates grouped as {split: [(query-run views, map-run views) of one block, ...]}, blocks
     sorted, so that pairs are spread over blocks instead of piling up where most runs overlap."""
@@ -341,8 +383,61 @@ def _group_by_split_block(
     both = np.concatenate(pools)
     for kx, ky in sorted(set(zip(bx[both].tolist(), by[both].tolist()))):
         members = tuple(p[(bx[p] == kx) & (by[p] == ky)] for p in pools)
-        out[split_of_block(kx, ky, fractions)].append(members)
+        out[layout[(kx, ky)]].append(members)
     return out
+
+
+def sampling_context(world: Any, runs: Sequence[Any], config: Config, block_m: float = SPLIT_BLOCK_M) -> _Context:
+    """Everything pair sampling needs (no rendering): the view table (poses validated), the split
+    layout of the world's blocks (`assign_splits`, weighted by each block's query candidates) and
+    the query candidates of each split's blocks. The layout depends on the runs (seed, run counts):
+    it is stored in the store's attrs (`split_blocks`); take train and val pairs from one store."""
+    views = _view_table(runs)
+    world_origin = np.asarray(world.origin, dtype=np.float64)[:2]
+    bounds = tuple(float(b) for b in world.region.bounds)
+    fractions = tuple(float(v) for v in config.synth.split_fractions)
+    xy = views.xy + world_origin
+    pools = _query_pools(views, config, world_origin, block_m)
+    # Weight of a block: its views that can be a query; every block of the world is in the layout.
+    (bx0, by0), (bx1, by1) = (block_of_xy(bounds[0], bounds[1], block_m), block_of_xy(bounds[2], bounds[3], block_m))
+    weights = {(bx, by): 0.0 for bx in range(int(bx0), int(bx1) + 1) for by in range(int(by0), int(by1) + 1)}
+    both = np.concatenate(pools)
+    for b in zip(*(v.tolist() for v in block_of_xy(xy[both, 0], xy[both, 1], block_m))):
+        weights[b] = weights.get(b, 0.0) + 1.0
+    layout = assign_splits(weights, fractions)
+    return _Context(config, views, world_origin, bounds, fractions, block_m, layout,
+                    _group_by_split_block(pools, xy, layout, block_m))
+
+
+def plan_pairs(pairs: Sequence[int], seed: int, ctx: _Context) -> list[_PairPlan]:
+    """The plans (query, scene, map views, split) of pairs `pairs`, without rendering anything.
+
+    Pair i is drawn for split `pair_split(i)` and placed in a block of that split, never elsewhere.
+    Raises ValueError, before any pair is rendered, when a split that the pairs need has no block
+    with query candidates (the message names the split's blocks and what to do), or when a pair
+    finds no placement in its split's blocks.
+    """
+    need = sorted({pair_split(i, ctx.fractions) for i in pairs})
+    empty = [k for k in need if not ctx.query_blocks[k]]
+    if empty:
+        raise ValueError(_no_candidates_message(empty, ctx))
+    return [_sample_pair(i, seed, ctx) for i in pairs]
+
+
+def _no_candidates_message(empty: Sequence[int], ctx: _Context) -> str:
+    parts = []
+    for k in empty:
+        blocks = sorted(b for b, s in ctx.layout.items() if s == k)
+        where = ", ".join(f"({bx},{by})" for bx, by in blocks[:8]) + (" ..." if len(blocks) > 8 else "")
+        parts.append(f"{SPLIT_NAMES[k]} ({len(blocks)} blocks of {ctx.block_m:.0f} m: {where or 'none'})")
+    c = ctx.config.synth
+    return (
+        "the " + "; ".join(parts) + " area has no view that can be a query: no capture there has "
+        f"{c.min_views_in_scene} map views of other runs in the same block within "
+        f"{c.query_max_time_delta_days} days. A pair's split is the split of its area, so these "
+        "pairs cannot be drawn: simulate more mapping runs (--map-runs), write more pairs (run "
+        "counts grow with --pairs), or choose a larger --bbox"
+    )
 
 
 def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
@@ -352,17 +447,18 @@ def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
     cell = cfg.scene.cell_m
     V = ctx.views
     rng = np.random.default_rng([int(seed), int(i), 0x5EED])
-    # Draw the split first, then a block of that split, then a view in it (fall back to every block
-    # for the second half of the attempts, e.g. when no block of that split has captures).
-    wanted = ctx.query_blocks[pair_split(i, ctx.fractions)]
-    every = [g for k in sorted(ctx.query_blocks) for g in ctx.query_blocks[k]]
+    # Draw the split first, then a block of that split, then a view in it. Never another split's
+    # block (issue 10: that fallback silently left a 600-pair store without val pairs).
+    split = pair_split(i, ctx.fractions)
+    groups = ctx.query_blocks[split]
+    if not groups:
+        raise ValueError(_no_candidates_message([split], ctx))
     fr = _frustum_points(cfg.scene.query_depth_m, cfg.scene.query_hfov_deg)
     cam_xy_crs = V.xy + ctx.world_origin
     bvx, bvy = block_of_xy(cam_xy_crs[:, 0], cam_xy_crs[:, 1], ctx.block_m)
     pts_scene = _scene_points((sx, sy))
     x0, y0, x1, y1 = ctx.world_bounds
     for attempt in range(MAX_ATTEMPTS_PER_PAIR):
-        groups = wanted if wanted and attempt < MAX_ATTEMPTS_PER_PAIR // 2 else every
         ped, car = groups[int(rng.integers(len(groups)))]
         # Half the queries from pedestrian runs (when any qualify), half from other map runs.
         pool = ped if len(ped) and (not len(car) or rng.random() < QUERY_RUN_FRACTION) else car
@@ -412,11 +508,12 @@ def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
         in_pts = np.c_[pts[in_scene] - ctx.world_origin, np.zeros(int(in_scene.sum()))]
         seen = _visible(V, chosen_idx, in_pts).any(0) if len(in_pts) else np.zeros(0, bool)
         observed = float((wgt[in_scene] * seen).sum() / wgt.sum())
-        split = split_of_block(int(bqx), int(bqy), ctx.fractions)
+        assert ctx.layout[(int(bqx), int(bqy))] == split  # the query's block is one of the split's
         return _PairPlan(origin, chosen_idx, q, overlap, observed, (int(bqx), int(bqy)), split)
     raise ValueError(
-        f"pair {i}: found no valid scene/query placement in {MAX_ATTEMPTS_PER_PAIR} attempts "
-        "(region too small for the scene and split blocks, or too few capture runs)"
+        f"pair {i} ({SPLIT_NAMES[split]}): found no valid scene/query placement in {MAX_ATTEMPTS_PER_PAIR} "
+        f"attempts in the {len(groups)} {SPLIT_NAMES[split]} block(s) with captures: simulate more "
+        "mapping runs (--map-runs) or choose a larger --bbox"
     )
 
 
@@ -643,7 +740,11 @@ def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source
         "split_fractions": list(config.synth.split_fractions),
         "split_block_m": SPLIT_BLOCK_M,
         "split_block_rule": "block (bx, by) = floor(CRS (x, y) / split_block_m); a pair's scene, query "
-                            "camera and map cameras all lie in one block; split = sha256 hash of the block",
+                            "camera and map cameras all lie in one block, and its split is the block's; "
+                            "blocks are dealt to the splits so that each holds its fraction of the views that "
+                            "can be queries (neuralmaps.synth.chunks.assign_splits)",
+        "split_num_pairs": [int(v) for v in np.bincount(
+            [pair_split(i, config.synth.split_fractions) for i in range(num_pairs)], minlength=3)],
         "split_blocks": json.dumps(layout),
         "camera_models": list(CAMERA_MODELS),
         "camera_names": list(views.camera_names),
@@ -657,14 +758,6 @@ def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source
                                          if k != "occluders"}),
         "frames": "scene: x east, y north, z up, origin at SW corner at ground; cameras: OpenCV",
     }
-
-
-def _split_layout(bounds: tuple, fractions: Sequence[float], block_m: float) -> dict[str, str]:
-    """'bx,by' -> split name for every block touching `bounds` (CRS)."""
-    bx0, by0 = block_of_xy(bounds[0], bounds[1], block_m)
-    bx1, by1 = block_of_xy(bounds[2], bounds[3], block_m)
-    return {f"{bx},{by}": SPLIT_NAMES[split_of_block(bx, by, fractions)]
-            for bx in range(int(bx0), int(bx1) + 1) for by in range(int(by0), int(by1) + 1)}
 
 
 def _open_existing(out: Path, expect: dict) -> np.ndarray | None:
@@ -791,27 +884,31 @@ def write_training_chunks(
         from .capture import simulate_runs
 
         runs = simulate_runs(world, num_map_runs, num_query_runs, seed, config=config, progress=progress)
-    views = _view_table(runs)  # validates every pose
+    new_store = done is None
+    done = np.zeros(num_pairs, bool) if done is None else done
+    ctx = sampling_context(world, runs, config)  # validates every pose
+    views = ctx.views
     run_counts = (sum(r.kind != "query" for r in runs), sum(r.kind == "query" for r in runs))
+    todo = [s for s in range(0, num_pairs, pairs_per_chunk) if not done[s:s + pairs_per_chunk].all()]
+    # Every pair is planned before the store is touched: a split without candidates is refused here.
+    plans = dict(zip(
+        (i for s in todo for i in range(s, min(s + pairs_per_chunk, num_pairs))),
+        plan_pairs([i for s in todo for i in range(s, min(s + pairs_per_chunk, num_pairs))], seed, ctx),
+    ))
 
     from ..geo import Region
 
     wreg = world.region
     class_region = Region.from_bounds(wreg.bounds, wreg.crs, config.scene.cell_m)
-    world_origin = np.asarray(world.origin, dtype=np.float64)[:2]
-    bounds = tuple(float(b) for b in wreg.bounds)
-    fractions = tuple(config.synth.split_fractions)
-    pools = _query_pools(views, config, world_origin, SPLIT_BLOCK_M)
-    ctx = _Context(config, views, world_origin, bounds, fractions, SPLIT_BLOCK_M,
-                   _group_by_split_block(pools, views.xy + world_origin, fractions, SPLIT_BLOCK_M))
+    world_origin = ctx.world_origin
+    bounds = ctx.world_bounds
 
-    if done is None:
+    if new_store:
+        layout = {f"{bx},{by}": SPLIT_NAMES[k] for (bx, by), k in sorted(ctx.layout.items())}
         attrs = _store_attrs(config, seed, num_pairs, osm.resolve(), source_sha, runs, views,
-                             _split_layout(bounds, fractions, SPLIT_BLOCK_M), bounds, world_origin,
-                             pairs_per_chunk, run_counts)
+                             layout, bounds, world_origin, pairs_per_chunk, run_counts)
         attrs["crop_bounds"] = crop
         _create_store(out, num_pairs, config, wreg.crs, attrs, pairs_per_chunk)
-        done = np.zeros(num_pairs, bool)
 
     class_raster = _class_raster(world, class_region)
     aerial_appearance = _aerial_appearance()
@@ -820,14 +917,12 @@ def write_training_chunks(
 
     group = zarr.open_group(str(out), mode="r+")
     arrays = {name: group[name] for name in [*_schema(config), "pair_done"]}  # opened once
-    todo = [s for s in range(0, num_pairs, pairs_per_chunk) if not done[s:s + pairs_per_chunk].all()]
     bar = tqdm(total=num_pairs, initial=int(done.sum()), desc="pairs", unit="pair", disable=not progress)
     for start in todo:
         stop = min(start + pairs_per_chunk, num_pairs)
         items = []
         for i in range(start, stop):
-            plan = _sample_pair(i, seed, ctx)
-            items.append(_render_pair(i, plan, ctx, world, runs, class_raster, class_region, aerial_appearance))
+            items.append(_render_pair(i, plans[i], ctx, world, runs, class_raster, class_region, aerial_appearance))
         _write_chunk(arrays, start, items, config)
         bar.update(stop - start - int(done[start:stop].sum()))
         if on_pair_written is not None:
