@@ -19,7 +19,7 @@ import torch
 
 from neuralmaps.config import CLASS_NAMES, preset
 from neuralmaps.data import SceneDataset
-from neuralmaps.data.chunk_store import SPLIT_NAMES
+from neuralmaps.data.store import SPLIT_NAMES
 
 # A 300 m crop (EPSG:32635) covering split blocks (2571..2572, 44480..44481): train, val and test.
 CROP_EPSG = 32635
@@ -176,7 +176,7 @@ def test_a_split_without_candidates_is_refused_before_writing(tmp_path, monkeypa
 
 def _query_points_scene(a: dict, i: int, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Scene-frame 3D points (N, 3) of the query's pixels with finite depth, and their labels."""
-    from neuralmaps.data.chunk_store import CAMERA_MODELS
+    from neuralmaps.data.store import CAMERA_MODELS
     from neuralmaps.geometry import camera_from_tensor
 
     depth, labels = a["query_depth"][i], a["query_labels"][i]
@@ -368,6 +368,28 @@ def test_overwrite_replaces_a_store(tmp_path):
     import zarr
 
     assert zarr.open_group(str(out), mode="r").attrs["seed"] == SEED + 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.zarr.lock", "o.zarr"]  # built aside, swapped in
+
+
+def test_overwrite_with_bad_new_inputs_keeps_the_old_store(small_store, tmp_path):
+    """Bad inputs found only after the world is built (a NaN pose) leave the old store as it was."""
+    from neuralmaps.synth import write_training_chunks
+
+    out = tmp_path / "keep.zarr"
+    shutil.copytree(small_store, out)
+    before = _read_all(out)
+    osm, world, runs = small_world()
+    frame = runs[0].frames[0]
+    name, (cam, _) = next(iter(frame.views.items()))
+    bad_frame = _replace(frame, views={**frame.views, name: (cam, np.full((4, 4), np.nan))})
+    bad_runs = [_replace(runs[0], frames=[bad_frame, *runs[0].frames[1:]]), *runs[1:]]
+    with pytest.raises(ValueError, match="non-finite"):
+        write_training_chunks(osm, out, 2, seed=SEED + 1, config=preset("cpu-tiny"), world=world, runs=bad_runs,
+                              progress=False, overwrite=True)
+    after = _read_all(out)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep.zarr.lock", "keep.zarr"]
 
 
 # -- bad input ----------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import warnings
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,19 +27,11 @@ import numpy as np
 
 from .. import __version__
 from ..config import CLASS_NAMES, Config, preset
-from ..data.chunk_store import (
-    CAMERA_MODELS,
-    PAIR_DONE_SEMANTICS,
-    SPLIT_NAMES,
-    STORE_FORMAT_VERSION,
-    check_store_attrs,
-)
+from ..data import store
+from ..data.store import CAMERA_MODELS, SPLIT_NAMES
 
 __all__ = [
-    "STORE_FORMAT_VERSION",
-    "SPLIT_NAMES",
     "SPLIT_BLOCK_M",
-    "CAMERA_MODELS",
     "write_training_chunks",
     "assign_splits",
     "sampling_context",
@@ -50,7 +40,6 @@ __all__ = [
     "default_run_counts",
     "block_of_xy",
     "T_scene_world",
-    "check_store_attrs",
     "data_fingerprint",
 ]
 
@@ -628,100 +617,12 @@ def _render_pair(i: int, plan: _PairPlan, ctx: _Context, world: Any, runs: Seque
     return out
 
 
-# -- the store ---------------------------------------------------------------------------------------
-def _schema(config: Config) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str, Any]]:
-    """name -> (dims without `pair`, shape without pair, dtype, fill) of every per-pair variable."""
-    Vn, (H, W) = config.scene.num_views, config.scene.image_hw
-    sx, sy = config.scene.size_m[:2]
-    X, Y = round(sx / config.scene.cell_m), round(sy / config.scene.cell_m)
-    K = len(CLASS_NAMES)
-    return {
-        "map_image": (("view", "y_img", "x_img", "rgb"), (Vn, H, W, 3), "uint8", 0),
-        "map_T_scene_view": (("view", "row", "col"), (Vn, 4, 4), "float64", np.nan),
-        "map_camera": (("view", "intrinsic"), (Vn, 8), "float64", np.nan),
-        "map_camera_model": (("view",), (Vn,), "int8", -1),
-        "map_run": (("view",), (Vn,), "int16", -1),
-        "map_frame": (("view",), (Vn,), "int32", -1),
-        "map_camera_name": (("view",), (Vn,), "int8", -1),
-        "map_vehicle": (("view",), (Vn,), "int8", -1),
-        "map_time_days": (("view",), (Vn,), "float64", np.nan),
-        "map_view_mask": (("view",), (Vn,), "bool", False),
-        "scene_origin": (("en",), (2,), "float64", np.nan),
-        "aerial": (("band", "y", "x"), (3, Y, X), "uint8", 0),
-        "semantic": (("class", "y", "x"), (K, Y, X), "uint8", 0),
-        "query_image": (("y_img", "x_img", "rgb"), (H, W, 3), "uint8", 0),
-        "query_depth": (("y_img", "x_img"), (H, W), "float32", np.nan),
-        "query_labels": (("y_img", "x_img"), (H, W), "uint8", 0),
-        "query_T_scene_cam": (("row", "col"), (4, 4), "float64", np.nan),
-        "query_camera": (("intrinsic",), (8,), "float64", np.nan),
-        "query_camera_model": ((), (), "int8", -1),
-        "query_run": ((), (), "int16", -1),
-        "query_frame": ((), (), "int32", -1),
-        "query_camera_name": ((), (), "int8", -1),
-        "query_vehicle": ((), (), "int8", -1),
-        "query_time_days": ((), (), "float64", np.nan),
-        "query_time_delta_days": ((), (), "float32", np.nan),
-        "query_overlap": ((), (), "float32", np.nan),
-        "query_observed": ((), (), "float32", np.nan),
-        "split": ((), (), "int8", -1),
-        "block": (("ij",), (2,), "int32", 0),
-    }
-
-
-VARIABLE_DOCS = {
-    "map_image": "map-run views, uint8 RGB (y_img, x_img, rgb); padding views are zero",
-    "map_T_scene_view": "camera-to-scene poses (OpenCV camera frame; scene frame x east, y north, z up, SW corner)",
-    "map_camera": "intrinsics [w, h, fx, fy, cx, cy, k1, k2] (pixels; pixel centres at +0.5)",
-    "map_camera_model": "index into attrs camera_models; -1 = padding",
-    "map_run": "index into attrs runs; -1 = padding",
-    "map_camera_name": "index into attrs camera_names (rig camera); -1 = padding",
-    "map_vehicle": "index into attrs vehicle_types; -1 = padding",
-    "query_vehicle": "index into attrs vehicle_types",
-    "query_run": "index into attrs runs (never the run of a map view of the pair)",
-    "map_time_days": "capture time (days since the POSIX epoch)",
-    "scene_origin": "CRS easting, northing (m) of the scene's SW corner",
-    "aerial": "orthophoto of the scene, north-up (row 0 north), cell_m, fixed 'aerial' appearance",
-    "semantic": "class raster of the scene {0,1}, north-up, channels = attrs class_names",
-    "query_depth": "renderer depth of the query view (m), NaN/inf where no hit",
-    "query_labels": "renderer per-pixel labels of the query view",
-    "query_T_scene_cam": "ground-truth query camera-to-scene pose",
-    "query_time_delta_days": "min |query time - map view time| (days)",
-    "query_overlap": "area fraction of the query BEV frustum (query_depth_m, query_hfov_deg) inside the scene",
-    "query_observed": "area fraction of the query BEV frustum inside the scene and seen by a map view (ground)",
-    "split": "index into attrs split_names; assigned by split block (attrs split_blocks)",
-    "block": "(bx, by) split block: CRS x in [bx, bx+1) * split_block_m, same for y",
-    "pair_done": "True once every other variable of the pair's chunk is written (written last)",
-}
-
-
-def _template(num_pairs: int, config: Config, crs: Any, attrs: dict, pairs_per_chunk: int):
-    import dask.array as da
-    import xarray as xr
-
-    data_vars = {}
-    for name, (dims, shape, dtype, fill) in _schema(config).items():
-        arr = da.zeros((num_pairs, *shape), dtype=dtype, chunks=(pairs_per_chunk, *shape))
-        data_vars[name] = (("pair", *dims), arr, {"description": VARIABLE_DOCS.get(name, "")})
-    data_vars["pair_done"] = (("pair",), da.zeros((num_pairs,), bool, chunks=(pairs_per_chunk,)),
-                              {"description": VARIABLE_DOCS["pair_done"]})
-    ds = xr.Dataset(data_vars, attrs=attrs)
-    ds = ds.rio.write_crs(crs)
-    # An explicit encoding replaces rioxarray's grid_mapping: put it back on every variable so
-    # `open_zarr(decode_coords="all").rio.crs` finds the CRS (DESIGN.md §6).
-    encoding = {name: {"fill_value": fill, "grid_mapping": "spatial_ref"}
-                for name, (_, _, _, fill) in _schema(config).items()}
-    encoding["pair_done"] = {"fill_value": False, "grid_mapping": "spatial_ref"}
-    return ds, encoding
-
-
+# -- generator attrs (the format's own attrs: neuralmaps.data.store.format_attrs) -----------------
 def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source_sha: str, runs: Sequence[Any],
                  views: _Views, layout: dict[str, str], bounds: tuple, world_origin, pairs_per_chunk: int,
                  run_counts: tuple[int, int]) -> dict:
     return {
-        "title": "neuralmaps training chunks (map scene / query pairs)",
-        "store_format_version": STORE_FORMAT_VERSION,
         "neuralmaps_version": __version__,
-        "class_names": list(CLASS_NAMES),
         "config": json.dumps(config.to_dict()),
         "config_fingerprint": config.fingerprint(),
         "data_fingerprint": data_fingerprint(config),
@@ -735,8 +636,6 @@ def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source
         "num_query_runs": int(run_counts[1]),
         "world_origin_en": [float(v) for v in world_origin],
         "scene_bounds_limit": [float(v) for v in bounds],
-        "pair_done_semantics": PAIR_DONE_SEMANTICS,
-        "split_names": list(SPLIT_NAMES),
         "split_fractions": list(config.synth.split_fractions),
         "split_block_m": SPLIT_BLOCK_M,
         "split_block_rule": "block (bx, by) = floor(CRS (x, y) / split_block_m); a pair's scene, query "
@@ -746,7 +645,6 @@ def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source
         "split_num_pairs": [int(v) for v in np.bincount(
             [pair_split(i, config.synth.split_fractions) for i in range(num_pairs)], minlength=3)],
         "split_blocks": json.dumps(layout),
-        "camera_models": list(CAMERA_MODELS),
         "camera_names": list(views.camera_names),
         "vehicle_types": list(views.vehicle_types),
         "runs": json.dumps([
@@ -758,46 +656,6 @@ def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source
                                          if k != "occluders"}),
         "frames": "scene: x east, y north, z up, origin at SW corner at ground; cameras: OpenCV",
     }
-
-
-def _open_existing(out: Path, expect: dict) -> np.ndarray | None:
-    """pair_done of a compatible existing store, or None when there is no store at `out`."""
-    import zarr
-
-    if not out.exists():
-        return None
-    try:
-        g = zarr.open_group(str(out), mode="r")
-        attrs = dict(g.attrs)
-        check_store_attrs(attrs, out, expect)
-        return np.asarray(g["pair_done"][:], dtype=bool)
-    except ValueError:
-        raise
-    except Exception as e:  # not a zarr store, or unreadable
-        raise ValueError(f"{out}: exists but is not a readable training-chunk store ({e}); "
-                         "use another --out or pass --overwrite") from None
-
-
-def _write_chunk(arrays: dict[str, Any], start: int, items: list[dict[str, np.ndarray]], config: Config) -> None:
-    """Write pairs [start, start + len(items)) (exactly one pair chunk of every variable of the
-    xarray-made template), then, once all of those writes finished, their pair_done marker.
-
-    Writes go straight to the template's Zarr arrays (the region write `to_zarr(region=...,
-    mode="r+")` does, without its ~50 ms per-call overhead), all variables concurrently."""
-    import asyncio
-
-    from zarr.core.sync import sync
-
-    schema = _schema(config)
-    sl = slice(start, start + len(items))
-    data = {name: np.stack([it[name] for it in items]).astype(dtype).reshape(len(items), *shape)
-            for name, (_, shape, dtype, _) in schema.items()}
-
-    async def write_all() -> None:
-        await asyncio.gather(*(arrays[name]._async_array.setitem(sl, a) for name, a in data.items()))
-
-    sync(write_all())
-    arrays["pair_done"][sl] = np.ones(len(items), bool)  # last: the pairs are now valid
 
 
 # -- the entry point ---------------------------------------------------------------------------------
@@ -835,18 +693,26 @@ def write_training_chunks(
     pairs_per_chunk: pairs per Zarr chunk along `pair` (the unit of writing and of resume).
     on_pair_written: called with i after pair i's chunk is marked done.
     preview_dir: when given, PNG previews of the first `num_previews` pairs are written there.
-    Returns the store path. Raises FileNotFoundError for a missing `osm`, ValueError (or
-    GeoInputError) for bad input, non-finite / non-rigid poses and incompatible stores.
+    overwrite: replace an existing store, but only one that neuralmaps wrote (recognised by its
+        attrs), and only once the new one is complete: it is built aside and swapped in.
+    Returns the (absolute) store path. Raises, before any expensive work: FileNotFoundError for a
+    missing `osm`; `neuralmaps.storage.StorageError` for output paths that cannot be written or
+    hold something other than a neuralmaps store (nothing is touched), `StoreInUseError` when
+    another process writes the store; ValueError (or GeoInputError) for bad input, non-finite /
+    non-rigid poses, a split without query candidates and incompatible stores.
     """
-    from tqdm.auto import tqdm
-
     config = config if config is not None else preset("cpu-tiny")
-    osm, out = Path(osm), Path(out)
+    osm = Path(osm)
     if not osm.is_file():
         raise FileNotFoundError(f"OSM file not found: {osm}")
     num_pairs, pairs_per_chunk = int(num_pairs), int(pairs_per_chunk)
     if num_pairs <= 0 or pairs_per_chunk <= 0:
         raise ValueError(f"num_pairs and pairs_per_chunk must be positive, got {num_pairs}, {pairs_per_chunk}")
+    out, state = store.check_output(out, overwrite)  # path problems: before any work
+    if preview_dir is not None:
+        from ..data.preview import check_preview_dir
+
+        check_preview_dir(preview_dir)
     sx, sy = config.scene.size_m[:2]
     for s in (sx, sy):
         if not math.isclose(s / config.scene.cell_m, round(s / config.scene.cell_m), abs_tol=1e-6):
@@ -868,13 +734,25 @@ def write_training_chunks(
               "source_sha256": source_sha, "pairs_per_chunk": pairs_per_chunk, "crop_bounds": crop,
               "num_map_runs": int(num_map_runs), "num_query_runs": int(num_query_runs)}
 
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    done = _open_existing(out, expect)
-    if done is not None and done.all():
-        if preview_dir is not None:
-            _previews(out, preview_dir, num_previews)
-        return out
+    with store.writer_lock(out):  # a second writer is refused here, at once
+        out, state = store.check_output(out, overwrite)  # again: another writer may have made it meanwhile
+        store.remove_stale_temps(out)  # of killed writers; no one else writes while we hold the lock
+        done = store.open_existing(out, expect) if state == "store" and not overwrite else None
+        if done is None or not done.all():
+            _write_pairs(out, state, done, osm, source_sha, num_pairs, pairs_per_chunk, seed, config, region, crop,
+                         world, runs, num_map_runs, num_query_runs, progress, on_pair_written)
+    if preview_dir is not None:
+        _previews(out, preview_dir, num_previews)
+    return out
+
+
+def _write_pairs(out: Path, state: str, done: np.ndarray | None, osm: Path, source_sha: str, num_pairs: int,
+                 pairs_per_chunk: int, seed: int, config: Config, region: Any, crop: Any, world: Any, runs: Any,
+                 num_map_runs: int, num_query_runs: int, progress: bool,
+                 on_pair_written: Callable[[int], None] | None) -> None:
+    """Build (or reuse) the world and runs, plan every pair still to do, and only then create the
+    store (aside when it replaces one) and render and write the pairs."""
+    from tqdm.auto import tqdm
 
     if world is None:
         from .world import World
@@ -884,68 +762,46 @@ def write_training_chunks(
         from .capture import simulate_runs
 
         runs = simulate_runs(world, num_map_runs, num_query_runs, seed, config=config, progress=progress)
+    ctx = sampling_context(world, runs, config)  # validates every pose
+    run_counts = (sum(r.kind != "query" for r in runs), sum(r.kind == "query" for r in runs))
     new_store = done is None
     done = np.zeros(num_pairs, bool) if done is None else done
-    ctx = sampling_context(world, runs, config)  # validates every pose
-    views = ctx.views
-    run_counts = (sum(r.kind != "query" for r in runs), sum(r.kind == "query" for r in runs))
     todo = [s for s in range(0, num_pairs, pairs_per_chunk) if not done[s:s + pairs_per_chunk].all()]
     # Every pair is planned before the store is touched: a split without candidates is refused here.
-    plans = dict(zip(
-        (i for s in todo for i in range(s, min(s + pairs_per_chunk, num_pairs))),
-        plan_pairs([i for s in todo for i in range(s, min(s + pairs_per_chunk, num_pairs))], seed, ctx),
-    ))
+    pairs = [i for s in todo for i in range(s, min(s + pairs_per_chunk, num_pairs))]
+    plans = dict(zip(pairs, plan_pairs(pairs, seed, ctx)))
 
     from ..geo import Region
 
     wreg = world.region
     class_region = Region.from_bounds(wreg.bounds, wreg.crs, config.scene.cell_m)
-    world_origin = ctx.world_origin
-    bounds = ctx.world_bounds
-
+    target = out
     if new_store:
+        # Replacing a store: build the new one aside and swap it in once complete (the old one
+        # stays intact until then). A fresh store is written in place (a rerun resumes it).
+        target = store.temp_sibling(out, "new") if state == "store" else out
         layout = {f"{bx},{by}": SPLIT_NAMES[k] for (bx, by), k in sorted(ctx.layout.items())}
-        attrs = _store_attrs(config, seed, num_pairs, osm.resolve(), source_sha, runs, views,
-                             layout, bounds, world_origin, pairs_per_chunk, run_counts)
+        attrs = _store_attrs(config, seed, num_pairs, osm.resolve(), source_sha, runs, ctx.views, layout,
+                             ctx.world_bounds, ctx.world_origin, pairs_per_chunk, run_counts)
         attrs["crop_bounds"] = crop
-        _create_store(out, num_pairs, config, wreg.crs, attrs, pairs_per_chunk)
+        store.create_store(target, num_pairs, config, wreg.crs, attrs, pairs_per_chunk)
 
     class_raster = _class_raster(world, class_region)
     aerial_appearance = _aerial_appearance()
-
-    import zarr
-
-    group = zarr.open_group(str(out), mode="r+")
-    arrays = {name: group[name] for name in [*_schema(config), "pair_done"]}  # opened once
     bar = tqdm(total=num_pairs, initial=int(done.sum()), desc="pairs", unit="pair", disable=not progress)
-    for start in todo:
-        stop = min(start + pairs_per_chunk, num_pairs)
-        items = []
-        for i in range(start, stop):
-            items.append(_render_pair(i, plans[i], ctx, world, runs, class_raster, class_region, aerial_appearance))
-        _write_chunk(arrays, start, items, config)
-        bar.update(stop - start - int(done[start:stop].sum()))
-        if on_pair_written is not None:
-            for i in range(start, stop):
-                on_pair_written(i)
+    with store.StoreWriter(target, config) as writer:
+        for start in todo:
+            stop = min(start + pairs_per_chunk, num_pairs)
+            items = [_render_pair(i, plans[i], ctx, world, runs, class_raster, class_region, aerial_appearance)
+                     for i in range(start, stop)]
+            writer.write(start, items)
+            bar.update(stop - start - int(done[start:stop].sum()))
+            if on_pair_written is not None:
+                for i in range(start, stop):
+                    on_pair_written(i)
     bar.close()
-    if preview_dir is not None:
-        _previews(out, preview_dir, num_previews)
-    return out
-
-
-def _create_store(out: Path, num_pairs: int, config: Config, crs: Any, attrs: dict, pairs_per_chunk: int) -> None:
-    """Write the template (metadata, no data) to a temporary path, then move it into place, so a
-    crash never leaves a half-made template at `out`."""
-    ds, encoding = _template(num_pairs, config, crs, attrs, pairs_per_chunk)
-    tmp = out.with_name(out.name + ".tmp-template")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
-        ds.to_zarr(str(tmp), compute=False, mode="w", zarr_format=3, encoding=encoding, consolidated=True)
-    os.replace(tmp, out)
+    if target != out:
+        store.swap_into_place(target, out)
 
 
 def _class_raster(world: Any, region: Any) -> np.ndarray:
@@ -968,6 +824,6 @@ def _aerial_appearance() -> Any:
 
 
 def _previews(out: Path, preview_dir: str | os.PathLike, n: int) -> None:
-    from .preview import write_previews
+    from ..data.preview import write_previews
 
     write_previews(out, preview_dir, max_pairs=n)
