@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import SceneDataset
 from .models import SNAP
+from .storage import atomic_path
 
 RECALL_THRESHOLDS_M = (1.0, 3.0, 5.0)
 
@@ -188,7 +188,6 @@ def train(
                     f.write(json.dumps(rec) + "\n")
         if out is not None and ((step + 1) % ckpt_every == 0 or last):
             model.save(ckpt)
-            tmp = opt_path.with_suffix(".tmp")
-            torch.save({"optimizer": opt.state_dict(), "step": step + 1}, tmp)
-            os.replace(tmp, opt_path)
+            with atomic_path(opt_path) as tmp:
+                torch.save({"optimizer": opt.state_dict(), "step": step + 1}, tmp)
     return records

@@ -7,8 +7,6 @@ poses `T_map_query` are `Transform2D`s of the query BEV frame in that frame.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..storage import atomic_path
 from .. import __version__, geometry
 from ..config import Config
 from .bev import BEVMapper, FeaturePlane, camera_in_query_bev, fuse_modalities
@@ -209,14 +208,8 @@ class SNAP(nn.Module):
             "config": self.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path: str | Path, map_location: Any = "cpu", config: Config | None = None) -> "SNAP":
