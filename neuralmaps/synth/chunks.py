@@ -1,15 +1,19 @@
-"""Training chunks: map-scene / query pairs from the digital twin, written to a Zarr store.
+"""Training pairs from the digital twin: sampling (which query, scene and map views, in which split)
+and rendering. The store they go to (format, create, open, check, write, lock) is
+`neuralmaps.data.store`; this module only produces pairs and hands them to its `StoreWriter`.
 
-The store (SNAP's pair-scene-view mode; docs/architecture.md) has one entry per pair along `pair`:
-map views (images, `T_scene_view`, intrinsics, run, time), the scene's aerial and semantic rasters
-(north-up, `cell_m`), one query view from another run with its ground-truth `T_scene_query`, and
-the split. Frames: the scene frame is x east, y north, z up with its origin at the scene's SW corner
-at ground level; `scene_origin` is that corner's CRS easting/northing. World-local frame (the
-digital twin's) = CRS − `world.origin`, ground at z = 0.
+A pair (SNAP's pair-scene-view mode; docs/architecture.md): map views (images, `T_scene_view`,
+intrinsics, run, time), the scene's aerial and semantic rasters (north-up, `cell_m`), one query
+view from another run with its ground-truth `T_scene_query`, and the split. Frames: the scene
+frame is x east, y north, z up with its origin at the scene's SW corner at ground level;
+`scene_origin` is that corner's CRS easting/northing. World-local frame (the digital twin's) =
+CRS − `world.origin`, ground at z = 0.
 
-Writing is resumable: the template is created first (`to_zarr(compute=False)`), each chunk of pairs
-is written with `region=`, and the chunk's `pair_done` marker is written LAST. Pair i depends only
-on (seed, i) and the world, so a resumed run yields the same data as an uninterrupted one.
+Splits are areas: a pair's split is the split of the 150 m block holding its scene, query and map
+views (`assign_splits`, `plan_pairs`); there is no fallback to another split's block. Every pair
+is planned before the store is touched, so a split without candidates is refused up front.
+Pair i depends only on (seed, i), the world and the runs, so a resumed run yields the same data as
+an uninterrupted one.
 """
 
 from __future__ import annotations
