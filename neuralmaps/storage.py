@@ -236,7 +236,10 @@ def writer_lock(target: str | os.PathLike, what: str = "store") -> Iterator[Path
     lp = lock_path(target)
     try:
         lp.parent.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(lp), timeout=0, thread_local=False, fallback_to_soft=False)
+        try:  # an OS lock only: a soft (file-exists) lock would outlive a killed writer
+            lock = filelock.FileLock(str(lp), timeout=0, thread_local=False, fallback_to_soft=False)
+        except TypeError:  # filelock < 4 has no soft fallback
+            lock = filelock.FileLock(str(lp), timeout=0, thread_local=False)
         lock.acquire()
     except filelock.Timeout:
         raise StoreInUseError(
