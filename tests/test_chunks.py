@@ -147,6 +147,8 @@ def test_assign_splits_gives_each_split_its_share_of_the_weight():
         assert layout == assign_splits(dict(reversed(list(w.items()))), f)  # not the dict order
     # five equal blocks: 3 / 1 / 1, not 4 / 1 / 0
     assert sorted(np.bincount(list(assign_splits({(i, 0): 1.0 for i in range(5)}, f).values()), minlength=3)) == [1, 1, 3]
+    # two blocks: train and test, the split that small stores draw first (12 pairs: 10 / 1 / 1, test at i = 1)
+    assert sorted(assign_splits({(0, 0): 9.0, (1, 0): 1.0}, f).values()) == [0, 2]
     # a split of fraction 0 gets nothing; blocks of weight 0 are laid out too
     layout = assign_splits({(0, 0): 5.0, (1, 0): 3.0, (2, 0): 0.0}, (0.5, 0.5, 0.0))
     assert set(layout.values()) <= {0, 1} and len(layout) == 3

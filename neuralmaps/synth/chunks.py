@@ -101,7 +101,8 @@ def assign_splits(weights: dict[tuple[int, int], float], fractions: Sequence[flo
 
     Blocks are dealt out heaviest first (ties in a fixed pseudo-random order, `_block_rank`), each
     to the split that lags its fraction of the total weight most; once only as many weighted blocks
-    remain as splits (of non-zero fraction) still without one, each of those gets one. So every
+    remain as splits (of non-zero fraction) still without one, each of those gets one (ties: the
+    split that `pair_split` draws first, so 3 pairs of 2 blocks are train and test). So every
     split gets about its fraction of the places pairs can come from, and a split is empty only when
     fewer weighted blocks exist than splits. Blocks of weight 0 go to the split that lags most.
     A fixed hash per block (the rule before) left Helsinki's val area without one mapping road
@@ -117,13 +118,15 @@ def assign_splits(weights: dict[tuple[int, int], float], fractions: Sequence[flo
     live = f > 0
     weighted = [b for b in order if float(weights[b]) > 0]
     dealt = np.zeros(3)
+    first_use = [next((i for i in range(10_000) if pair_split(i, f) == s), 10_000) for s in range(3)]
     out: dict[tuple[int, int], int] = {}
     for k, b in enumerate(order):
         w = float(weights[b])
         lag = np.where(live, f * total - dealt, -np.inf)
         empty = [s for s in range(3) if live[s] and s not in out.values()]
         if w > 0 and empty and len(weighted) - k <= len(empty):
-            s = max(empty, key=lambda s: (lag[s], -s))  # the last weighted blocks: one per empty split
+            # the last weighted blocks: one per empty split, first to the split small stores need first
+            s = max(empty, key=lambda s: (lag[s], -first_use[s]))
         else:
             s = int(np.argmax(lag))
         dealt[s] += w
