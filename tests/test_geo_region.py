@@ -132,3 +132,36 @@ def test_bad_region_input():
         Region.from_bounds((0, 0, 10, 10), 4326, 0.2)  # geographic CRS
     with pytest.raises(GeoInputError):
         Region.from_bounds((0, 0, 10, 10), 32635, 0.0)
+
+
+@pytest.mark.parametrize(
+    "box, reason",
+    [
+        ((-170, -79, 170, 83), "too wide for one UTM region"),  # was accepted as one region of 340 degrees
+        ((24.0, 60.0, 31.5, 60.5), "too wide"),  # 7.5 degrees: reaches 4.5 from zone 35's meridian
+        ((179.0, 10.0, -179.0, 11.0), "antimeridian"),
+        ((25.0, 60.0, 24.0, 61.0), "antimeridian"),  # inverted longitudes: the same message says both
+        ((24.0, 61.0, 25.0, 60.0), "need lat_min < lat_max"),
+        ((24.0, 60.0, 24.0, 61.0), "empty"),
+        ((24.0, 83.5, 25.0, 84.5), "beyond UTM's latitudes"),
+        ((24.0, -80.5, 25.0, -79.0), "beyond UTM's latitudes"),
+        ((24.0, 60.0, 25.0, 95.0), "latitudes must lie in"),
+        ((200.0, 60.0, 201.0, 61.0), "longitudes must lie in"),
+        ((-math.inf, 60.0, 25.0, 61.0), "finite"),
+        ((24.0, math.nan, 25.0, 61.0), "finite"),
+    ],
+)
+def test_boxes_that_cannot_be_one_utm_region_are_refused_with_the_reason(box, reason):
+    with pytest.raises(GeoInputError, match=reason) as e:
+        Region.from_bbox(*box)
+    assert "\n" not in str(e.value) and str(box[0]) in str(e.value)
+
+
+def test_boxes_at_the_edges_of_the_rule_are_accepted():
+    # a 5.9-degree box reaching 3.9 degrees from the central meridian of zone 35 (27 E), boxes at
+    # both UTM latitude limits, and boxes touching the antimeridian from either side
+    assert Region.from_bbox(25.0, 60.0, 30.9, 60.1, resolution=500).crs.to_epsg() == 32635
+    assert Region.from_bbox(24.0, 83.9, 24.1, 84.0, resolution=50).crs.to_epsg() == 32635
+    assert Region.from_bbox(24.0, -80.0, 24.1, -79.9, resolution=50).crs.to_epsg() == 32735
+    assert Region.from_bbox(179.5, 0.0, 180.0, 0.5, resolution=50).crs.to_epsg() == 32660
+    assert Region.from_bbox(-180.0, 0.0, -179.5, 0.5, resolution=50).crs.to_epsg() == 32601

@@ -1,8 +1,9 @@
-"""neuralmaps.data: datasets over training-chunk stores."""
+"""neuralmaps.data: the training-chunk store (`store`: format, create, open, check, write, lock),
+its previews and the torch dataset over it."""
 
 import rioxarray  # noqa: F401  (stores opened with plain xarray get `.rio.crs`)
 
-from .chunk_store import SPLIT_NAMES, STORE_FORMAT_VERSION
 from .scene_dataset import ITEM_KEYS, SceneDataset
+from .store import SPLIT_NAMES, STORE_FORMAT_VERSION
 
 __all__ = ["ITEM_KEYS", "SPLIT_NAMES", "STORE_FORMAT_VERSION", "SceneDataset"]

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from ..config import CLASS_NAMES, Config
 from ..grids import raster_to_grid
-from .chunk_store import SPLIT_NAMES, read_store_attrs
+from .store import ITEM_VARIABLES, SPLIT_NAMES, read_store_attrs
 
 __all__ = ["SceneDataset", "ITEM_KEYS"]
 
@@ -35,12 +35,6 @@ ITEM_KEYS = (
     "query_camera",
     "scene_origin",
     "index",
-)
-
-# Store variables read for one item.
-_VARS = (
-    "map_image", "map_T_scene_view", "map_camera", "map_view_mask", "aerial", "semantic",
-    "query_image", "query_T_scene_cam", "query_camera", "scene_origin",
 )
 
 
@@ -94,7 +88,7 @@ class SceneDataset(Dataset):
             import zarr
 
             g = zarr.open_group(str(self.path), mode="r")
-            self._group = {name: g[name] for name in _VARS}
+            self._group = {name: g[name] for name in ITEM_VARIABLES}
             self._pid = os.getpid()
         return self._group
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 
+from ..storage import atomic_path
 from .errors import GeoInputError
 from .region import Region
 
@@ -111,16 +111,10 @@ def write_geotiff(
         blockxsize=bs, blockysize=bs, interleave="band" if data.shape[0] > 4 else "pixel",
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tif", prefix=f".{path.stem}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".tif") as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(data)
             if descriptions:
                 for i, d in enumerate(descriptions[: data.shape[0]], start=1):
                     dst.set_band_description(i, d)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

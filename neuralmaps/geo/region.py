@@ -21,9 +21,56 @@ from shapely.geometry.base import BaseGeometry
 from .crs import WGS84, crs_to_lonlat, epsg_of, lonlat_to_crs, to_crs, transformer, utm_crs_for
 from .errors import GeoInputError
 
-__all__ = ["Region", "Tile", "RasterGrid"]
+__all__ = ["Region", "Tile", "RasterGrid", "check_lonlat_box"]
 
 _SNAP_TOL = 1e-6  # in pixels: bounds this close to a grid line are not pushed one pixel outward
+UTM_LAT_RANGE = (-80.0, 84.0)  # latitudes UTM is defined for (polar regions use UPS)
+# A region stays within 1 degree of longitude outside its 6-degree UTM zone: the scale error there
+# stays below 0.25 % (k ~ 0.9996 * (1 + (dlon * cos(lat))^2 / 2)); anything wider is split.
+MAX_LON_FROM_CENTRAL_MERIDIAN_DEG = 4.0
+
+
+def check_lonlat_box(lon_min: float, lat_min: float, lon_max: float, lat_max: float) -> None:
+    """Refuse, with the reason and what to do, a WGS84 box (degrees) that cannot be one UTM region."""
+    box_s = f"({lon_min}, {lat_min}, {lon_max}, {lat_max})"
+    try:
+        v = [float(x) for x in (lon_min, lat_min, lon_max, lat_max)]
+    except (TypeError, ValueError):
+        raise GeoInputError(f"lon/lat box {box_s}: bounds must be numbers (degrees)") from None
+    if not all(map(math.isfinite, v)):
+        raise GeoInputError(f"lon/lat box {box_s}: bounds must be finite numbers (got inf or nan)")
+    lon_min, lat_min, lon_max, lat_max = v
+    if not (-180.0 <= lon_min <= 180.0 and -180.0 <= lon_max <= 180.0):
+        raise GeoInputError(f"lon/lat box {box_s}: longitudes must lie in [-180, 180] degrees "
+                            "(is the box given as lon_min, lat_min, lon_max, lat_max?)")
+    if not (-90.0 <= lat_min <= 90.0 and -90.0 <= lat_max <= 90.0):
+        raise GeoInputError(f"lon/lat box {box_s}: latitudes must lie in [-90, 90] degrees "
+                            "(is the box given as lon_min, lat_min, lon_max, lat_max?)")
+    if lat_max <= lat_min:
+        raise GeoInputError(f"lon/lat box {box_s}: empty or inverted, need lat_min < lat_max")
+    if lon_max == lon_min:
+        raise GeoInputError(f"lon/lat box {box_s}: empty, need lon_min < lon_max")
+    if lon_max < lon_min:
+        raise GeoInputError(
+            f"lon/lat box {box_s}: lon_min > lon_max, i.e. inverted or across the antimeridian (180 degrees); "
+            "a region is one UTM zone and cannot cross it: give lon_min < lon_max, or make two regions, "
+            "one on each side of 180 degrees")
+    lo, hi = UTM_LAT_RANGE
+    if lat_min < lo or lat_max > hi:
+        raise GeoInputError(
+            f"lon/lat box {box_s}: reaches beyond UTM's latitudes ({-lo:g}S to {hi:g}N), where neuralmaps has "
+            "no projection; choose a box between them")
+    # Width against the regular 6-degree zone of the centre (Norway's and Svalbard's wider zones
+    # would otherwise refuse small boxes far from their central meridian).
+    zone = min(int((lon_min + lon_max) / 2 + 180.0) // 6 + 1, 60)
+    cm = zone * 6 - 183
+    far = max(abs(lon_min - cm), abs(lon_max - cm))
+    if far > MAX_LON_FROM_CENTRAL_MERIDIAN_DEG:
+        raise GeoInputError(
+            f"lon/lat box {box_s}: {lon_max - lon_min:.4g} degrees of longitude is too wide for one UTM region "
+            f"(zone {zone}, central meridian {cm} degrees; a region may reach "
+            f"{MAX_LON_FROM_CENTRAL_MERIDIAN_DEG:g} degrees from it, this one reaches {far:.4g}): split it "
+            "into smaller regions")
 
 
 def _snap_bounds(bounds: Sequence[float], res: float) -> tuple[float, float, float, float]:
@@ -128,11 +175,13 @@ class Region:
         lat_max: float,
         resolution: float = 0.2,
     ) -> "Region":
-        """From a WGS84 lon/lat box (degrees); the UTM zone is the one of the box centre."""
-        if not (lon_max > lon_min and lat_max > lat_min):
-            raise GeoInputError(
-                f"empty lon/lat box ({lon_min}, {lat_min}, {lon_max}, {lat_max}): need min < max"
-            )
+        """From a WGS84 lon/lat box (degrees); the UTM zone is the one of the box centre.
+
+        Raises GeoInputError, with the reason and what to do, for a box that cannot be one UTM
+        region (`check_lonlat_box`): non-finite or inverted bounds, a box across the antimeridian,
+        beyond UTM's latitudes (80°S to 84°N), or wider than MAX_LON_FROM_CENTRAL_MERIDIAN_DEG on
+        either side of its zone's central meridian."""
+        check_lonlat_box(lon_min, lat_min, lon_max, lat_max)
         return cls.from_geometry(box(lon_min, lat_min, lon_max, lat_max), WGS84, resolution)
 
     @classmethod

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 import xarray as xr
 
+from ..storage import swap_into_place, temp_sibling
 from .errors import GeoInputError
 
 __all__ = ["write_zarr", "open_zarr"]
@@ -82,12 +82,10 @@ def write_zarr(
         return ds.to_zarr(path, mode=mode, encoding=enc, compute=compute, zarr_format=3, **kw)
     if not compute:  # a template for later region writes: the delayed write must target `path`
         return ds.to_zarr(path, mode="w", encoding=enc, compute=False, zarr_format=3, **kw)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(path, "tmp")
     try:
         out = ds.to_zarr(tmp, mode="w", encoding=enc, zarr_format=3, **kw)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(tmp, path)
+        swap_into_place(tmp, path)  # readers see the old store or the new one, never neither
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,4 +1,5 @@
-"""neuralmaps.synth: digital twin from OSM (world, renderer, capture runs) and the training-chunk writer.
+"""neuralmaps.synth: digital twin from OSM (world, renderer, capture runs) and the pairs it writes
+to training-chunk stores (the store format itself is `neuralmaps.data.store`).
 
 Names are imported lazily so that `import neuralmaps.synth` stays light (no Embree / trimesh) for
 code that only needs one part.
@@ -17,7 +18,7 @@ _EXPORTS = {
     "Run": ".capture",
     "Frame": ".capture",
     "write_training_chunks": ".chunks",
-    "write_previews": ".preview",
+    "write_previews": "..data.preview",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,15 +1,19 @@
-"""Training chunks: map-scene / query pairs from the digital twin, written to a Zarr store.
+"""Training pairs from the digital twin: sampling (which query, scene and map views, in which split)
+and rendering. The store they go to (format, create, open, check, write, lock) is
+`neuralmaps.data.store`; this module only produces pairs and hands them to its `StoreWriter`.
 
-The store (SNAP's pair-scene-view mode; docs/architecture.md) has one entry per pair along `pair`:
-map views (images, `T_scene_view`, intrinsics, run, time), the scene's aerial and semantic rasters
-(north-up, `cell_m`), one query view from another run with its ground-truth `T_scene_query`, and
-the split. Frames: the scene frame is x east, y north, z up with its origin at the scene's SW corner
-at ground level; `scene_origin` is that corner's CRS easting/northing. World-local frame (the
-digital twin's) = CRS − `world.origin`, ground at z = 0.
+A pair (SNAP's pair-scene-view mode; docs/architecture.md): map views (images, `T_scene_view`,
+intrinsics, run, time), the scene's aerial and semantic rasters (north-up, `cell_m`), one query
+view from another run with its ground-truth `T_scene_query`, and the split. Frames: the scene
+frame is x east, y north, z up with its origin at the scene's SW corner at ground level;
+`scene_origin` is that corner's CRS easting/northing. World-local frame (the digital twin's) =
+CRS − `world.origin`, ground at z = 0.
 
-Writing is resumable: the template is created first (`to_zarr(compute=False)`), each chunk of pairs
-is written with `region=`, and the chunk's `pair_done` marker is written LAST. Pair i depends only
-on (seed, i) and the world, so a resumed run yields the same data as an uninterrupted one.
+Splits are areas: a pair's split is the split of the 150 m block holding its scene, query and map
+views (`assign_splits`, `plan_pairs`); there is no fallback to another split's block. Every pair
+is planned before the store is touched, so a split without candidates is refused up front.
+Pair i depends only on (seed, i), the world and the runs, so a resumed run yields the same data as
+an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,8 +22,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import warnings
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,26 +31,19 @@ import numpy as np
 
 from .. import __version__
 from ..config import CLASS_NAMES, Config, preset
-from ..data.chunk_store import (
-    CAMERA_MODELS,
-    PAIR_DONE_SEMANTICS,
-    SPLIT_NAMES,
-    STORE_FORMAT_VERSION,
-    check_store_attrs,
-)
+from ..data import store
+from ..data.store import CAMERA_MODELS, SPLIT_NAMES
 
 __all__ = [
-    "STORE_FORMAT_VERSION",
-    "SPLIT_NAMES",
     "SPLIT_BLOCK_M",
-    "CAMERA_MODELS",
     "write_training_chunks",
-    "split_of_block",
+    "assign_splits",
+    "sampling_context",
+    "plan_pairs",
     "pair_split",
     "default_run_counts",
     "block_of_xy",
     "T_scene_world",
-    "check_store_attrs",
     "data_fingerprint",
 ]
 
@@ -86,15 +81,57 @@ def block_of_xy(x: float | np.ndarray, y: float | np.ndarray, block_m: float = S
     return np.floor(np.asarray(x) / block_m).astype(np.int64), np.floor(np.asarray(y) / block_m).astype(np.int64)
 
 
-def split_of_block(bx: int, by: int, fractions: Sequence[float]) -> int:
-    """Split index (into SPLIT_NAMES) of block (bx, by): a deterministic hash, independent of the
-    seed and of the extract's bounds, so two stores of one area never disagree."""
-    f = np.asarray(fractions, dtype=float)
-    if f.shape != (3,) or (f < 0).any() or not math.isclose(f.sum(), 1.0, abs_tol=1e-6):
-        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {tuple(fractions)}")
+def _block_rank(bx: int, by: int) -> float:
+    """A fixed pseudo-random number in [0, 1) of block (bx, by) (sha256; independent of the seed
+    and of the extract), the order in which `assign_splits` deals blocks out."""
     h = hashlib.sha256(f"neuralmaps-split:{int(bx)}:{int(by)}".encode()).digest()
-    u = int.from_bytes(h[:8], "little") / 2.0**64
-    return int(min(np.searchsorted(np.cumsum(f), u, side="right"), 2))
+    return int.from_bytes(h[:8], "little") / 2.0**64
+
+
+def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
+    f = np.asarray(fractions, dtype=float)
+    if f.shape != (3,) or not np.isfinite(f).all() or (f < 0).any() or not math.isclose(f.sum(), 1.0, abs_tol=1e-6):
+        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {tuple(fractions)}")
+    return f
+
+
+def assign_splits(weights: dict[tuple[int, int], float], fractions: Sequence[float]) -> dict[tuple[int, int], int]:
+    """Split index (into SPLIT_NAMES) of every block in `weights` ({(bx, by): weight >= 0}, the
+    number of views in the block that can be a pair's query).
+
+    Blocks are dealt out heaviest first (ties in a fixed pseudo-random order, `_block_rank`), each
+    to the split that lags its fraction of the total weight most; once only as many weighted blocks
+    remain as splits (of non-zero fraction) still without one, each of those gets one (ties: the
+    split that `pair_split` draws first, so 3 pairs of 2 blocks are train and test). So every
+    split gets about its fraction of the places pairs can come from, and a split is empty only when
+    fewer weighted blocks exist than splits. Blocks of weight 0 go to the split that lags most.
+    A fixed hash per block (the rule before) left Helsinki's val area without one mapping road
+    (issue 10): with ~60 usable blocks and a 10 % fraction, chance decided whether val got any.
+    Deterministic in (weights, fractions).
+    """
+    f = _check_fractions(fractions)
+    for b, w in weights.items():
+        if not (math.isfinite(float(w)) and float(w) >= 0):
+            raise ValueError(f"block {b}: weight must be finite and >= 0, got {w}")
+    order = sorted(weights, key=lambda b: (-float(weights[b]), _block_rank(*b), b))
+    total = float(sum(float(weights[b]) for b in order))
+    live = f > 0
+    weighted = [b for b in order if float(weights[b]) > 0]
+    dealt = np.zeros(3)
+    first_use = [next((i for i in range(10_000) if pair_split(i, f) == s), 10_000) for s in range(3)]
+    out: dict[tuple[int, int], int] = {}
+    for k, b in enumerate(order):
+        w = float(weights[b])
+        lag = np.where(live, f * total - dealt, -np.inf)
+        empty = [s for s in range(3) if live[s] and s not in out.values()]
+        if w > 0 and empty and len(weighted) - k <= len(empty):
+            # the last weighted blocks: one per empty split, first to the split small stores need first
+            s = max(empty, key=lambda s: (lag[s], -first_use[s]))
+        else:
+            s = int(np.argmax(lag))
+        dealt[s] += w
+        out[(int(b[0]), int(b[1]))] = s
+    return out
 
 
 def data_fingerprint(config: Config) -> str:
@@ -284,6 +321,7 @@ class _Context:
     world_bounds: tuple[float, float, float, float]  # CRS bounds where scenes may lie
     fractions: tuple[float, float, float]
     block_m: float
+    layout: dict[tuple[int, int], int]  # (bx, by) -> split of every block with roads or captures
     query_blocks: dict[int, list[tuple[np.ndarray, np.ndarray]]]  # split -> per block (query-run, map-run)
     # views that can be queries (see _query_pools, _group_by_split_block)
 
@@ -332,7 +370,7 @@ def pair_split(i: int, fractions: Sequence[float]) -> int:
 
 
 def _group_by_split_block(
-    pools: tuple[np.ndarray, np.ndarray], xy_crs: np.ndarray, fractions: Sequence[float], block_m: float
+    pools: tuple[np.ndarray, np.ndarray], xy_crs: np.ndarray, layout: dict[tuple[int, int], int], block_m: float
 ) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
     """Query candidates grouped as {split: [(query-run views, map-run views) of one block, ...]}, blocks
     sorted, so that pairs are spread over blocks instead of piling up where most runs overlap."""
@@ -341,8 +379,61 @@ def _group_by_split_block(
     both = np.concatenate(pools)
     for kx, ky in sorted(set(zip(bx[both].tolist(), by[both].tolist()))):
         members = tuple(p[(bx[p] == kx) & (by[p] == ky)] for p in pools)
-        out[split_of_block(kx, ky, fractions)].append(members)
+        out[layout[(kx, ky)]].append(members)
     return out
+
+
+def sampling_context(world: Any, runs: Sequence[Any], config: Config, block_m: float = SPLIT_BLOCK_M) -> _Context:
+    """Everything pair sampling needs (no rendering): the view table (poses validated), the split
+    layout of the world's blocks (`assign_splits`, weighted by each block's query candidates) and
+    the query candidates of each split's blocks. The layout depends on the runs (seed, run counts):
+    it is stored in the store's attrs (`split_blocks`); take train and val pairs from one store."""
+    views = _view_table(runs)
+    world_origin = np.asarray(world.origin, dtype=np.float64)[:2]
+    bounds = tuple(float(b) for b in world.region.bounds)
+    fractions = tuple(float(v) for v in config.synth.split_fractions)
+    xy = views.xy + world_origin
+    pools = _query_pools(views, config, world_origin, block_m)
+    # Weight of a block: its views that can be a query; every block of the world is in the layout.
+    (bx0, by0), (bx1, by1) = (block_of_xy(bounds[0], bounds[1], block_m), block_of_xy(bounds[2], bounds[3], block_m))
+    weights = {(bx, by): 0.0 for bx in range(int(bx0), int(bx1) + 1) for by in range(int(by0), int(by1) + 1)}
+    both = np.concatenate(pools)
+    for b in zip(*(v.tolist() for v in block_of_xy(xy[both, 0], xy[both, 1], block_m))):
+        weights[b] = weights.get(b, 0.0) + 1.0
+    layout = assign_splits(weights, fractions)
+    return _Context(config, views, world_origin, bounds, fractions, block_m, layout,
+                    _group_by_split_block(pools, xy, layout, block_m))
+
+
+def plan_pairs(pairs: Sequence[int], seed: int, ctx: _Context) -> list[_PairPlan]:
+    """The plans (query, scene, map views, split) of pairs `pairs`, without rendering anything.
+
+    Pair i is drawn for split `pair_split(i)` and placed in a block of that split, never elsewhere.
+    Raises ValueError, before any pair is rendered, when a split that the pairs need has no block
+    with query candidates (the message names the split's blocks and what to do), or when a pair
+    finds no placement in its split's blocks.
+    """
+    need = sorted({pair_split(i, ctx.fractions) for i in pairs})
+    empty = [k for k in need if not ctx.query_blocks[k]]
+    if empty:
+        raise ValueError(_no_candidates_message(empty, ctx))
+    return [_sample_pair(i, seed, ctx) for i in pairs]
+
+
+def _no_candidates_message(empty: Sequence[int], ctx: _Context) -> str:
+    parts = []
+    for k in empty:
+        blocks = sorted(b for b, s in ctx.layout.items() if s == k)
+        where = ", ".join(f"({bx},{by})" for bx, by in blocks[:8]) + (" ..." if len(blocks) > 8 else "")
+        parts.append(f"{SPLIT_NAMES[k]} ({len(blocks)} blocks of {ctx.block_m:.0f} m: {where or 'none'})")
+    c = ctx.config.synth
+    return (
+        "the " + "; ".join(parts) + " area has no view that can be a query: no capture there has "
+        f"{c.min_views_in_scene} map views of other runs in the same block within "
+        f"{c.query_max_time_delta_days} days. A pair's split is the split of its area, so these "
+        "pairs cannot be drawn: simulate more mapping runs (--map-runs), write more pairs (run "
+        "counts grow with --pairs), or choose a larger --bbox"
+    )
 
 
 def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
@@ -352,17 +443,18 @@ def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
     cell = cfg.scene.cell_m
     V = ctx.views
     rng = np.random.default_rng([int(seed), int(i), 0x5EED])
-    # Draw the split first, then a block of that split, then a view in it (fall back to every block
-    # for the second half of the attempts, e.g. when no block of that split has captures).
-    wanted = ctx.query_blocks[pair_split(i, ctx.fractions)]
-    every = [g for k in sorted(ctx.query_blocks) for g in ctx.query_blocks[k]]
+    # Draw the split first, then a block of that split, then a view in it. Never another split's
+    # block (issue 10: that fallback silently left a 600-pair store without val pairs).
+    split = pair_split(i, ctx.fractions)
+    groups = ctx.query_blocks[split]
+    if not groups:
+        raise ValueError(_no_candidates_message([split], ctx))
     fr = _frustum_points(cfg.scene.query_depth_m, cfg.scene.query_hfov_deg)
     cam_xy_crs = V.xy + ctx.world_origin
     bvx, bvy = block_of_xy(cam_xy_crs[:, 0], cam_xy_crs[:, 1], ctx.block_m)
     pts_scene = _scene_points((sx, sy))
     x0, y0, x1, y1 = ctx.world_bounds
     for attempt in range(MAX_ATTEMPTS_PER_PAIR):
-        groups = wanted if wanted and attempt < MAX_ATTEMPTS_PER_PAIR // 2 else every
         ped, car = groups[int(rng.integers(len(groups)))]
         # Half the queries from pedestrian runs (when any qualify), half from other map runs.
         pool = ped if len(ped) and (not len(car) or rng.random() < QUERY_RUN_FRACTION) else car
@@ -412,11 +504,12 @@ def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
         in_pts = np.c_[pts[in_scene] - ctx.world_origin, np.zeros(int(in_scene.sum()))]
         seen = _visible(V, chosen_idx, in_pts).any(0) if len(in_pts) else np.zeros(0, bool)
         observed = float((wgt[in_scene] * seen).sum() / wgt.sum())
-        split = split_of_block(int(bqx), int(bqy), ctx.fractions)
+        assert ctx.layout[(int(bqx), int(bqy))] == split  # the query's block is one of the split's
         return _PairPlan(origin, chosen_idx, q, overlap, observed, (int(bqx), int(bqy)), split)
     raise ValueError(
-        f"pair {i}: found no valid scene/query placement in {MAX_ATTEMPTS_PER_PAIR} attempts "
-        "(region too small for the scene and split blocks, or too few capture runs)"
+        f"pair {i} ({SPLIT_NAMES[split]}): found no valid scene/query placement in {MAX_ATTEMPTS_PER_PAIR} "
+        f"attempts in the {len(groups)} {SPLIT_NAMES[split]} block(s) with captures: simulate more "
+        "mapping runs (--map-runs) or choose a larger --bbox"
     )
 
 
@@ -531,100 +624,12 @@ def _render_pair(i: int, plan: _PairPlan, ctx: _Context, world: Any, runs: Seque
     return out
 
 
-# -- the store ---------------------------------------------------------------------------------------
-def _schema(config: Config) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str, Any]]:
-    """name -> (dims without `pair`, shape without pair, dtype, fill) of every per-pair variable."""
-    Vn, (H, W) = config.scene.num_views, config.scene.image_hw
-    sx, sy = config.scene.size_m[:2]
-    X, Y = round(sx / config.scene.cell_m), round(sy / config.scene.cell_m)
-    K = len(CLASS_NAMES)
-    return {
-        "map_image": (("view", "y_img", "x_img", "rgb"), (Vn, H, W, 3), "uint8", 0),
-        "map_T_scene_view": (("view", "row", "col"), (Vn, 4, 4), "float64", np.nan),
-        "map_camera": (("view", "intrinsic"), (Vn, 8), "float64", np.nan),
-        "map_camera_model": (("view",), (Vn,), "int8", -1),
-        "map_run": (("view",), (Vn,), "int16", -1),
-        "map_frame": (("view",), (Vn,), "int32", -1),
-        "map_camera_name": (("view",), (Vn,), "int8", -1),
-        "map_vehicle": (("view",), (Vn,), "int8", -1),
-        "map_time_days": (("view",), (Vn,), "float64", np.nan),
-        "map_view_mask": (("view",), (Vn,), "bool", False),
-        "scene_origin": (("en",), (2,), "float64", np.nan),
-        "aerial": (("band", "y", "x"), (3, Y, X), "uint8", 0),
-        "semantic": (("class", "y", "x"), (K, Y, X), "uint8", 0),
-        "query_image": (("y_img", "x_img", "rgb"), (H, W, 3), "uint8", 0),
-        "query_depth": (("y_img", "x_img"), (H, W), "float32", np.nan),
-        "query_labels": (("y_img", "x_img"), (H, W), "uint8", 0),
-        "query_T_scene_cam": (("row", "col"), (4, 4), "float64", np.nan),
-        "query_camera": (("intrinsic",), (8,), "float64", np.nan),
-        "query_camera_model": ((), (), "int8", -1),
-        "query_run": ((), (), "int16", -1),
-        "query_frame": ((), (), "int32", -1),
-        "query_camera_name": ((), (), "int8", -1),
-        "query_vehicle": ((), (), "int8", -1),
-        "query_time_days": ((), (), "float64", np.nan),
-        "query_time_delta_days": ((), (), "float32", np.nan),
-        "query_overlap": ((), (), "float32", np.nan),
-        "query_observed": ((), (), "float32", np.nan),
-        "split": ((), (), "int8", -1),
-        "block": (("ij",), (2,), "int32", 0),
-    }
-
-
-VARIABLE_DOCS = {
-    "map_image": "map-run views, uint8 RGB (y_img, x_img, rgb); padding views are zero",
-    "map_T_scene_view": "camera-to-scene poses (OpenCV camera frame; scene frame x east, y north, z up, SW corner)",
-    "map_camera": "intrinsics [w, h, fx, fy, cx, cy, k1, k2] (pixels; pixel centres at +0.5)",
-    "map_camera_model": "index into attrs camera_models; -1 = padding",
-    "map_run": "index into attrs runs; -1 = padding",
-    "map_camera_name": "index into attrs camera_names (rig camera); -1 = padding",
-    "map_vehicle": "index into attrs vehicle_types; -1 = padding",
-    "query_vehicle": "index into attrs vehicle_types",
-    "query_run": "index into attrs runs (never the run of a map view of the pair)",
-    "map_time_days": "capture time (days since the POSIX epoch)",
-    "scene_origin": "CRS easting, northing (m) of the scene's SW corner",
-    "aerial": "orthophoto of the scene, north-up (row 0 north), cell_m, fixed 'aerial' appearance",
-    "semantic": "class raster of the scene {0,1}, north-up, channels = attrs class_names",
-    "query_depth": "renderer depth of the query view (m), NaN/inf where no hit",
-    "query_labels": "renderer per-pixel labels of the query view",
-    "query_T_scene_cam": "ground-truth query camera-to-scene pose",
-    "query_time_delta_days": "min |query time - map view time| (days)",
-    "query_overlap": "area fraction of the query BEV frustum (query_depth_m, query_hfov_deg) inside the scene",
-    "query_observed": "area fraction of the query BEV frustum inside the scene and seen by a map view (ground)",
-    "split": "index into attrs split_names; assigned by split block (attrs split_blocks)",
-    "block": "(bx, by) split block: CRS x in [bx, bx+1) * split_block_m, same for y",
-    "pair_done": "True once every other variable of the pair's chunk is written (written last)",
-}
-
-
-def _template(num_pairs: int, config: Config, crs: Any, attrs: dict, pairs_per_chunk: int):
-    import dask.array as da
-    import xarray as xr
-
-    data_vars = {}
-    for name, (dims, shape, dtype, fill) in _schema(config).items():
-        arr = da.zeros((num_pairs, *shape), dtype=dtype, chunks=(pairs_per_chunk, *shape))
-        data_vars[name] = (("pair", *dims), arr, {"description": VARIABLE_DOCS.get(name, "")})
-    data_vars["pair_done"] = (("pair",), da.zeros((num_pairs,), bool, chunks=(pairs_per_chunk,)),
-                              {"description": VARIABLE_DOCS["pair_done"]})
-    ds = xr.Dataset(data_vars, attrs=attrs)
-    ds = ds.rio.write_crs(crs)
-    # An explicit encoding replaces rioxarray's grid_mapping: put it back on every variable so
-    # `open_zarr(decode_coords="all").rio.crs` finds the CRS (DESIGN.md §6).
-    encoding = {name: {"fill_value": fill, "grid_mapping": "spatial_ref"}
-                for name, (_, _, _, fill) in _schema(config).items()}
-    encoding["pair_done"] = {"fill_value": False, "grid_mapping": "spatial_ref"}
-    return ds, encoding
-
-
+# -- generator attrs (the format's own attrs: neuralmaps.data.store.format_attrs) -----------------
 def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source_sha: str, runs: Sequence[Any],
                  views: _Views, layout: dict[str, str], bounds: tuple, world_origin, pairs_per_chunk: int,
                  run_counts: tuple[int, int]) -> dict:
     return {
-        "title": "neuralmaps training chunks (map scene / query pairs)",
-        "store_format_version": STORE_FORMAT_VERSION,
         "neuralmaps_version": __version__,
-        "class_names": list(CLASS_NAMES),
         "config": json.dumps(config.to_dict()),
         "config_fingerprint": config.fingerprint(),
         "data_fingerprint": data_fingerprint(config),
@@ -638,14 +643,15 @@ def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source
         "num_query_runs": int(run_counts[1]),
         "world_origin_en": [float(v) for v in world_origin],
         "scene_bounds_limit": [float(v) for v in bounds],
-        "pair_done_semantics": PAIR_DONE_SEMANTICS,
-        "split_names": list(SPLIT_NAMES),
         "split_fractions": list(config.synth.split_fractions),
         "split_block_m": SPLIT_BLOCK_M,
         "split_block_rule": "block (bx, by) = floor(CRS (x, y) / split_block_m); a pair's scene, query "
-                            "camera and map cameras all lie in one block; split = sha256 hash of the block",
+                            "camera and map cameras all lie in one block, and its split is the block's; "
+                            "blocks are dealt to the splits so that each holds its fraction of the views that "
+                            "can be queries (neuralmaps.synth.chunks.assign_splits)",
+        "split_num_pairs": [int(v) for v in np.bincount(
+            [pair_split(i, config.synth.split_fractions) for i in range(num_pairs)], minlength=3)],
         "split_blocks": json.dumps(layout),
-        "camera_models": list(CAMERA_MODELS),
         "camera_names": list(views.camera_names),
         "vehicle_types": list(views.vehicle_types),
         "runs": json.dumps([
@@ -657,54 +663,6 @@ def _store_attrs(config: Config, seed: int, num_pairs: int, source: Path, source
                                          if k != "occluders"}),
         "frames": "scene: x east, y north, z up, origin at SW corner at ground; cameras: OpenCV",
     }
-
-
-def _split_layout(bounds: tuple, fractions: Sequence[float], block_m: float) -> dict[str, str]:
-    """'bx,by' -> split name for every block touching `bounds` (CRS)."""
-    bx0, by0 = block_of_xy(bounds[0], bounds[1], block_m)
-    bx1, by1 = block_of_xy(bounds[2], bounds[3], block_m)
-    return {f"{bx},{by}": SPLIT_NAMES[split_of_block(bx, by, fractions)]
-            for bx in range(int(bx0), int(bx1) + 1) for by in range(int(by0), int(by1) + 1)}
-
-
-def _open_existing(out: Path, expect: dict) -> np.ndarray | None:
-    """pair_done of a compatible existing store, or None when there is no store at `out`."""
-    import zarr
-
-    if not out.exists():
-        return None
-    try:
-        g = zarr.open_group(str(out), mode="r")
-        attrs = dict(g.attrs)
-        check_store_attrs(attrs, out, expect)
-        return np.asarray(g["pair_done"][:], dtype=bool)
-    except ValueError:
-        raise
-    except Exception as e:  # not a zarr store, or unreadable
-        raise ValueError(f"{out}: exists but is not a readable training-chunk store ({e}); "
-                         "use another --out or pass --overwrite") from None
-
-
-def _write_chunk(arrays: dict[str, Any], start: int, items: list[dict[str, np.ndarray]], config: Config) -> None:
-    """Write pairs [start, start + len(items)) (exactly one pair chunk of every variable of the
-    xarray-made template), then, once all of those writes finished, their pair_done marker.
-
-    Writes go straight to the template's Zarr arrays (the region write `to_zarr(region=...,
-    mode="r+")` does, without its ~50 ms per-call overhead), all variables concurrently."""
-    import asyncio
-
-    from zarr.core.sync import sync
-
-    schema = _schema(config)
-    sl = slice(start, start + len(items))
-    data = {name: np.stack([it[name] for it in items]).astype(dtype).reshape(len(items), *shape)
-            for name, (_, shape, dtype, _) in schema.items()}
-
-    async def write_all() -> None:
-        await asyncio.gather(*(arrays[name]._async_array.setitem(sl, a) for name, a in data.items()))
-
-    sync(write_all())
-    arrays["pair_done"][sl] = np.ones(len(items), bool)  # last: the pairs are now valid
 
 
 # -- the entry point ---------------------------------------------------------------------------------
@@ -742,18 +700,26 @@ def write_training_chunks(
     pairs_per_chunk: pairs per Zarr chunk along `pair` (the unit of writing and of resume).
     on_pair_written: called with i after pair i's chunk is marked done.
     preview_dir: when given, PNG previews of the first `num_previews` pairs are written there.
-    Returns the store path. Raises FileNotFoundError for a missing `osm`, ValueError (or
-    GeoInputError) for bad input, non-finite / non-rigid poses and incompatible stores.
+    overwrite: replace an existing store, but only one that neuralmaps wrote (recognised by its
+        attrs), and only once the new one is complete: it is built aside and swapped in.
+    Returns the (absolute) store path. Raises, before any expensive work: FileNotFoundError for a
+    missing `osm`; `neuralmaps.storage.StorageError` for output paths that cannot be written or
+    hold something other than a neuralmaps store (nothing is touched), `StoreInUseError` when
+    another process writes the store; ValueError (or GeoInputError) for bad input, non-finite /
+    non-rigid poses, a split without query candidates and incompatible stores.
     """
-    from tqdm.auto import tqdm
-
     config = config if config is not None else preset("cpu-tiny")
-    osm, out = Path(osm), Path(out)
+    osm = Path(osm)
     if not osm.is_file():
         raise FileNotFoundError(f"OSM file not found: {osm}")
     num_pairs, pairs_per_chunk = int(num_pairs), int(pairs_per_chunk)
     if num_pairs <= 0 or pairs_per_chunk <= 0:
         raise ValueError(f"num_pairs and pairs_per_chunk must be positive, got {num_pairs}, {pairs_per_chunk}")
+    out, state = store.check_output(out, overwrite)  # path problems: before any work
+    if preview_dir is not None:
+        from ..data.preview import check_preview_dir
+
+        check_preview_dir(preview_dir)
     sx, sy = config.scene.size_m[:2]
     for s in (sx, sy):
         if not math.isclose(s / config.scene.cell_m, round(s / config.scene.cell_m), abs_tol=1e-6):
@@ -775,13 +741,25 @@ def write_training_chunks(
               "source_sha256": source_sha, "pairs_per_chunk": pairs_per_chunk, "crop_bounds": crop,
               "num_map_runs": int(num_map_runs), "num_query_runs": int(num_query_runs)}
 
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    done = _open_existing(out, expect)
-    if done is not None and done.all():
-        if preview_dir is not None:
-            _previews(out, preview_dir, num_previews)
-        return out
+    with store.writer_lock(out):  # a second writer is refused here, at once
+        out, state = store.check_output(out, overwrite)  # again: another writer may have made it meanwhile
+        store.remove_stale_temps(out)  # of killed writers; no one else writes while we hold the lock
+        done = store.open_existing(out, expect) if state == "store" and not overwrite else None
+        if done is None or not done.all():
+            _write_pairs(out, state, done, osm, source_sha, num_pairs, pairs_per_chunk, seed, config, region, crop,
+                         world, runs, num_map_runs, num_query_runs, progress, on_pair_written)
+    if preview_dir is not None:
+        _previews(out, preview_dir, num_previews)
+    return out
+
+
+def _write_pairs(out: Path, state: str, done: np.ndarray | None, osm: Path, source_sha: str, num_pairs: int,
+                 pairs_per_chunk: int, seed: int, config: Config, region: Any, crop: Any, world: Any, runs: Any,
+                 num_map_runs: int, num_query_runs: int, progress: bool,
+                 on_pair_written: Callable[[int], None] | None) -> None:
+    """Build (or reuse) the world and runs, plan every pair still to do, and only then create the
+    store (aside when it replaces one) and render and write the pairs."""
+    from tqdm.auto import tqdm
 
     if world is None:
         from .world import World
@@ -791,66 +769,46 @@ def write_training_chunks(
         from .capture import simulate_runs
 
         runs = simulate_runs(world, num_map_runs, num_query_runs, seed, config=config, progress=progress)
-    views = _view_table(runs)  # validates every pose
+    ctx = sampling_context(world, runs, config)  # validates every pose
     run_counts = (sum(r.kind != "query" for r in runs), sum(r.kind == "query" for r in runs))
+    new_store = done is None
+    done = np.zeros(num_pairs, bool) if done is None else done
+    todo = [s for s in range(0, num_pairs, pairs_per_chunk) if not done[s:s + pairs_per_chunk].all()]
+    # Every pair is planned before the store is touched: a split without candidates is refused here.
+    pairs = [i for s in todo for i in range(s, min(s + pairs_per_chunk, num_pairs))]
+    plans = dict(zip(pairs, plan_pairs(pairs, seed, ctx)))
 
     from ..geo import Region
 
     wreg = world.region
     class_region = Region.from_bounds(wreg.bounds, wreg.crs, config.scene.cell_m)
-    world_origin = np.asarray(world.origin, dtype=np.float64)[:2]
-    bounds = tuple(float(b) for b in wreg.bounds)
-    fractions = tuple(config.synth.split_fractions)
-    pools = _query_pools(views, config, world_origin, SPLIT_BLOCK_M)
-    ctx = _Context(config, views, world_origin, bounds, fractions, SPLIT_BLOCK_M,
-                   _group_by_split_block(pools, views.xy + world_origin, fractions, SPLIT_BLOCK_M))
-
-    if done is None:
-        attrs = _store_attrs(config, seed, num_pairs, osm.resolve(), source_sha, runs, views,
-                             _split_layout(bounds, fractions, SPLIT_BLOCK_M), bounds, world_origin,
-                             pairs_per_chunk, run_counts)
+    target = out
+    if new_store:
+        # Replacing a store: build the new one aside and swap it in once complete (the old one
+        # stays intact until then). A fresh store is written in place (a rerun resumes it).
+        target = store.temp_sibling(out, "new") if state == "store" else out
+        layout = {f"{bx},{by}": SPLIT_NAMES[k] for (bx, by), k in sorted(ctx.layout.items())}
+        attrs = _store_attrs(config, seed, num_pairs, osm.resolve(), source_sha, runs, ctx.views, layout,
+                             ctx.world_bounds, ctx.world_origin, pairs_per_chunk, run_counts)
         attrs["crop_bounds"] = crop
-        _create_store(out, num_pairs, config, wreg.crs, attrs, pairs_per_chunk)
-        done = np.zeros(num_pairs, bool)
+        store.create_store(target, num_pairs, config, wreg.crs, attrs, pairs_per_chunk)
 
     class_raster = _class_raster(world, class_region)
     aerial_appearance = _aerial_appearance()
-
-    import zarr
-
-    group = zarr.open_group(str(out), mode="r+")
-    arrays = {name: group[name] for name in [*_schema(config), "pair_done"]}  # opened once
-    todo = [s for s in range(0, num_pairs, pairs_per_chunk) if not done[s:s + pairs_per_chunk].all()]
     bar = tqdm(total=num_pairs, initial=int(done.sum()), desc="pairs", unit="pair", disable=not progress)
-    for start in todo:
-        stop = min(start + pairs_per_chunk, num_pairs)
-        items = []
-        for i in range(start, stop):
-            plan = _sample_pair(i, seed, ctx)
-            items.append(_render_pair(i, plan, ctx, world, runs, class_raster, class_region, aerial_appearance))
-        _write_chunk(arrays, start, items, config)
-        bar.update(stop - start - int(done[start:stop].sum()))
-        if on_pair_written is not None:
-            for i in range(start, stop):
-                on_pair_written(i)
+    with store.StoreWriter(target, config) as writer:
+        for start in todo:
+            stop = min(start + pairs_per_chunk, num_pairs)
+            items = [_render_pair(i, plans[i], ctx, world, runs, class_raster, class_region, aerial_appearance)
+                     for i in range(start, stop)]
+            writer.write(start, items)
+            bar.update(stop - start - int(done[start:stop].sum()))
+            if on_pair_written is not None:
+                for i in range(start, stop):
+                    on_pair_written(i)
     bar.close()
-    if preview_dir is not None:
-        _previews(out, preview_dir, num_previews)
-    return out
-
-
-def _create_store(out: Path, num_pairs: int, config: Config, crs: Any, attrs: dict, pairs_per_chunk: int) -> None:
-    """Write the template (metadata, no data) to a temporary path, then move it into place, so a
-    crash never leaves a half-made template at `out`."""
-    ds, encoding = _template(num_pairs, config, crs, attrs, pairs_per_chunk)
-    tmp = out.with_name(out.name + ".tmp-template")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
-        ds.to_zarr(str(tmp), compute=False, mode="w", zarr_format=3, encoding=encoding, consolidated=True)
-    os.replace(tmp, out)
+    if target != out:
+        store.swap_into_place(target, out)
 
 
 def _class_raster(world: Any, region: Any) -> np.ndarray:
@@ -873,6 +831,6 @@ def _aerial_appearance() -> Any:
 
 
 def _previews(out: Path, preview_dir: str | os.PathLike, n: int) -> None:
-    from .preview import write_previews
+    from ..data.preview import write_previews
 
     write_previews(out, preview_dir, max_pairs=n)

@@ -25,6 +25,7 @@ import trimesh
 from tqdm.auto import tqdm
 
 from neuralmaps.classes import AREA_CLASSES, VOID, class_id
+from neuralmaps.storage import atomic_path
 
 from .materials import FaceMat, GroundMat
 from .noise import NoiseTexture
@@ -417,10 +418,8 @@ class World(MeshRayCasting):
         world = cls._build(path_or_layers, region, seed, ground_resolution_m, progress)
         if key is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 pickle.dump(world, f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)
         return world
 
     @classmethod
