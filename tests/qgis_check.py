@@ -1,9 +1,9 @@
 """Open an exported neural map's QGIS project with PyQGIS, check it, and render it to a PNG.
 
 Run by tests/test_geo_export.py with the system interpreter that has PyQGIS (QGIS 3.22 from Debian):
-    QT_QPA_PLATFORM=offscreen /usr/bin/python3 tests/qgis_check.py MAP.qgs OUT.png
-Prints one JSON object (layers, CRS, extents, class labels, rendered-image statistics) on its last
-line; the calling test asserts on it. Exit status 0 when the project loaded, 2 when it did not.
+    QT_QPA_PLATFORM=offscreen /usr/bin/python3 tests/qgis_check.py MAP.qgs OUT.png [KEY=E,N ...]
+Prints one JSON object (layers, CRS, extents, class labels, rendered-image statistics, the rendered
+colour at each probe point KEY given in map coordinates) on its last line; the calling test asserts on it. Exit status 0 when the project loaded, 2 when it did not.
 No neuralmaps import: this runs outside the project's virtual environment.
 """
 
@@ -13,7 +13,7 @@ import json
 import sys
 
 
-def main(qgs: str, png: str, size: int = 600) -> int:
+def main(qgs: str, png: str, probes: dict[str, tuple[float, float]], size: int = 600) -> int:
     from qgis.core import (QgsApplication, QgsMapRendererParallelJob, QgsMapSettings, QgsProject,
                            QgsRasterLayer, QgsVectorLayer)
     from qgis.PyQt.QtCore import QSize
@@ -81,6 +81,11 @@ def main(qgs: str, png: str, size: int = 600) -> int:
         out["render"] = {"width": img.width(), "height": img.height(), "distinct_colors": len(colors),
                          "white_fraction": colors.get(0xFFFFFF, 0) / max(total, 1),
                          "errors": [f"{e.layerID}: {e.message}" for e in job.errors()]}
+        m2p = settings.mapToPixel()
+        out["probes"] = {}
+        for key, (x, y) in probes.items():
+            pt = m2p.transform(x, y)
+            out["probes"][key] = QColor(img.pixel(int(pt.x()), int(pt.y()))).name()
         print(json.dumps(out))
         return 0 if ok else 2
     finally:
@@ -89,4 +94,9 @@ def main(qgs: str, png: str, size: int = 600) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    pts = {}
+    for arg in sys.argv[3:]:  # KEY=EASTING,NORTHING: report the rendered colour there
+        key, xy = arg.split("=")
+        x, y = xy.split(",")
+        pts[key] = (float(x), float(y))
+    sys.exit(main(sys.argv[1], sys.argv[2], pts))
