@@ -102,20 +102,48 @@ class _Layer:
     roles: list[str]
     style: str  # "rgb" | "paletted" | "gray" | "pseudocolor"
     colormap: dict[int, tuple[int, int, int, int]] | None = None
+    read_bytes_per_px: int = 0  # bytes read per pixel when more than the output (the PCA's features)
+    chunks: tuple[int, int] | None = None  # (y, x) chunk of the source when dask-backed
     stats: list[tuple[float, float]] = field(default_factory=list)  # per band (min, max) of data
     path: Path | None = None
 
 
-def _window_side(bytes_per_px: int) -> int:
-    """Side (px) of a square window holding at most WINDOW_MB, a multiple of 64, at least 64."""
-    side = int(math.sqrt(WINDOW_MB * 2**20 / max(bytes_per_px, 1)))
-    return max(64, side // 64 * 64)
+def _window_shape(bytes_per_px: int, chunks: tuple[int, int] | None) -> tuple[int, int]:
+    """(rows, cols) of the windows of a layer, holding at most WINDOW_MB where possible.
+
+    Dask-backed sources are read in whole chunks (k x k of them): a chunk is decompressed whole
+    anyway, and re-reading one per window was several times slower. So the bound is
+    max(WINDOW_MB, one chunk) -- the store's chunk is its tile, a few tens of MB. Numpy-backed
+    sources get squares of a multiple of BLOCK_PX (whole COG tiles) or of 64 px (least 64).
+    """
+    budget_px = WINDOW_MB * 2**20 / max(bytes_per_px, 1)
+    if chunks is not None:
+        cy, cx = chunks
+        k = max(1, int(math.sqrt(budget_px / (cy * cx))))
+        return cy * k, cx * k
+    side = int(math.sqrt(budget_px))
+    side = side // BLOCK_PX * BLOCK_PX if side >= BLOCK_PX else max(64, side // 64 * 64)
+    return side, side
 
 
-def _windows(h: int, w: int, side: int) -> Iterator[Window]:
-    for r in range(0, h, side):
-        for c in range(0, w, side):
-            yield Window(c, r, min(side, w - c), min(side, h - r))
+def _layer_window(layer: "_Layer") -> tuple[int, int]:
+    itemsize = 4 if layer.dtype == "float16" else np.dtype(layer.dtype).itemsize
+    # x3: the source window, its float32 copy and the output
+    return _window_shape(max(layer.count * itemsize, layer.read_bytes_per_px) * 3, layer.chunks)
+
+
+def _yx_chunks(da: xr.DataArray) -> tuple[int, int] | None:
+    """The (y, x) chunk size of a dask-backed (..., y, x) array (its first chunk), else None."""
+    if da.chunks is None:
+        return None
+    return int(da.chunks[-2][0]), int(da.chunks[-1][0])
+
+
+def _windows(h: int, w: int, shape: tuple[int, int]) -> Iterator[Window]:
+    wy, wx = shape
+    for r in range(0, h, wy):
+        for c in range(0, w, wx):
+            yield Window(c, r, min(wx, w - c), min(wy, h - r))
 
 
 def _sub(da: xr.DataArray, win: Window) -> np.ndarray:
@@ -132,8 +160,7 @@ def _write_cog(layer: _Layer, region: Region, path: Path, bar: Any) -> None:
     """Stream `layer` window by window into a tiled GTiff, then copy it to a COG at `path`."""
     half = layer.dtype == "float16"
     gtiff_dtype = "float32" if half else layer.dtype
-    itemsize = 4 if half else np.dtype(layer.dtype).itemsize
-    side = _window_side(layer.count * itemsize * 3)  # x3: the source arrays and temporaries
+    wshape = _layer_window(layer)
     fd, tmp = tempfile.mkstemp(suffix=".tif", prefix=f".{path.stem}.stream-", dir=path.parent)
     os.close(fd)
     final_tmp = _atomic_target(path)
@@ -152,7 +179,7 @@ def _write_cog(layer: _Layer, region: Region, path: Path, bar: Any) -> None:
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
             with rasterio.open(tmp, "w", **profile) as dst:
-                for win in _windows(region.height, region.width, side):
+                for win in _windows(region.height, region.width, wshape):
                     data = layer.read(win)
                     if data.shape != (layer.count, int(win.height), int(win.width)):
                         raise GeoInputError(f"{layer.key}: window read gave shape {data.shape}")
@@ -242,11 +269,14 @@ def _fit_pca(feat: xr.DataArray, valid: xr.DataArray) -> tuple[np.ndarray, np.nd
     """PCA of the features on a strided subsample of valid pixels.
 
     Returns (mean (D,), components (D, 3), lo (3,), hi (3,)): RGB = (x - mean) @ components, stretched
-    from [lo, hi] (1st/99th percentiles of the sample) to 1..255. Component signs are fixed (largest
+    from [lo, hi] (1st/99th percentiles of the sample) to 1..255. The sample is strided over the whole
+    map (one read of the features, chunk by chunk). Component signs are fixed (largest
     loading positive), so equal maps give equal pictures.
     """
     h, w = valid.sizes["y"], valid.sizes["x"]
-    step = max(1, int(math.ceil(math.sqrt(h * w / PCA_SAMPLE))))
+    # at most PCA_SAMPLE pixels, and at most WINDOW_MB of float64 samples (x4 for the copies)
+    n = max(10_000, min(PCA_SAMPLE, int(WINDOW_MB * 2**20 / (feat.shape[0] * 8 * 4))))
+    step = max(1, int(math.ceil(math.sqrt(h * w / n))))
     sel = dict(y=slice(step // 2, None, step), x=slice(step // 2, None, step))
     f = np.asarray(feat.isel(sel).values, dtype=np.float64)  # (D, h', w'), bounded by PCA_SAMPLE
     m = np.asarray(valid.isel(sel).values, dtype=bool)
@@ -303,7 +333,8 @@ def _build_layers(ds: xr.Dataset, class_names: list[str] | None,
         return np.where(ok[None], np.rint(rgb), 0).astype(np.uint8)
 
     layers.append(_Layer("pca", "features (PCA RGB)", 3, "uint8", read_pca, 0, "average",
-                         ["pca_1", "pca_2", "pca_3"], ["visual"], "rgb"))
+                         ["pca_1", "pca_2", "pca_3"], ["visual"], "rgb",
+                         read_bytes_per_px=feat.shape[0] * 4, chunks=_yx_chunks(feat)))
 
     def masked_float(da: xr.DataArray, out: str) -> Callable[[Window], np.ndarray]:
         def read(win: Window) -> np.ndarray:
@@ -317,7 +348,8 @@ def _build_layers(ds: xr.Dataset, class_names: list[str] | None,
         m = m.expand_dims("band") if m.ndim == 2 else m
         layers.append(_Layer("matching", "matching features", m.shape[0], "float16",
                              masked_float(m, "float16"), math.nan, "average",
-                             [f"matching_{i}" for i in range(m.shape[0])], ["data"], "gray"))
+                             [f"matching_{i}" for i in range(m.shape[0])], ["data"], "gray",
+                             read_bytes_per_px=m.shape[0] * m.dtype.itemsize, chunks=_yx_chunks(m)))
     if "semantic_class" in ds:
         sc = _yx_last(ds["semantic_class"], "semantic_class")
         if sc.ndim != 2:
@@ -333,16 +365,17 @@ def _build_layers(ds: xr.Dataset, class_names: list[str] | None,
         cmap = {i: (*colors[i], 255) for i in range(len(names))} if colors else {}
         cmap[CLASS_NODATA] = (0, 0, 0, 0)
         layers.append(_Layer("semantic_class", "semantic classes", 1, "uint8", read_class, CLASS_NODATA,
-                             "nearest", ["semantic_class"], ["data"], "paletted", colormap=cmap))
+                             "nearest", ["semantic_class"], ["data"], "paletted", colormap=cmap,
+                             chunks=_yx_chunks(sc)))
     if "semantic_prob" in ds:
         sp = _yx_last(ds["semantic_prob"], "semantic_prob")
         sp = sp.expand_dims("class") if sp.ndim == 2 else sp
         out = _float_out(sp.dtype)
         layers.append(_Layer("semantic_prob", "class probabilities", sp.shape[0], out,
                              masked_float(sp, out), math.nan, "average",
-                             _names_for(sp, class_names, "class"), ["data"], "gray"))
+                             _names_for(sp, class_names, "class"), ["data"], "gray", chunks=_yx_chunks(sp)))
     layers.append(_Layer("valid", "valid", 1, "uint8", lambda win: vwin(win).astype(np.uint8)[None],
-                         None, "nearest", ["valid"], ["data-mask"], "gray"))
+                         None, "nearest", ["valid"], ["data-mask"], "gray", chunks=_yx_chunks(valid)))
     if "observations" in ds:
         ob = _yx_last(ds["observations"], "observations")
         kind, size = ob.dtype.kind, ob.dtype.itemsize
@@ -351,13 +384,14 @@ def _build_layers(ds: xr.Dataset, class_names: list[str] | None,
             odt = "float32"
         layers.append(_Layer("observations", "observation count", 1, odt,
                              lambda win: _sub(ob, win).astype(odt)[None], None, "nearest",
-                             ["observations"], ["data"], "pseudocolor"))
+                             ["observations"], ["data"], "pseudocolor", chunks=_yx_chunks(ob)))
     if "confidence" in ds:
         cf = _yx_last(ds["confidence"], "confidence")
         if cf.ndim != 2:
             raise GeoInputError(f"export_map: confidence must be (y, x), got {cf.dims}")
         layers.append(_Layer("confidence", "confidence", 1, "float32", masked_float(cf, "float32"),
-                             math.nan, "average", ["confidence"], ["data"], "pseudocolor"))
+                             math.nan, "average", ["confidence"], ["data"], "pseudocolor",
+                             chunks=_yx_chunks(cf)))
     return layers
 
 
@@ -375,13 +409,13 @@ def _write_polygons(ds: xr.Dataset, region: Region, class_names: list[str], path
 
     sc = _yx_last(ds["semantic_class"], "semantic_class")
     valid = _yx_last(ds["valid"], "valid")
-    side = _window_side(8)
+    wshape = _window_shape(8, _yx_chunks(sc))
     res = region.resolution
     xmin, ymin, xmax, ymax = region.bounds
     done: list[tuple[int, Any]] = []
     edge: dict[int, list[Any]] = {}
     eps = res * 1e-3
-    for win in _windows(region.height, region.width, side):
+    for win in _windows(region.height, region.width, wshape):
         c = _sub(sc, win)
         if np.issubdtype(c.dtype, np.floating):
             c = np.where(np.isfinite(c), c, CLASS_NODATA)
@@ -760,11 +794,10 @@ def export_map(
     if progress:
         from tqdm.auto import tqdm
 
-        total = sum(len(list(_windows(region.height, region.width,
-                                      _window_side(l.count * (4 if l.dtype == "float16" else np.dtype(l.dtype).itemsize) * 3))))
-                    for l in layers)
+        total = sum(len(list(_windows(region.height, region.width, _layer_window(l)))) for l in layers)
         if "semantic_class" in ds:
-            total += len(list(_windows(region.height, region.width, _window_side(8))))
+            total += len(list(_windows(region.height, region.width,
+                                       _window_shape(8, _yx_chunks(ds["semantic_class"])))))
         bar = tqdm(total=total, desc=f"export {name}", unit="window")
     files: dict[str, Path] = {}
     extra: dict[str, tuple[Path, str, list[str], str]] = {}
