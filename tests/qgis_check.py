@@ -13,6 +13,18 @@ import json
 import sys
 
 
+def _rat_classes(path: str) -> list[str] | None:
+    """The `Class` column of the raster attribute table GDAL (QGIS's) reads for band 1, if any."""
+    from osgeo import gdal
+
+    ds = gdal.Open(path)
+    rat = ds.GetRasterBand(1).GetDefaultRAT() if ds is not None else None
+    if rat is None:
+        return None
+    col = [rat.GetNameOfCol(i) for i in range(rat.GetColumnCount())].index("Class")
+    return [rat.GetValueAsString(i, col) for i in range(rat.GetRowCount())]
+
+
 def main(qgs: str, png: str, probes: dict[str, tuple[float, float]], size: int = 600) -> int:
     from qgis.core import (QgsApplication, QgsMapRendererParallelJob, QgsMapSettings, QgsProject,
                            QgsRasterLayer, QgsVectorLayer)
@@ -40,6 +52,7 @@ def main(qgs: str, png: str, probes: dict[str, tuple[float, float]], size: int =
                     info["labels"] = [c.label for c in r.classes()]
                     info["colors"] = [c.color.name() for c in r.classes()]
                     info["values"] = [c.value for c in r.classes()]
+                    info["rat_classes"] = _rat_classes(layer.source())
                 # the legend QGIS shows in the layers panel
                 info["legend"] = [t for t, _ in r.legendSymbologyItems()]
             elif isinstance(layer, QgsVectorLayer):

@@ -85,6 +85,7 @@ def exported(tmp_path_factory):
     assert ds["features"].chunks is not None  # dask-backed, as a store opened with xr.open_zarr
     mp = pytest.MonkeyPatch()
     mp.setattr(gx, "WINDOW_MB", 0.05)  # 64-px windows: many windows per layer
+    mp.setattr(gx, "POLYGON_FLUSH", 5)  # appends to the GeoPackage many times
     mp.setattr(gx, "BLOCK_PX", 128)  # 128-px COG tiles (GDAL's least), so a 300 x 200 map gets overviews
     try:
         files = export_map(ds, out, name="hki", class_names=NAMES, class_colors=COLORS, progress=False,
@@ -372,6 +373,7 @@ def test_qgis_opens_and_renders_the_project(exported, tmp_path):
     sem = layers["semantic classes"]
     assert sem["renderer"] == "paletted"
     assert sem["labels"] == NAMES and sem["legend"] == NAMES
+    assert sem["rat_classes"] == NAMES  # QGIS's GDAL (3.6) reads the RAT sidecar
     assert sem["colors"] == ["#{:02x}{:02x}{:02x}".format(*c) for c in COLORS]
     assert layers["features (PCA RGB)"]["renderer"] == "multibandcolor"
     assert layers["semantic polygons"]["renderer"] == "categorizedSymbol"

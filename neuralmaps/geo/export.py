@@ -184,13 +184,7 @@ def _write_cog(layer: _Layer, region: Region, path: Path, bar: Any) -> None:
                     if data.shape != (layer.count, int(win.height), int(win.width)):
                         raise GeoInputError(f"{layer.key}: window read gave shape {data.shape}")
                     dst.write(data.astype(gtiff_dtype, copy=False), window=win)
-                    flat = data.reshape(layer.count, -1).astype(np.float64)
-                    if layer.nodata is not None and not (isinstance(layer.nodata, float) and math.isnan(layer.nodata)):
-                        flat = np.where(flat == layer.nodata, np.nan, flat)
-                    with np.errstate(all="ignore"), _quiet_nan():
-                        if flat.size:
-                            lo = np.fmin(lo, np.nanmin(flat, axis=1))
-                            hi = np.fmax(hi, np.nanmax(flat, axis=1))
+                    lo, hi = _minmax(data, layer.nodata, lo, hi)
                     if bar is not None:
                         bar.update(1)
                 dst.descriptions = tuple(layer.descriptions)
@@ -217,18 +211,18 @@ def _write_cog(layer: _Layer, region: Region, path: Path, bar: Any) -> None:
     layer.path = path
 
 
-class _quiet_nan:
-    """Silence numpy's all-NaN-slice warnings (windows that are all nodata)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
+def _minmax(data: np.ndarray, nodata: float | int | None, lo: np.ndarray, hi: np.ndarray):
+    """Running per-band (min, max) of a (bands, h, w) window, ignoring nodata and NaN."""
+    for b in range(data.shape[0]):
+        band = data[b]
+        if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+            band = band[band != nodata]
+        elif band.dtype.kind == "f":
+            band = band[~np.isnan(band)]
+        if band.size:
+            lo[b] = min(lo[b], float(band.min()))
+            hi[b] = max(hi[b], float(band.max()))
+    return lo, hi
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,10 +392,14 @@ def _build_layers(ds: xr.Dataset, class_names: list[str] | None,
 # ---------------------------------------------------------------------------------------------
 # Class polygons (GeoPackage)
 # ---------------------------------------------------------------------------------------------
+POLYGON_FLUSH = 50_000  # polygons held before they are appended to the GeoPackage
+
+
 def _write_polygons(ds: xr.Dataset, region: Region, class_names: list[str], path: Path, bar: Any) -> int:
     """Polygonize semantic_class (4-connected) into a GeoPackage layer `semantic_class`.
 
-    Traced per window; pieces touching an inner window edge are unioned per class afterwards and
+    Traced per window and appended to the file every POLYGON_FLUSH polygons, so memory does not grow
+    with the map. Pieces touching an inner window edge are held back, unioned per class at the end and
     split into parts again, so polygons do not stop at window seams. Returns the polygon count.
     """
     import geopandas as gpd
@@ -412,48 +410,60 @@ def _write_polygons(ds: xr.Dataset, region: Region, class_names: list[str], path
     wshape = _window_shape(8, _yx_chunks(sc))
     res = region.resolution
     xmin, ymin, xmax, ymax = region.bounds
-    done: list[tuple[int, Any]] = []
-    edge: dict[int, list[Any]] = {}
     eps = res * 1e-3
-    for win in _windows(region.height, region.width, wshape):
-        c = _sub(sc, win)
-        if np.issubdtype(c.dtype, np.floating):
-            c = np.where(np.isfinite(c), c, CLASS_NODATA)
-        c = np.where(_sub(valid, win).astype(bool), c, CLASS_NODATA).astype(np.uint8)
-        wt = rasterio.windows.transform(win, region.transform)
-        wx0, wy1 = wt.c, wt.f
-        wx1, wy0 = wx0 + int(win.width) * res, wy1 - int(win.height) * res
-        inner = [(wx0, xmin), (wx1, xmax), (wy0, ymin), (wy1, ymax)]
-        for geom, val in rasterio.features.shapes(c, mask=c != CLASS_NODATA, transform=wt, connectivity=4):
-            poly = shapely.geometry.shape(geom)
-            bx0, by0, bx1, by1 = poly.bounds
-            touches = any(abs(b - w) < eps and abs(w - outer) > eps
-                          for b, (w, outer) in zip((bx0, bx1, by0, by1), inner))
-            if touches:
-                edge.setdefault(int(val), []).append(poly)
-            else:
-                done.append((int(val), poly))
-        if bar is not None:
-            bar.update(1)
-    for val, polys in edge.items():
-        merged = shapely.union_all(polys, grid_size=None)
-        parts = shapely.get_parts(merged)
-        done.extend((val, p) for p in parts if isinstance(p, shapely.Polygon) and p.area > 0)
-    ids = [v for v, _ in done]
-    names = [class_names[v] if v < len(class_names) else f"class_{v}" for v in ids]
-    gdf = gpd.GeoDataFrame(
-        {"class_id": np.asarray(ids, dtype=np.int32), "class_name": names,
-         "area_m2": np.asarray([p.area for _, p in done], dtype=np.float64)},
-        geometry=[p for _, p in done], crs=region.crs_string,
-    )
     tmp = _atomic_target(path).with_suffix(".gpkg")
+    pending: list[tuple[int, Any]] = []
+    edge: dict[int, list[Any]] = {}
+    count = 0
+
+    def flush(final: bool = False) -> None:
+        nonlocal count, pending
+        if not pending and (count or not final):
+            return
+        ids = np.asarray([v for v, _ in pending], dtype=np.int32)
+        gdf = gpd.GeoDataFrame(
+            {"class_id": ids, "class_name": [class_names[v] if v < len(class_names) else f"class_{v}" for v in ids],
+             "area_m2": np.asarray([p.area for _, p in pending], dtype=np.float64)},
+            geometry=gpd.GeoSeries([p for _, p in pending], crs=region.crs_string), crs=region.crs_string,
+        )
+        kw = dict(layer="semantic_class", driver="GPKG", engine="pyogrio", geometry_type="Polygon")
+        if count:
+            gdf.to_file(tmp, mode="a", **kw)
+        else:  # GeoPackage 1.4 (GDAL's default) makes QGIS 3.22's GDAL 3.6 warn
+            gdf.to_file(tmp, VERSION="1.2", **kw)
+        count += len(gdf)
+        pending = []
+
     try:
-        gdf.to_file(tmp, layer="semantic_class", driver="GPKG", engine="pyogrio", geometry_type="Polygon",
-                    VERSION="1.2")  # GeoPackage 1.4 makes QGIS 3.22's GDAL 3.6 warn
+        for win in _windows(region.height, region.width, wshape):
+            c = _sub(sc, win)
+            if np.issubdtype(c.dtype, np.floating):
+                c = np.where(np.isfinite(c), c, CLASS_NODATA)
+            c = np.where(_sub(valid, win).astype(bool), c, CLASS_NODATA).astype(np.uint8)
+            wt = rasterio.windows.transform(win, region.transform)
+            wx0, wy1 = wt.c, wt.f
+            wx1, wy0 = wx0 + int(win.width) * res, wy1 - int(win.height) * res
+            inner = [(wx0, xmin), (wx1, xmax), (wy0, ymin), (wy1, ymax)]
+            for geom, val in rasterio.features.shapes(c, mask=c != CLASS_NODATA, transform=wt, connectivity=4):
+                poly = shapely.geometry.shape(geom)
+                bx0, by0, bx1, by1 = poly.bounds
+                if any(abs(b - w) < eps and abs(w - outer) > eps
+                       for b, (w, outer) in zip((bx0, bx1, by0, by1), inner)):
+                    edge.setdefault(int(val), []).append(poly)
+                else:
+                    pending.append((int(val), poly))
+            if len(pending) >= POLYGON_FLUSH:
+                flush()
+            if bar is not None:
+                bar.update(1)
+        for val, polys in edge.items():
+            parts = shapely.get_parts(shapely.union_all(polys))
+            pending.extend((val, p) for p in parts if isinstance(p, shapely.Polygon) and p.area > 0)
+        flush(final=True)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return len(gdf)
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
