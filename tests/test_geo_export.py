@@ -388,3 +388,17 @@ def test_qgis_opens_and_renders_the_project(exported, tmp_path):
     assert res["probes"]["valid"] != "#ffffff"
     if os.environ.get("NEURALMAPS_KEEP_RENDER"):
         shutil.copy(png, os.environ["NEURALMAPS_KEEP_RENDER"])
+
+
+def test_minimal_numpy_map_without_semantics(tmp_path):
+    """Only features + valid, in memory (no dask): the layers that exist, no polygons, a valid COG."""
+    from rio_cogeo.cogeo import cog_validate
+
+    ds = make_map().compute()[["features", "valid"]]
+    files = export_map(ds, tmp_path, name="m", progress=True)
+    assert {k for k in files if not k.startswith("qml_")} == {"pca", "valid", "qgis_project", "stac_item"}
+    assert cog_validate(files["pca"], quiet=True)[0]
+    d = json.loads(files["stac_item"].read_text())
+    assert set(d["assets"]) == {"pca", "valid", "qml_pca", "qml_valid", "qgis_project"}
+    root = ET.parse(files["qgis_project"]).getroot()
+    assert [m.findtext("datasource") for m in root.iter("maplayer")] == ["./m_pca.tif", "./m_valid.tif"]

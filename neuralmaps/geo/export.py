@@ -168,7 +168,7 @@ def _write_cog(layer: _Layer, region: Region, path: Path, bar: Any) -> None:
         driver="GTiff", width=region.width, height=region.height, count=layer.count, dtype=gtiff_dtype,
         crs=region.crs_string, transform=region.transform, nodata=layer.nodata, tiled=True,
         blockxsize=BLOCK_PX, blockysize=BLOCK_PX, compress="deflate", zlevel=1, bigtiff="if_safer",
-        interleave="pixel" if layer.count <= 4 else "band",
+        interleave="pixel",  # as the COG: band interleave made the copy re-read every block per band
     )
     if half:
         profile["nbits"] = 16  # IEEE half floats in the TIFF; GDAL reads them back as Float32
@@ -319,11 +319,15 @@ def _build_layers(ds: xr.Dataset, class_names: list[str] | None,
         feat = feat.expand_dims("feature")
     mean, comps, lo, hi = _fit_pca(feat, valid)
 
+    proj = comps.T.astype(np.float32)  # (3, D)
+    offset = (proj @ mean.astype(np.float32) + lo.astype(np.float32))[:, None, None]
+    scale = (254 / (hi - lo)).astype(np.float32)[:, None, None]
+
     def read_pca(win: Window) -> np.ndarray:
-        f = _sub(feat, win).astype(np.float32)  # (D, h, w)
-        ok = vwin(win) & np.isfinite(f).all(axis=0)
-        p = np.tensordot(comps.T.astype(np.float32), np.nan_to_num(f) - mean[:, None, None].astype(np.float32), 1)
-        rgb = 1 + np.clip((p - lo[:, None, None]) / (hi - lo)[:, None, None], 0, 1) * 254
+        f = _sub(feat, win)  # (D, h, w); no copies of it: it is the biggest array of the export
+        p = np.tensordot(proj, f, 1)  # NaN where any feature is NaN
+        ok = vwin(win) & np.isfinite(p).all(axis=0)
+        rgb = 1 + np.clip((p - offset) * scale, 0, 254)
         return np.where(ok[None], np.rint(rgb), 0).astype(np.uint8)
 
     layers.append(_Layer("pca", "features (PCA RGB)", 3, "uint8", read_pca, 0, "average",
@@ -332,9 +336,11 @@ def _build_layers(ds: xr.Dataset, class_names: list[str] | None,
 
     def masked_float(da: xr.DataArray, out: str) -> Callable[[Window], np.ndarray]:
         def read(win: Window) -> np.ndarray:
-            a = _sub(da, win).astype(np.float32)
+            a = _sub(da, win)
             a = a[None] if a.ndim == 2 else a
-            return np.where(vwin(win)[None], a, np.nan).astype(out)
+            if a.dtype.kind != "f":
+                a = a.astype(np.float32)
+            return np.where(vwin(win)[None], a, np.array(np.nan, a.dtype)).astype(out, copy=False)
         return read
 
     if "matching" in ds:
