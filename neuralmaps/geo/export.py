@@ -18,9 +18,11 @@ Every raster also gets a `<file>.qml` style sidecar, which QGIS loads as the lay
 (QGIS < 3.30 reads class names only from there, not from a RAT).
 
 Memory is bounded whatever the map's size: each layer is written window by window (a window holds at
-most `WINDOW_MB` of samples; `.values` is only ever taken on one window) into a tiled GTiff, which is
-then copied to a COG with `rasterio.shutil.copy(driver="COG")` under a `GDAL_CACHE_MB` block cache
-(`rasterio.open(driver="COG")` would buffer the whole raster; DESIGN.md §6). The PCA is fitted on a
+most `WINDOW_MB` of samples, or one store chunk; `.values` is only ever taken on one window) into a
+tiled GTiff, its overview levels are written window by window too and attached through a VRT, and
+that is copied to a COG with `rasterio.shutil.copy(driver="COG")` under a `GDAL_CACHE_MB` block cache
+(`rasterio.open(driver="COG")` would buffer the whole raster, DESIGN.md §6; the COG driver's own
+overview generation holds a full-width strip). The PCA is fitted on a
 strided subsample of at most `PCA_SAMPLE` valid pixels. Polygons are traced per window and the pieces
 that touch an inner window edge are merged afterwards, so a polygon never ends at a window seam.
 
