@@ -27,7 +27,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 CHILD = r"""
 import json, sys, time
-import dask
 import neuralmaps.geo.export as gx
 from neuralmaps.geo import open_zarr
 from neuralmaps.config import CLASS_NAMES
@@ -37,7 +36,6 @@ def hwm_mb():  # VmHWM: this process's peak RSS (ru_maxrss would count the paren
             return int(line.split()[1]) / 1024
 store, out, window_mb = sys.argv[1], sys.argv[2], float(sys.argv[3])
 gx.WINDOW_MB = window_mb
-dask.config.set(scheduler="threads", num_workers=2)
 ds = open_zarr(store)
 rss0 = hwm_mb()
 t0, c0 = time.perf_counter(), time.process_time()
