@@ -8,12 +8,10 @@ across window seams and the COG overviews are all exercised on a map that takes 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
