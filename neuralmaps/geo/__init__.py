@@ -1,4 +1,4 @@
-"""neuralmaps.geo: CRS and regions, OSM layers, rasterizing, orthophotos, Zarr stores.
+"""neuralmaps.geo: CRS and regions, OSM layers, rasterizing, orthophotos, Zarr stores, GIS export.
 
 Every bad input raises `GeoInputError` (a ValueError) whose message names the file and the problem.
 """
@@ -7,6 +7,7 @@ import rioxarray  # noqa: F401  (registers the `.rio` accessor on every xarray o
 
 from .crs import heading_to_yaw, utm_crs_for, yaw_to_heading
 from .errors import GeoInputError
+from .export import export_map  # geopandas and pystac load on first use
 from .ortho import read_orthophoto, write_geotiff
 from .osm import OSMLayers, read_osm
 from .rasterize import rasterize_osm
@@ -15,6 +16,7 @@ from .zarr_io import open_zarr, write_zarr
 
 __all__ = [
     "GeoInputError",
+    "export_map",
     "OSMLayers",
     "Region",
     "Tile",
