@@ -235,7 +235,7 @@ def map_tile(model, job: TileJob, osm_layers: Any = None) -> dict[str, np.ndarra
     """Run the mapper on one tile; returns north-up arrays of the inner tile (no halo)."""
     import torch
 
-    from ..geo import rasterize_osm, read_orthophoto
+    from ..geo import rasterize_osm
     from ..grids import Grid2D, grid_to_raster, raster_to_grid
     from ..models.bev import FeaturePlane, fuse_modalities
     from ..models.snap import NeuralMapTile
@@ -276,7 +276,7 @@ def map_tile(model, job: TileJob, osm_layers: Any = None) -> dict[str, np.ndarra
             planes.append(plane)
             observations = _count_observations(sub if not full else xy[gi, gj], T[0], cams[0], cfg, model.camera_model)
         if mapper.aerial is not None and job.aerial is not None:
-            a = read_orthophoto(job.aerial, region).fillna(0.0).values[:3]
+            a = _read_aerial(job.aerial, region)
             a = raster_to_grid(torch.from_numpy(np.ascontiguousarray(a))).contiguous()[None].to(dev)
             f = mapper.aerial(a)
             planes.append(FeaturePlane(f, torch.ones_like(f[:, 0], dtype=torch.bool)))
@@ -309,6 +309,22 @@ def map_tile(model, job: TileJob, osm_layers: Any = None) -> dict[str, np.ndarra
             out["semantic_class"] = np.where(valid, inner(cls[0]), 255).astype(np.uint8)
             out["semantic_prob"] = np.where(valid, inner(prob[0]), np.nan).astype(np.float16)
     return out
+
+
+def _read_aerial(path: str, region) -> np.ndarray:
+    """(3, H, W) float32 in [0, 1] of the orthophoto on `region`; zeros where (or when) it has no
+    coverage, as `read_orthophoto`'s NaN filled for the network."""
+    import rasterio
+    from rasterio.warp import transform_bounds
+
+    from ..geo import read_orthophoto
+
+    with rasterio.open(path) as src:
+        l, b, r, t = transform_bounds(src.crs, region.crs.to_wkt(), *src.bounds, densify_pts=21)
+    x0, y0, x1, y1 = region.bounds
+    if l >= x1 or r <= x0 or b >= y1 or t <= y0:
+        return np.zeros((3, *region.shape), np.float32)
+    return read_orthophoto(path, region).fillna(0.0).values[:3].astype(np.float32)
 
 
 def composite_classes(sem: dict) -> tuple[Any, Any]:
