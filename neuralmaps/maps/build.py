@@ -2,7 +2,9 @@
 
 Per tile (`_build_tile`, on a worker):
 1. the map views whose camera lies within the tile + halo + `view_radius_m` (spatial index on the
-   capture index, done by the driver; at most `max_views`, nearest first);
+   capture index, done by the driver); each 16 m block of the tile (on the region's global grid) is
+   lifted from its own nearest `max_views` views within `view_radius_m`, so results do not depend on
+   where tile edges fall;
 2. the orthophoto window (`read_orthophoto`) and the rasterized OSM (`rasterize_osm`) of the
    tile + halo;
 3. the BEV mapper run directly on the tile's grid (the model maps grids of any size at
@@ -24,7 +26,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,8 +42,10 @@ __all__ = ["build_map", "StoreLockedError", "DEFAULT_TILE_M", "DEFAULT_HALO_M"]
 
 DEFAULT_TILE_M = 64.0  # 128 px at cpu-tiny's 0.5 m: ~1-3 s per tile on one core
 DEFAULT_HALO_M = 16.0  # context for the aerial / semantic CNNs (seams: docs/architecture.md)
-DEFAULT_MAX_VIEWS = 96  # bounds the lifting's memory: projections are (voxels x views)
+DEFAULT_MAX_VIEWS = 48  # per block: bounds the lifting's memory (projections are voxels x views)
 GRID_MULTIPLE = 16  # compute grids are padded to this many cells (encoder strides)
+BLOCK_PX = 32  # street-view view-selection blocks on a CRS-anchored grid (16 m at 0.5 m)
+ENCODE_BATCH = 32  # images encoded at once (bounds the encoder's activations)
 
 
 class StoreLockedError(ValueError):
@@ -142,12 +146,13 @@ def _worker_model(key: str, payload_fallback: bytes | None = None, device: str =
 @dataclass(frozen=True)
 class TileViews:
     """The map views of one tile: absolute image paths, T_world_cam (N, 4, 4) float64 in the
-    region's CRS, intrinsics (N, 8), and a hash of their keys (`CaptureSet.row_keys`)."""
+    region's CRS, intrinsics (N, 8), their keys (`CaptureSet.row_keys`) and a hash of them."""
 
     paths: tuple[str, ...]
     T_world_cam: np.ndarray
     cameras: np.ndarray
     digest: int
+    keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,8 @@ class TileJob:
     semantics: bool
     confidence: bool
     device: str = "auto"
-    extra: dict = field(default_factory=dict)
+    view_radius_m: float = 32.0
+    max_views: int = 48
 
 
 def _load_images(paths: Sequence[str]):
@@ -192,10 +198,11 @@ def _encoded_views(model, model_key: str, paths: Sequence[str]):
     enc = model.mapper.streetview
     dev = next(model.parameters()).device
     missing = [p for p in dict.fromkeys(paths) if (model_key, p) not in _FEATURE_CACHE]
-    if missing:
-        images = _load_images(missing).to(dev)
-        maps, scores = enc.encode_images(images[None], torch.ones((1, len(missing)), dtype=torch.bool, device=dev))
-        for k, p in enumerate(missing):
+    for b0 in range(0, len(missing), ENCODE_BATCH):
+        batch = missing[b0:b0 + ENCODE_BATCH]
+        images = _load_images(batch).to(dev)
+        maps, scores = enc.encode_images(images[None], torch.ones((1, len(batch)), dtype=torch.bool, device=dev))
+        for k, p in enumerate(batch):
             _FEATURE_CACHE[(model_key, p)] = (maps[0, k], scores[0, k])
     out = []
     for p in paths:
@@ -222,6 +229,59 @@ def _streetview_plane(model, model_key, paths, T, cams, mask, xy, z_bottom):
     cameras = geometry.camera_from_tensor(cams.float(), model.camera_model).scale(1.0 / sv.image_encoder.stride)
     volume, valid = sv.lift(maps[None], scores[None], geometry.Transform3D.from_matrix(T.float()), cameras, mask, xyz)
     return mapper.pooling(volume, valid)
+
+
+def _streetview_blocks(model, job: TileJob, xy, origin, area, offset, H: int):
+    """Street-view plane over `area` (rows r0:r1, cols c0:c1 of the compute grid), lifted block by block.
+
+    Blocks are BLOCK_PX squares of a global pixel grid anchored at CRS multiples of their size (offset:
+    global row/col of the compute grid's row/col 0, rows counted southward); each uses the views within `view_radius_m` of the block (at most `max_views`,
+    nearest first, ties by key) and their median height. A cell's features thus depend only on its block,
+    never on where tile edges fall. Returns the FeaturePlane (1, D, W, H) and observations (r1-r0, c1-c0).
+    """
+    import torch
+
+    from ..models.bev import FeaturePlane
+
+    cfg, v = model.config, job.views
+    dev = xy.device
+    c = cfg.scene.cell_m
+    W = xy.shape[0]
+    T = v.T_world_cam.copy()
+    T[:, 0, 3] -= origin[0]  # CRS -> tile scene frame (origin at the compute grid's SW corner)
+    T[:, 1, 3] -= origin[1]
+    keys = np.asarray(v.keys, dtype=object).astype(str) if v.keys else np.asarray(v.paths, dtype=str)
+    Tt = torch.from_numpy(T).float().to(dev)
+    cams = torch.from_numpy(v.cameras).float().to(dev)
+    feats = torch.zeros((1, cfg.model.feature_dim, W, H), device=dev)
+    valid = torch.zeros((1, W, H), dtype=torch.bool, device=dev)
+    r0, r1, c0, c1 = area
+    R0, C0 = offset
+    obs = np.zeros((r1 - r0, c1 - c0), np.uint16)
+    Bp = BLOCK_PX
+    for gr in range((R0 + r0) // Bp * Bp, R0 + r1, Bp):
+        for gc in range((C0 + c0) // Bp * Bp, C0 + c1, Bp):
+            br0, br1 = max(gr - R0, r0), min(gr + Bp - R0, r1)  # the part of the block to lift
+            bc0, bc1 = max(gc - C0, c0), min(gc + Bp - C0, c1)
+            # Views are chosen for the whole block (scene frame), whatever part of it this tile holds.
+            x0, x1, y0, y1 = (gc - C0) * c, (gc - C0 + Bp) * c, (H - (gr - R0 + Bp)) * c, (H - (gr - R0)) * c
+            dx = np.maximum(np.maximum(x0 - T[:, 0, 3], T[:, 0, 3] - x1), 0)
+            dy = np.maximum(np.maximum(y0 - T[:, 1, 3], T[:, 1, 3] - y1), 0)
+            d = np.hypot(dx, dy)
+            sel = np.flatnonzero(d <= job.view_radius_m)
+            if not len(sel):
+                continue
+            sel = sel[np.lexsort((keys[sel], d[sel]))][: job.max_views]
+            sel = np.sort(sel)
+            si, sj = slice(bc0, bc1), slice(H - br1, H - br0)
+            Ts, cs = Tt[sel][None], cams[sel][None]
+            mask = torch.ones((1, len(sel)), dtype=torch.bool, device=dev)
+            z_bottom = Ts[..., 2, 3].median(-1).values + cfg.model.z_offset_m
+            plane = _streetview_plane(model, job.model_key, [v.paths[k] for k in sel], Ts, cs, mask, xy[si, sj], z_bottom)
+            feats[:, :, si, sj], valid[:, si, sj] = plane.features, plane.valid
+            obs[br0 - r0:br1 - r0, bc0 - c0:bc1 - c0] = _count_observations(xy[si, sj], Ts[0], cs[0], cfg,
+                                                                            model.camera_model)
+    return FeaturePlane(feats, valid), obs
 
 
 def compute_region(tile) -> Any:
@@ -257,24 +317,14 @@ def map_tile(model, job: TileJob, osm_layers: Any = None) -> dict[str, np.ndarra
     with torch.no_grad():
         v = job.views
         if cfg.model.use_streetview and len(v.paths):
-            T = v.T_world_cam.copy()
-            T[:, 0, 3] -= xmin  # CRS -> tile scene frame (origin at the compute grid's SW corner)
-            T[:, 1, 3] -= ymin
-            T = torch.from_numpy(T).float().to(dev)[None]
-            cams = torch.from_numpy(v.cameras).float().to(dev)[None]
-            mask = torch.ones(T.shape[:2], dtype=torch.bool, device=dev)
-            z_bottom = T[..., 2, 3].median(-1).values + cfg.model.z_offset_m
             # Voxels are independent: lift only the inner tile unless a CNN decoder needs the halo.
             full = cfg.model.semantic_decoder != "mlp"
-            sub = xy if full else xy[gi, gj]
-            plane = _streetview_plane(model, job.model_key, v.paths, T, cams, mask, sub, z_bottom)
-            if not full:
-                f = plane.features.new_zeros((1, plane.features.shape[1], W, H))
-                ok = torch.zeros((1, W, H), dtype=torch.bool, device=dev)
-                f[:, :, gi, gj], ok[:, gi, gj] = plane.features, plane.valid
-                plane = FeaturePlane(f, ok)
+            area = (0, H, 0, W) if full else (rows.start, rows.stop, cols.start, cols.stop)
+            # Global pixel index of the compute grid's row/col 0: blocks sit on CRS multiples of their size.
+            offset = (int(round(-region.bounds[3] / c)), int(round(xmin / c)))
+            plane, obs = _streetview_blocks(model, job, xy, (xmin, ymin), area, offset, H)
             planes.append(plane)
-            observations = _count_observations(sub if not full else xy[gi, gj], T[0], cams[0], cfg, model.camera_model)
+            observations = obs[rows.start - area[0]:rows.stop - area[0], cols.start - area[2]:cols.stop - area[2]]
         if mapper.aerial is not None and job.aerial is not None:
             a = _read_aerial(job.aerial, region)
             a = raster_to_grid(torch.from_numpy(np.ascontiguousarray(a))).contiguous()[None].to(dev)
@@ -410,24 +460,21 @@ def _as_region(region: Any, captures: CaptureSet, cell_m: float):
     return Region.from_bbox(*box, resolution=cell_m)
 
 
-def _tile_views(captures: CaptureSet, tile, radius_m: float, max_views: int) -> TileViews:
-    """The views whose camera lies within the inner tile + radius (nearest to the tile first; the
-    halo only gives the CNNs context, street-view voxels are computed on the inner tile)."""
+def _tile_views(captures: CaptureSet, tile, radius_m: float, index: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> TileViews:
+    """The views whose camera lies within the inner tile + radius (the halo only gives the CNNs
+    context: street-view voxels are lifted on the inner tile, each block from its own nearest views).
+    index: (absolute paths, row keys) of all captures, computed once by the caller."""
+    paths, keys = index if index is not None else (np.array([str(p) for p in captures.paths()], dtype=object),
+                                                   np.array(captures.row_keys(), dtype=object))
     xmin, ymin, xmax, ymax = tile.region.window(*tile.crop).bounds
-    rows = captures.within((xmin - radius_m, ymin - radius_m, xmax + radius_m, ymax + radius_m))
-    if len(rows) > max_views:
-        f = captures.frame.iloc[rows]
-        cx, cy = (xmin + xmax) / 2, (ymin + ymax) / 2
-        d = np.hypot(np.maximum(np.abs(f["x"].to_numpy() - cx) - (xmax - xmin) / 2, 0),
-                     np.maximum(np.abs(f["y"].to_numpy() - cy) - (ymax - ymin) / 2, 0))
-        keys = np.array(captures.row_keys(rows))
-        order = np.lexsort((keys, d))  # distance, then a stable key
-        rows = np.sort(rows[order[:max_views]])
-    keys = sorted(captures.row_keys(rows))
-    h = hashlib.sha256("\n".join(keys).encode()).digest()
+    # A superset of every block's views: blocks may reach one block size beyond the tile.
+    m = radius_m + BLOCK_PX * tile.region.resolution
+    rows = captures.within((xmin - m, ymin - m, xmax + m, ymax + m))
+    h = hashlib.sha256("\n".join(sorted(keys[rows])).encode()).digest()
     digest = int.from_bytes(h[:8], "little") or 1  # 0 is the store's "never built"
-    return TileViews(tuple(str(p) for p in np.asarray(captures.paths(), dtype=object)[rows]) if len(rows) else (),
-                     captures.T_world_cam(rows), captures.cameras(rows), digest)
+    return TileViews(tuple(paths[rows]), captures.T_world_cam(rows), captures.cameras(rows), digest,
+                     tuple(keys[rows]))
 
 
 @contextlib.contextmanager
@@ -470,8 +517,11 @@ def _client(client: Any, workers: int, scheduler: str | None, threads_per_worker
         processes = workers > 1  # one worker: threads in this process (no spawn, no pickling)
     # In-process workers talk over inproc:// (no socket); process workers over loopback TCP.
     net = {"host": "127.0.0.1"} if processes else {}
+    # dashboard_address=None alone still serves the scheduler's HTTP routes on 0.0.0.0:8787: keep them on
+    # a free loopback port.
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=processes,
-                           dashboard_address=None, silence_logs=40, **net)
+                           dashboard_address=None, silence_logs=40, **net,
+                           scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
     c = Client(cluster)
     try:
         yield c
@@ -526,7 +576,7 @@ def build_map(
     update: rebuild only the tiles whose set of views changed (new captures); without it a store
         built from other captures is refused. overwrite: delete an existing store first.
     view_radius_m: views up to this far outside the tile are used (default model.max_depth_m);
-        max_views caps the views of a tile (nearest first), bounding worker memory.
+        max_views caps the views of each 16 m block (nearest first), bounding worker memory.
     device: "auto" (CUDA when the worker has it), "cpu" or "cuda"; resources: Dask task resources,
         e.g. {"GPU": 1} for GPU workers. retries: per-task retries (lost workers, transient errors).
     Raises StoreLockedError when another build writes `out`, ValueError for incompatible stores or
@@ -553,7 +603,7 @@ def build_map(
     cell = cfg.scene.cell_m
     region = _as_region(region, captures, cell)
     captures = captures.to_crs(region.crs)
-    tile_px = max(GRID_MULTIPLE, int(round(tile_m / cell)))
+    tile_px = max(1, int(round(tile_m / cell / GRID_MULTIPLE))) * GRID_MULTIPLE
     halo_px = max(0, int(round(halo_m / cell)))
     radius = float(cfg.model.max_depth_m if view_radius_m is None else view_radius_m)
     tiles = region.tiles(tile_px, halo_px)
@@ -591,7 +641,8 @@ def build_map(
         g = zarr.open_group(str(out), mode="r+")
         done = np.asarray(g["tile_done"][:], bool)
         built_from = np.asarray(g["tile_inputs"][:], np.uint64)
-        views = {t.index: _tile_views(captures, t, radius, max_views) for t in tiles}
+        index = (np.array([str(p) for p in captures.paths()], dtype=object), np.array(captures.row_keys(), dtype=object))
+        views = {t.index: _tile_views(captures, t, radius, index) for t in tiles}
         if update:
             stale = [t.index for t in tiles if done[t.index] and np.uint64(views[t.index].digest) != built_from[t.index]]
             for ty, tx in stale:  # cleared before rebuilding: a kill now leaves them to redo
@@ -600,7 +651,8 @@ def build_map(
             g.attrs["inputs"] = attrs["inputs"]
         todo = [t for t in tiles if not done[t.index]]
         if todo:
-            _run_tiles(todo, views, out, model, msha, aerial, osm, region, semantics, confidence, client, workers,
+            _run_tiles(todo, views, out, model, msha, aerial, osm, region, semantics, confidence, radius, max_views,
+                       client, workers,
                        scheduler, threads_per_worker, processes, device, resources, retries, progress, len(tiles), tqdm)
     return NeuralMap.open(out)
 
@@ -623,7 +675,8 @@ def _check_compatible(out: Path, attrs: dict, update: bool) -> None:
                          "to rebuild the tiles the new captures touch, or --overwrite")
 
 
-def _run_tiles(todo, views, out, model, msha, aerial, osm, region, semantics, confidence, client, workers, scheduler,
+def _run_tiles(todo, views, out, model, msha, aerial, osm, region, semantics, confidence, radius, max_views, client,
+               workers, scheduler,
                threads_per_worker, processes, device, resources, retries, progress, n_tiles, tqdm) -> None:
     from distributed import as_completed
 
@@ -642,7 +695,7 @@ def _run_tiles(todo, views, out, model, msha, aerial, osm, region, semantics, co
         futures = []
         for t in todo:
             job = TileJob(str(out), t, views[t.index], None if aerial is None else str(aerial), key,
-                          model.camera_model, semantics, confidence, device)
+                          model.camera_model, semantics, confidence, device, radius, max_views)
             futures.append(c.submit(_build_tile, job, layers_f, key=f"neuralmaps-tile-{t.tile_y}-{t.tile_x}-{token}",
                                     retries=retries, resources=resources, pure=False))
         errors = []
