@@ -269,10 +269,14 @@ def test_seams_shifted_tiles(work):
                                                              "valid": float(va.mean())}
     print(f"\nseams (mean max |feature difference|): {json.dumps(res, indent=1)}")
     sv = res["streetview"]
-    assert 0.05 < sv["valid"] < 0.95 and sv["valid_equal"] > 0.99
-    assert sv["seam"] < 0.01 * sv["scale"] and sv["interior"] < 0.01 * sv["scale"]
+    # Measured: 6e-7 at seams, 2e-7 inside (float noise of other batch shapes), scale 0.07.
+    assert 0.3 < sv["valid"] and sv["valid_equal"] == 1.0
+    assert sv["seam"] < 1e-4 * sv["scale"] * 100 and sv["interior"] < 1e-2 * sv["scale"]
+    assert sv["seam"] < 1e-5
+    # With the aerial CNN, features depend on the whole tile (GroupNorm statistics), seams or not:
+    # measured ~0.2 at seams vs ~0.1 inside for a feature scale ~0.18. Only documented here.
     av = res["streetview+aerial"]
-    assert av["seam"] < 3 * av["interior"] + 0.01 * av["scale"]
+    assert av["seam"] < 4 * av["interior"]
 
 
 def test_osm_modality_and_client(work):

@@ -45,7 +45,8 @@ DEFAULT_HALO_M = 16.0  # context for the aerial / semantic CNNs (seams: docs/arc
 DEFAULT_MAX_VIEWS = 48  # per block: bounds the lifting's memory (projections are voxels x views)
 GRID_MULTIPLE = 16  # compute grids are padded to this many cells (encoder strides)
 BLOCK_PX = 32  # street-view view-selection blocks on a CRS-anchored grid (16 m at 0.5 m)
-ENCODE_BATCH = 32  # images encoded at once (bounds the encoder's activations)
+ENCODE_BATCH = 1  # images encoded one at a time: bit-identical features whatever the cache holds (a batch
+# of another composition changes float rounding), so resumed and updated builds equal fresh ones
 
 
 class StoreLockedError(ValueError):
