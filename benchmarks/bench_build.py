@@ -61,7 +61,7 @@ def main() -> None:
         SNAP(preset("cpu-tiny")).save(ckpt)
     cs = CaptureSet.open(cap)
     b = cs.bounds
-    cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+    cx, cy = round((b[0] + b[2]) / 2), round((b[1] + b[3]) / 2)  # whole metres: regions of whole tiles
     s = args.side
 
     def region(side: float) -> Region:
