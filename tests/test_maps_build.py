@@ -322,3 +322,33 @@ def test_export_glue(work, reference, monkeypatch, capsys):
     assert c["attrs"]["model_sha256"] == neuralmaps.NeuralMap.open(reference).attrs["model_sha256"]
     assert main(["export", str(reference), "--out", str(work["dir"] / "exp2")]) == 0
     assert "features_rgb" in capsys.readouterr().err and calls[1]["name"] == "ref"
+
+
+def test_worker_sigkill_is_retried(work, reference):
+    """SIGKILL of a worker process mid-build: its nanny restarts it, the task is retried, and the map equals
+    an uninterrupted build."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    out = work["dir"] / "wkill.zarr"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+                      silence_logs=50, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cl, Client(cl) as c:
+        pid = next(iter(c.run(os.getpid).values()))
+        killed = []
+
+        def killer():
+            d = out / "tile_done" / "c"
+            deadline = time.time() + 120
+            while time.time() < deadline and not (d.is_dir() and any(d.rglob("*"))):
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+        threading.Thread(target=killer, daemon=True).start()
+        nm = B.build_map(work["region"], work["cap"], aerial=work["cap"] / "aerial.tif", checkpoint=work["ckpt"],
+                         out=out, client=c, **FAST)
+        assert killed and nm.is_complete
+    a, ref = _arrays(out), _arrays(reference)
+    for k in ref:
+        np.testing.assert_array_equal(a[k], ref[k], err_msg=k)
