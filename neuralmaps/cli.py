@@ -113,7 +113,26 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_synth)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth]
+# -- capture, build, export: parsers and bodies in neuralmaps/maps/commands.py ---------------------
+def _add_capture(sub: argparse._SubParsersAction) -> None:
+    from .maps.commands import add_capture
+
+    add_capture(sub)
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    from .maps.commands import add_build
+
+    add_build(sub)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .maps.commands import add_export
+
+    add_export(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth, _add_capture, _add_build, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

