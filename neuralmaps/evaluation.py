@@ -49,7 +49,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from . import geometry
 from .config import AREA_CLASSES, BINARY_CLASSES, CLASS_NAMES, OBJECT_CLASSES, Config
 from .data import SceneDataset
-from .data.chunk_store import SPLIT_NAMES, read_store_attrs
+from .data.store import SPLIT_NAMES, read_store_attrs
 
 __all__ = [
     "EvaluationError", "MODALITIES", "DEFAULT_MODALITIES", "MODES", "BASELINES",
@@ -707,7 +707,7 @@ def class_colors() -> dict[str, tuple[float, float, float]]:
             out = {}
         if all(c in out for c in AREA_CLASSES):
             return out
-    from .synth.preview import CLASS_COLORS
+    from .classes import CLASS_COLORS
 
     return _as_rgb01(CLASS_COLORS)
 

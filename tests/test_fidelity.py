@@ -12,7 +12,8 @@ from models_helpers import tiny_batch, tiny_config
 from neuralmaps.config import ModelConfig
 from neuralmaps.geometry import Transform2D
 from neuralmaps.models import SNAP
-from neuralmaps.models.localizer import Localizer, make_exact_recovery_problem, pose_errors
+from neuralmaps.models.localizer import Localizer
+from neuralmaps.testing import make_exact_recovery_problem, pose_errors
 
 torch.set_num_threads(1)
 

@@ -14,23 +14,10 @@ from ..config import CLASS_NAMES
 from ..storage import StorageError, atomic_path, check_writable_parent
 from .store import CAMERA_MODELS, SPLIT_NAMES, read_store_attrs
 
+from ..classes import CLASS_COLORS, NO_CLASS_COLOR  # noqa: E402  (re-exported)
+
 __all__ = ["write_previews", "check_preview_dir", "CLASS_COLORS", "semantic_rgb", "frustum_xy"]
 
-# One colour per class of CLASS_NAMES (areas, objects, binary), RGB in [0, 1].
-CLASS_COLORS = {
-    "crosswalk": (1.00, 1.00, 1.00),
-    "sidewalk": (0.85, 0.60, 0.85),
-    "road": (0.35, 0.35, 0.40),
-    "terrain": (0.45, 0.75, 0.30),
-    "building": (0.80, 0.30, 0.20),
-    "fence": (0.65, 0.50, 0.20),
-    "pole": (0.10, 0.10, 0.10),
-    "tree": (0.05, 0.45, 0.10),
-    "traffic_sign": (1.00, 0.85, 0.00),
-    "traffic_light": (0.00, 0.80, 0.90),
-    "street_light": (1.00, 0.50, 0.00),
-}
-NO_CLASS_COLOR = (0.93, 0.93, 0.86)  # cells without any class (unmapped ground)
 FRUSTUM_LENGTH_M = 10.0
 
 

@@ -172,7 +172,7 @@ class NeuralMap:
             done = self.tile_done
             raise ValueError(f"{self.path}: the map is incomplete ({int(done.sum())}/{done.size} tiles built); "
                              "rerun the build to finish it before exporting")
-        from ..synth.preview import CLASS_COLORS
+        from ..classes import CLASS_COLORS
 
         names = self.class_names or None
         colors = [tuple(int(round(255 * c)) for c in CLASS_COLORS[n]) for n in names] if names else None
