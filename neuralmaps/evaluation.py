@@ -912,3 +912,25 @@ def run_evaluation(
         title = f"SNAP {'+'.join(modalities)} on {Path(data_path).name} ({split})"
     write_outputs(out_dir, metrics, run, title)
     return metrics
+
+
+@torch.no_grad()
+def quick_scores(model, dataset, modalities: Sequence[str] = DEFAULT_MODALITIES, seed: int = 0) -> dict[str, float]:
+    """Joint recall at (3 m, 3°) (RANSAC) and the area-class mIoU of any torch Dataset of pairs
+    (a SceneDataset, a Subset, ...), on maps built from `modalities`; for tests and model cards."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=1, shuffle=False)
+    errs_m, errs_deg = [], []
+    conf = SemanticConfusion()
+    for k, batch in enumerate(loader):
+        nmap = model.map(map_batch_for(batch, modalities), modalities=modalities)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        out = model.localize(batch, nmap, mode="ransac", with_loss=False, generator=g)
+        d_m, d_deg = pose_errors(_true_pose(batch), out.T_map_query)
+        errs_m += d_m.tolist()
+        errs_deg += d_deg.tolist()
+        conf.add(model.semantics(nmap), batch["semantic"], nmap.valid)
+    ok = [m <= 3.0 and d <= 3.0 for m, d in zip(errs_m, errs_deg)]
+    miou = conf.summary()["areas"]["miou"]
+    return {"recall_3m_3deg": sum(ok) / max(len(ok), 1), "semantic_miou": float("nan") if miou is None else miou,
+            "median_error_m": float(np.median(errs_m)) if errs_m else float("nan")}
