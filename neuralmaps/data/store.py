@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..config import CLASS_NAMES, Config
+from ..grids import Grid2D
 from ..storage import (
     StorageError,
     StoreInUseError,
@@ -88,8 +89,7 @@ ITEM_VARIABLES = (
 def schema(config: Config) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], str, Any]]:
     """name -> (dims without `pair`, shape without pair, dtype, fill) of every per-pair variable."""
     Vn, (H, W) = config.scene.num_views, config.scene.image_hw
-    sx, sy = config.scene.size_m[:2]
-    X, Y = round(sx / config.scene.cell_m), round(sy / config.scene.cell_m)
+    X, Y = Grid2D(tuple(config.scene.size_m[:2]), config.scene.cell_m).num_cells
     K = len(CLASS_NAMES)
     return {
         "map_image": (("view", "y_img", "x_img", "rgb"), (Vn, H, W, 3), "uint8", 0),

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import geometry
 from ..config import CLASS_NAMES, ModelConfig, SceneConfig
-from ..grids import Grid2D
+from ..grids import Grid2D, Grid3D
 from .encoders import ImageEncoder, SemanticRasterEncoder
 from .streetview import StreetViewEncoder, mlp, voxel_centers
 
@@ -169,7 +169,7 @@ class BEVMapper(nn.Module):
         super().__init__()
         self.cfg, self.scene = cfg, scene
         D = cfg.feature_dim
-        self.num_z = int(round(scene.size_m[2] / scene.cell_m))
+        self.num_z = Grid3D(tuple(scene.size_m), scene.cell_m).num_cells[2]
         if not (cfg.use_streetview or cfg.use_aerial or cfg.use_semantic):
             raise ValueError("ModelConfig: at least one of use_streetview/use_aerial/use_semantic must be True")
         self.streetview = StreetViewEncoder(cfg)  # also encodes the query, so always built

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import geometry
 from ..config import ModelConfig
+from ..grids import Grid3D
 from .encoders import ImageEncoder
 
 
@@ -34,7 +35,7 @@ def voxel_centers(xy: torch.Tensor, z_bottom: torch.Tensor, height_m: float, cel
     Returns:
         (B, X, Y, Z, 3) voxel centres.
     """
-    num_z = int(round(height_m / cell_m))
+    num_z = Grid3D((cell_m, cell_m, height_m), cell_m).num_cells[2]
     z = z_bottom[:, None] + (torch.arange(num_z, device=xy.device, dtype=xy.dtype) + 0.5) * cell_m  # B,Z
     B, (X, Y) = len(z_bottom), xy.shape[:2]
     xy_ = xy[None, :, :, None, :].expand(B, X, Y, num_z, 2)
