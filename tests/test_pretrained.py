@@ -2,8 +2,8 @@
 
 The held-out set is made here: a fresh digital-twin capture (another seed than the training store)
 of the test crop, keeping only the pairs whose 150 m split block was *not* a training block of the
-store the model was trained on (`neuralmaps/weights/snap-cpu-tiny.json`). Floors sit a safe margin
-below the figures documented in MODEL_CARD.md; random weights fail them.
+store the model was trained on (`neuralmaps/weights/snap-cpu-tiny.json`). The bound sits a safe
+margin above the error documented in MODEL_CARD.md; random weights fail it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from neuralmaps.data.store import SPLIT_NAMES
 from neuralmaps.evaluation import quick_scores
 from neuralmaps.models import SNAP
 
-# Measured on this held-out set (MODEL_CARD.md): see FLOORS' comments.
-FLOORS = {"recall_3m_3deg": 0.0, "semantic_miou": 0.0}
+# Measured on these 13 held-out pairs (2026-12-03, snap-cpu-tiny a8b8d37a): median position error
+# 7.5 m (random weights: 26.5 m); recall at (3 m, 3 deg) 0 / 13 and area mIoU 0.04 (random: 0.19),
+# so this model is only checked on what it does better than chance: the bound is about twice its
+# error. Raise to recall / mIoU floors once a shipped model has them (MODEL_CARD.md, limits).
+MAX_MEDIAN_ERROR_M = 15.0
 
 
 def _held_out_pairs(store) -> tuple[ConcatDataset, list[int]]:
@@ -58,8 +61,7 @@ def test_shipped_model_localizes_and_maps_held_out_areas(held_out):
     assert model.config.name == "cpu-tiny" and not model.training
     got = _scores(model, held_out)
     print("pretrained on held-out pairs:", len(held_out), got)
-    for key, floor in FLOORS.items():
-        assert got[key] >= floor, (key, got)
+    assert got["median_error_m"] <= MAX_MEDIAN_ERROR_M, got
 
 
 @pytest.mark.slow
@@ -68,4 +70,4 @@ def test_random_weights_fail_the_floors(held_out):
     model = SNAP(SNAP.from_pretrained().config).eval()
     got = _scores(model, held_out)
     print("random weights on held-out pairs:", got)
-    assert any(got[k] < f for k, f in FLOORS.items()), got
+    assert got["median_error_m"] > MAX_MEDIAN_ERROR_M, got
