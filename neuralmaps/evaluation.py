@@ -50,6 +50,7 @@ from . import geometry
 from .config import AREA_CLASSES, BINARY_CLASSES, CLASS_NAMES, OBJECT_CLASSES, Config
 from .data import SceneDataset
 from .data.store import SPLIT_NAMES, read_store_attrs
+from .storage import atomic_write_bytes
 
 __all__ = [
     "EvaluationError", "MODALITIES", "DEFAULT_MODALITIES", "MODES", "BASELINES",
@@ -737,14 +738,7 @@ def _atomic_savefig(fig, path: Path) -> None:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def plot_recall_curves(results: Sequence[QueryResult], path: Path, title: str = "") -> None:

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from neuralmaps.storage import atomic_write_bytes
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
@@ -118,10 +120,7 @@ def plot_log(records: list[dict], out: str | os.PathLike, title: str = "") -> Pa
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, out)
+    atomic_write_bytes(out, buf.getvalue())
     return out
 
 

@@ -54,6 +54,7 @@ from rasterio.windows import Window
 
 from .errors import GeoInputError
 from .region import Region
+from ..storage import atomic_write_bytes
 
 __all__ = [
     "export_map",
@@ -647,12 +648,7 @@ def _xml_bytes(root: ET.Element) -> bytes:
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
-    tmp = _atomic_target(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, data)
     return path
 
 

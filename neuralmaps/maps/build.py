@@ -37,6 +37,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from .captures import CaptureSet, sha256_of
 from .store import STORE_FORMAT, NeuralMap, create_store, read_attrs, store_variables
+from ..storage import StoreInUseError, writer_lock
 
 __all__ = ["build_map", "StoreLockedError", "DEFAULT_TILE_M", "DEFAULT_HALO_M"]
 
@@ -49,7 +50,7 @@ ENCODE_BATCH = 1  # images encoded one at a time: bit-identical features whateve
 # of another composition changes float rounding), so resumed and updated builds equal fresh ones
 
 
-class StoreLockedError(ValueError):
+class StoreLockedError(StoreInUseError):
     """Another build holds the store's writer lock."""
 
 
@@ -480,22 +481,15 @@ def _tile_views(captures: CaptureSet, tile, radius_m: float, index: tuple[np.nda
 
 @contextlib.contextmanager
 def _writer_lock(out: Path):
-    """Exclusive writer lock beside the store (`.<name>.lock`); refuses a second concurrent build.
-    (To be replaced by neuralmaps.storage's lock when it lands.)"""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(out.parent / f".{out.name}.lock"))
+    """The store's exclusive writer lock (neuralmaps.storage.writer_lock); a second concurrent
+    build is refused at once with StoreLockedError naming the holder."""
+    stack = contextlib.ExitStack()
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise StoreLockedError(
-            f"{out}: another build is writing this map (lock {lock.lock_file} is held); "
-            "wait for it to finish, or stop it and rerun to resume"
-        ) from None
-    try:
+        stack.enter_context(writer_lock(out, what="neural map"))
+    except StoreInUseError as e:
+        raise StoreLockedError(f"{e}; stop it and rerun to resume") from None
+    with stack:
         yield
-    finally:
-        lock.release()
 
 
 @contextlib.contextmanager

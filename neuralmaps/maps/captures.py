@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from ..storage import atomic_path
 
 __all__ = ["CaptureSet", "SCHEMA", "rotation_from_hpr", "hpr_from_rotation"]
 
@@ -149,14 +150,8 @@ class CaptureSet:
         path = Path(path)
         file = path / name if path.suffix != ".parquet" else path
         file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(file) as tmp:
             self.frame.to_parquet(tmp, index=False)
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return file
 
     @classmethod

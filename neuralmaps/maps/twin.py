@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .captures import INDEX_NAME, QUERIES_NAME, CaptureSet
+from ..storage import atomic_path
 
 __all__ = ["capture_twin"]
 
@@ -74,9 +75,8 @@ def capture_twin(
         file = out / rel
         if not file.is_file():  # a rerun resumes: views depend only on (seed, run, frame)
             rgb = np.asarray(world.render(cam, T, run.appearance).rgb)
-            tmp = file.with_name(f".{file.name}.tmp")
-            Image.fromarray(rgb).save(tmp, format="JPEG", quality=JPEG_QUALITY)
-            os.replace(tmp, file)
+            with atomic_path(file) as tmp:
+                Image.fromarray(rgb).save(tmp, format="JPEG", quality=JPEG_QUALITY)
         M = T.matrix().detach().cpu().numpy().astype(np.float64)
         M[:2, 3] += origin  # world-local -> CRS (the world's one offset, World.to_crs)
         r = rows["query" if run.kind == "query" else "map"]
