@@ -54,7 +54,7 @@ from rasterio.windows import Window
 
 from .errors import GeoInputError
 from .region import Region
-from ..storage import atomic_write_bytes
+from ..storage import atomic_path, atomic_write_bytes
 
 __all__ = [
     "export_map",
@@ -166,7 +166,6 @@ def _write_cog(layer: _Layer, region: Region, path: Path, bar: Any) -> None:
     wshape = _layer_window(layer)
     fd, tmp = tempfile.mkstemp(suffix=".tif", prefix=f".{path.stem}.stream-", dir=path.parent)
     os.close(fd)
-    final_tmp = _atomic_target(path)
     profile: dict[str, Any] = dict(
         driver="GTiff", width=region.width, height=region.height, count=layer.count, dtype=gtiff_dtype,
         crs=region.crs_string, transform=region.transform, nodata=layer.nodata, tiled=True,
@@ -203,12 +202,11 @@ def _write_cog(layer: _Layer, region: Region, path: Path, bar: Any) -> None:
             )
             if half:
                 opts["nbits"] = 16
-            rasterio.shutil.copy(vrt, final_tmp, driver="COG", **opts)
-        os.replace(final_tmp, path)
-        Path(str(final_tmp) + ".aux.xml").unlink(missing_ok=True)
-    except BaseException:
-        final_tmp.unlink(missing_ok=True)
-        raise
+            with atomic_path(path, suffix=".tif") as final_tmp:
+                try:
+                    rasterio.shutil.copy(vrt, final_tmp, driver="COG", **opts)
+                finally:
+                    Path(str(final_tmp) + ".aux.xml").unlink(missing_ok=True)
     finally:
         for p in [tmp, *_stream_siblings(tmp)]:
             Path(p).unlink(missing_ok=True)
