@@ -465,7 +465,7 @@ def test_pairs_are_drawn_split_first_in_proportion():
     counts = np.bincount([pair_split(i, fractions) for i in range(1000)], minlength=3)
     assert np.abs(counts - 1000 * np.asarray(fractions)).max() <= 2, counts
     assert np.bincount([pair_split(i, fractions) for i in range(12)], minlength=3).tolist() == [10, 1, 1]
-    assert default_run_counts(12) == (12, 8) and default_run_counts(1000) == (125, 63)
+    assert default_run_counts(12) == (24, 12) and default_run_counts(1000) == (125, 63)
 
 
 def test_small_store_pairs_land_in_their_drawn_split(small_store):

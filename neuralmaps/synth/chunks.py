@@ -70,10 +70,11 @@ def T_scene_world(scene_origin_en: Sequence[float], world_origin_en: Sequence[fl
 
 
 def default_run_counts(num_pairs: int) -> tuple[int, int]:
-    """(map runs, query runs) simulated for `num_pairs` pairs: at least 12 and 8, and one map run per
+    """(map runs, query runs) simulated for `num_pairs` pairs: at least 24 and 12 (so that a small
+    store of a whole extract still has a query-capable block for every split), and one map run per
     8 pairs (one query run per 16), so that pairs spread over the extract rather than repeating
     the few places where a dozen runs overlap."""
-    return max(12, math.ceil(num_pairs / 8)), max(8, math.ceil(num_pairs / 16))
+    return max(24, math.ceil(num_pairs / 8)), max(12, math.ceil(num_pairs / 16))
 
 
 def block_of_xy(x: float | np.ndarray, y: float | np.ndarray, block_m: float = SPLIT_BLOCK_M):
