@@ -30,7 +30,6 @@ Baselines (`BASELINES`), evaluated with the same metrics:
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import math
@@ -50,6 +49,8 @@ from . import geometry
 from .config import AREA_CLASSES, BINARY_CLASSES, CLASS_NAMES, OBJECT_CLASSES, Config
 from .data import SceneDataset
 from .data.store import SPLIT_NAMES, read_store_attrs
+from .models import MODALITIES, SEMANTIC_MODALITIES, SNAP, select_modalities
+from .models import parse_modalities as _parse_modalities
 from .storage import atomic_write_bytes
 
 __all__ = [
@@ -61,26 +62,18 @@ __all__ = [
     "plot_recall_curves", "plot_semantics", "write_outputs", "run_evaluation", "class_colors", "results_table",
 ]
 
-MODALITIES = ("streetview", "aerial", "semantic")
-DEFAULT_MODALITIES = ("streetview", "aerial")
+DEFAULT_MODALITIES = SEMANTIC_MODALITIES  # street view + aerial: the semantic raster is never an input by default
 MODES = ("ransac", "voting")
 BASELINES = ("prior", "aerial-rgb")
 POSITION_THRESHOLDS_M = (0.5, 1.0, 2.0, 5.0)
 HEADING_THRESHOLDS_DEG = (0.5, 1.0, 2.0, 5.0)
 JOINT_THRESHOLDS = ((1.0, 1.0), (3.0, 3.0), (5.0, 5.0))
-# Batch keys that carry each map modality (dropped from the map batch when not evaluated).
-MODALITY_KEYS = {
-    "streetview": ("map_images", "map_T_scene_view", "map_cameras", "map_view_mask"),
-    "aerial": ("aerial",),
-    "semantic": ("semantic",),
-}
 MODALITY_FLAGS = {"streetview": "use_streetview", "aerial": "use_aerial", "semantic": "use_semantic"}
 # Scale of the correlation scores in [-1, 1] (softmax sharpness). Swept on a 12-pair Helsinki crop
 # store (seed 0, split all, both modes): recall@5m 42 / 42 / 42 / 42 / 8 / 0 % (RANSAC) at
 # tau = 1 / 2 / 3 / 5 / 10 / 30; heading recall@5deg 75 % up to tau = 5.
 AERIAL_RGB_TEMPERATURE = 3.0
 AERIAL_RGB_CONTRAST_CELLS = 5  # window of the local-contrast feature, cells
-PRETRAINED_NAME = "snap-cpu-tiny.pt"
 NUM_SEMANTIC_SCENES = 4  # scenes drawn in semantics.png
 
 
@@ -155,27 +148,11 @@ def open_eval_data(path: str | os.PathLike, split: str, config: Config | None = 
     return EvalData(path, split, dataset, parts[0].store_config, pair_split, pair_block, pair_query_type)
 
 
-def pretrained_path() -> Path:
-    """Where the shipped checkpoint lives (package data)."""
-    return Path(__file__).resolve().parent / "weights" / PRETRAINED_NAME
-
-
 def load_model(checkpoint: str | os.PathLike):
     """`"pretrained"` (the shipped weights, offline) or a checkpoint path -> SNAP in eval mode.
     Raises EvaluationError when it is missing or unreadable."""
-    from .models import SNAP
-
     try:
-        if str(checkpoint) == "pretrained":
-            if hasattr(SNAP, "from_pretrained"):
-                model = SNAP.from_pretrained()
-            else:
-                p = pretrained_path()
-                if not p.is_file():
-                    raise FileNotFoundError(f"no shipped weights: {p} is missing (pass --checkpoint PATH)")
-                model = SNAP.load(p)
-        else:
-            model = SNAP.load(checkpoint)
+        model = SNAP.from_pretrained() if str(checkpoint) == "pretrained" else SNAP.load(checkpoint)
     except (FileNotFoundError, ValueError) as e:
         raise EvaluationError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     return model.eval()
@@ -183,38 +160,19 @@ def load_model(checkpoint: str | os.PathLike):
 
 def parse_modalities(text: str | Sequence[str]) -> tuple[str, ...]:
     """"streetview,aerial" (or a sequence) -> a tuple in MODALITIES order; EvaluationError if bad."""
-    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
-    bad = [s for s in items if s not in MODALITIES]
-    if bad or not items:
-        raise EvaluationError(f"unknown or empty modalities {bad or items}; choose a comma-separated subset of {MODALITIES}")
-    return tuple(m for m in MODALITIES if m in items)
-
-
-def map_batch_for(batch: dict, modalities: Sequence[str]) -> dict:
-    """A shallow copy of `batch` without the keys of the map modalities not in `modalities` (so
-    that `SNAP.map` cannot read them); query keys are kept."""
-    out = dict(batch)
-    for m in MODALITIES:
-        if m not in modalities:
-            for k in MODALITY_KEYS[m]:
-                out.pop(k, None)
-    return out
-
-
-def _map_accepts_modalities(model) -> bool:
     try:
-        return "modalities" in inspect.signature(model.map).parameters
-    except (TypeError, ValueError):
-        return False
+        return _parse_modalities(text)
+    except ValueError as e:
+        raise EvaluationError(f"{e} (a comma-separated subset)") from None
+
+
+# A shallow copy of a batch without the keys of the map modalities not listed (query keys kept).
+map_batch_for = select_modalities
 
 
 def build_map(model, batch: dict, modalities: Sequence[str]):
-    """`model.map` from the given modalities only (the batch's other modality keys are dropped;
-    the `modalities` keyword is passed too where `SNAP.map` has it)."""
-    mb = map_batch_for(batch, modalities)
-    if _map_accepts_modalities(model):
-        return model.map(mb, modalities=tuple(modalities))
-    return model.map(mb)
+    """`model.map` from the given modalities only (`SNAP.map` never reads the others)."""
+    return model.map(batch, modalities=tuple(modalities))
 
 
 def check_modalities(model, modalities: Sequence[str]) -> None:
@@ -917,7 +875,7 @@ def quick_scores(model, dataset, modalities: Sequence[str] = DEFAULT_MODALITIES,
     errs_m, errs_deg = [], []
     conf = SemanticConfusion()
     for k, batch in enumerate(loader):
-        nmap = model.map(map_batch_for(batch, modalities), modalities=modalities)
+        nmap = build_map(model, batch, modalities)
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
         out = model.localize(batch, nmap, mode="ransac", with_loss=False, generator=g)
         d_m, d_deg = pose_errors(_true_pose(batch), out.T_map_query)
