@@ -1,6 +1,6 @@
 """neuralmaps: SNAP neural maps in PyTorch + GIS."""
 
-from typing import Any
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -8,9 +8,4 @@ __version__ = "0.1.0"
 _LAZY = {"build_map": "neuralmaps.maps.build", "NeuralMap": "neuralmaps.maps.store", "CaptureSet": "neuralmaps.maps.captures"}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'neuralmaps' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

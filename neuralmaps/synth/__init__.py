@@ -7,8 +7,8 @@ code that only needs one part.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "World": ".world",
@@ -24,11 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
