@@ -92,6 +92,16 @@ class ModelConfig:
     # far faster (cpu-tiny fit test, 100 steps on 24 pairs: NLL 7.7 -> 5.9 with the mean, 35 -> 2.5
     # with the sum over 256 points), since the learned temperature moves ~1e-3 per step.
     score_reduction: str = "mean"
+    # Point scores: "raw" tau·ReLU(f·m) (SNAP) or "log_ratio", the per-point log-softmax over the
+    # map cells plus log(#valid cells): 0 for an uninformative match, a contrastive signal per
+    # point (the voting mode scores this way too).
+    point_scores: str = "raw"
+    # RANSAC matches: "softmax" draws (point, cell) from the full joint softmax (SNAP); "local_maxima"
+    # from each point's `num_matches` best 3x3 local maxima; "mixed" half of the poses each. With
+    # ~1e3 steps instead of SNAP's 4e5, the untrained temperature leaves the full softmax nearly
+    # uniform and its poses nearly random: easy negatives that teach little.
+    proposals: str = "softmax"
+    num_matches: int = 8
     num_coarse_points: int = 64  # voting: query cells of the coarse level
     coarse_cells: int = 32  # voting: coarse grid cells along the map's longer side
     num_candidates: int = 8  # K poses refined and returned in `topk`
@@ -265,6 +275,8 @@ def _cpu_tiny() -> Config:
             num_pose_retries=4,
             num_query_points=256,  # a random 256 of the ~750 valid frustum cells: 1/3 of the scoring cost
             score_reduction="sum",
+            point_scores="log_ratio",
+            proposals="mixed",
             semantic_dim=64,
         ),
         train=TrainConfig(batch_size=4, lr=1e-3, steps=3000, num_workers=1, warmup_steps=50,

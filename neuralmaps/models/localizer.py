@@ -17,13 +17,16 @@ L2-normalised features f_n at query-frame points p_n; m(x) the L2-normalised map
     r_n(x) = tau · ReLU(f_n · m(x))                              tau = exp(log_temperature)
     score(T) = (1/N) sum_n r_n(T p_n)                            bilinear, clamped to the map edge
 
-(`score_reduction="sum"` drops the 1/N: SNAP's score at N times the temperature; cpu-tiny uses it.)
+(`score_reduction="sum"` drops the 1/N: SNAP's score at N times the temperature; cpu-tiny uses it.
+`point_scores="log_ratio"` replaces r_n by the per-point log-likelihood ratio l_n below, 0 off the
+map; cpu-tiny uses it.)
 
 (SNAP's `pose_scoring` with `mask_score_out_of_bounds=False`: a point pushed off the map takes the
 value of the nearest edge cell; invalid map cells have zero features, so r_n = 0 there.)
 
 RANSAC (SNAP): (point, cell) matches are drawn from the joint distribution softmax_x(r_n)(x) / N
-over every valid point and every map cell; pairs of matches give 2-point Kabsch poses; of
+over every valid point and every map cell (`proposals="softmax"`; "local_maxima" draws a point
+uniformly, then one of its `num_matches` best 3x3 local maxima; "mixed" half and half); pairs of matches give 2-point Kabsch poses; of
 `num_pose_retries` pairs the one with the best length ratio ||p1-p2|| / ||m1-m2|| is kept;
 `num_pose_samples` poses are scored with `score`, the best `num_candidates` refined. Loss: the NLL
 of T_gt among the samples, -(score(T_gt) - logsumexp(score(T_gt), score(samples))).
@@ -180,6 +183,14 @@ class Localizer(nn.Module):
         if cfg.score_reduction not in ("mean", "sum"):
             raise ValueError(f"ModelConfig.score_reduction must be 'mean' or 'sum', got {cfg.score_reduction!r}")
         self.score_reduction = cfg.score_reduction
+        if cfg.point_scores not in ("raw", "log_ratio"):
+            raise ValueError(f"ModelConfig.point_scores must be 'raw' or 'log_ratio', got {cfg.point_scores!r}")
+        if cfg.proposals not in ("softmax", "local_maxima", "mixed"):
+            raise ValueError("ModelConfig.proposals must be 'softmax', 'local_maxima' or 'mixed', "
+                             f"got {cfg.proposals!r}")
+        self.point_scores = cfg.point_scores
+        self.proposals = cfg.proposals
+        self.num_matches = cfg.num_matches
         self.chunk = 1 << 19  # point samples per scoring chunk (bounds memory)
 
     @property
@@ -248,10 +259,13 @@ class Localizer(nn.Module):
         lo = torch.tensor([0.5, 0.5], dtype=p.dtype, device=p.device)
         hi = torch.tensor([X - 0.5, Y - 0.5], dtype=p.dtype, device=p.device)
         wn = w / w.sum(1, keepdim=True).clamp(min=1) if self.score_reduction == "mean" else w
+        clamp = self.point_scores == "raw"  # log-ratios are 0 (uninformative) off the map
         for s in range(0, P, step):
             q = transform_points(angle[:, s : s + step], t[:, s : s + step], p) / cell_m  # (B, P', N, 2)
-            q = torch.maximum(torch.minimum(q, hi), lo).transpose(1, 2).reshape(B * N, -1, 2)
-            v, _ = interpolate_nd(values, q)  # (B*N, P', 1)
+            if clamp:
+                q = torch.maximum(torch.minimum(q, hi), lo)
+            q = q.transpose(1, 2).reshape(B * N, -1, 2)
+            v, _ = interpolate_nd(values, q)  # (B*N, P', 1), 0 off the map
             out.append((v.reshape(B, N, -1) * wn[..., None]).sum(1))
         return torch.cat(out, 1)
 
@@ -399,6 +413,8 @@ class Localizer(nn.Module):
         r = self._relu_sims(f, m)  # (B, N, X, Y), 0 on invalid map cells
         with torch.no_grad():
             angle, t = self._sample_poses(r.detach(), map_valid, p, w, cell_m, prior, generator)
+        if self.point_scores == "log_ratio":
+            r = _log_ratio(r, map_valid)
         score_fn = lambda a, tt: self._score_maps(r, p, w, a, tt, cell_m)  # noqa: E731
         scores = score_fn(angle, t)
         ok = _in_prior(angle, t, prior)
@@ -427,25 +443,26 @@ class Localizer(nn.Module):
     def _sample_poses(self, r, map_valid, p, w, cell_m, prior, generator) -> tuple[Tensor, Tensor]:
         """2-point RANSAC hypotheses with retries (SNAP `sample_transforms_ransac`).
 
-        Each match (n, x) is drawn from softmax_x(r_n)(x) / N over the valid points n and the
-        valid map cells x (with a prior, cells reachable from a pose inside it). r (B, N, X, Y).
+        Matches (query point, map cell) come from `_matches_softmax` (SNAP) and/or
+        `_matches_local_maxima`, as `proposals` says; r (B, N, X, Y), only valid map cells and,
+        with a prior, cells reachable from a pose inside it. Consecutive matches make pairs; of
+        `num_pose_retries` pairs the one with the best length ratio gives a 2-point Kabsch pose.
         Returns angle (B, P), t (B, P, 2) (plus the prior's centre pose when a prior is given)."""
         B, N, X, Y = r.shape
-        logits = r.masked_fill(~map_valid[:, None], -torch.inf)
+        allowed = map_valid[:, None]  # (B, 1, X, Y)
         if prior is not None:  # a match must be reachable from a pose inside the prior
             dist = (_cell_centres(X, Y, cell_m, p)[None] - prior.xy.to(p)[:, None, None]).norm(dim=-1)  # (B, X, Y)
             radius = torch.as_tensor(prior.radius_m, dtype=p.dtype, device=p.device).reshape(-1, 1, 1, 1)
-            reach = dist[:, None] <= radius + p.norm(dim=-1)[..., None, None] + cell_m
-            logits = logits.masked_fill(~reach, -torch.inf)
-        prob = torch.softmax(logits.reshape(B, N, X * Y), -1).nan_to_num_(0.0)  # rows without a cell: 0
-        # Joint distribution over (point, cell): valid points weigh 1/N each (SNAP's prob_points).
-        prob = prob * (w / w.sum(1, keepdim=True).clamp(min=1))[..., None]
-        cdf = prob.reshape(B, -1).double().cumsum_(-1)
+            allowed = allowed & (dist[:, None] <= radius + p.norm(dim=-1)[..., None, None] + cell_m)
         P, Rt = self.num_pose_samples, self.num_pose_retries
-        u = torch.rand(B, P * Rt * 2, generator=generator, device=p.device, dtype=torch.float64)
-        u = u * cdf[:, -1:]
-        idx = torch.searchsorted(cdf, u).clamp_(max=N * X * Y - 1)  # (B, P*Rt*2)
-        n, cell = idx // (X * Y), idx % (X * Y)
+        n_local = {"softmax": 0, "local_maxima": P, "mixed": P // 2}[self.proposals]
+        parts = []
+        if P - n_local:
+            parts.append(self._matches_softmax(r, allowed, w, (P - n_local) * Rt * 2, generator))
+        if n_local:
+            parts.append(self._matches_local_maxima(r, allowed, w, n_local * Rt * 2, generator))
+        n = torch.cat([x[0] for x in parts], 1)  # (B, P*Rt*2) point indices
+        cell = torch.cat([x[1] for x in parts], 1)  # (B, P*Rt*2) flat cell indices
         pq = p.gather(1, n[..., None].expand(-1, -1, 2))
         pm = (torch.stack([cell // Y, cell % Y], -1).to(p.dtype) + 0.5) * cell_m
         shape = (B, P, Rt, 2, 2)
@@ -459,6 +476,45 @@ class Localizer(nn.Module):
         if prior is not None:  # always offer one hypothesis inside the prior
             angle, t = _with_prior_centre(angle, t, prior)
         return angle, t
+
+    def _matches_softmax(self, r, allowed, w, count, generator) -> tuple[Tensor, Tensor]:
+        """`count` matches per item drawn from softmax_x(r_n)(x) / N over the valid points n and the
+        allowed cells x (SNAP's prob_points). r (B, N, X, Y), allowed (B, 1, X, Y) bool.
+        Returns point indices and flat cell indices, both (B, count)."""
+        B, N, X, Y = r.shape
+        prob = torch.softmax(r.masked_fill(~allowed, -torch.inf).reshape(B, N, X * Y), -1).nan_to_num_(0.0)
+        prob = prob * (w / w.sum(1, keepdim=True).clamp(min=1))[..., None]  # valid points weigh 1/N each
+        cdf = prob.reshape(B, -1).double().cumsum_(-1)
+        u = torch.rand(B, count, generator=generator, device=r.device, dtype=torch.float64) * cdf[:, -1:]
+        idx = torch.searchsorted(cdf, u).clamp_(max=N * X * Y - 1)
+        return idx // (X * Y), idx % (X * Y)
+
+    def _matches_local_maxima(self, r, allowed, w, count, generator) -> tuple[Tensor, Tensor]:
+        """`count` matches per item: a valid point drawn uniformly, then one of its `num_matches`
+        best 3x3 local maxima of r (B, N, X, Y) over the allowed cells, drawn by softmax(r) among
+        them. Returns point indices and flat cell indices, both (B, count)."""
+        B, N, X, Y = r.shape
+        r = r.masked_fill(~allowed, -1.0)  # below any allowed score (r >= 0)
+        # Exact 3x3 non-maximum suppression from a short list: a higher neighbour of a listed cell
+        # is itself listed, so comparing within the list suffices.
+        L = min(8 * self.num_matches, X * Y)
+        vals, cells = r.reshape(B, N, -1).topk(L, dim=-1)  # (B, N, L), sorted
+        ci, cj = cells // Y, cells % Y
+        near = ((ci[..., :, None] - ci[..., None, :]).abs() <= 1) & ((cj[..., :, None] - cj[..., None, :]).abs() <= 1)
+        higher = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)  # [j, i]: i listed before j
+        keep = ~(near & higher).any(-1) & (vals >= 0)
+        k = min(self.num_matches, L)
+        order = (keep.to(vals.dtype) * 2 - torch.arange(L, device=r.device) / L).topk(k, dim=-1).indices
+        vals, cells, keep = vals.gather(2, order), cells.gather(2, order), keep.gather(2, order)
+        cdf = torch.softmax(vals.masked_fill(~keep, -torch.inf), -1).nan_to_num(0.0).cumsum(-1)  # (B, N, k)
+        cdf[..., -1] = 1.0 + 1e-6
+        u = torch.rand(B, count, 2, generator=generator, device=r.device, dtype=r.dtype)
+        nv = w.sum(1, keepdim=True)  # valid points come first
+        n = (u[..., 0] * nv).long().clamp_(max=N - 1)  # (B, count)
+        c = cdf.gather(1, n[..., None].expand(-1, -1, k))  # (B, count, k)
+        j = torch.searchsorted(c, u[..., 1:].contiguous()).clamp_(max=k - 1)
+        cell = cells.gather(1, n[..., None].expand(-1, -1, k)).gather(2, j)[..., 0]
+        return n, cell
 
     def _wide_search(self, score_fn, angle: Tensor, t: Tensor, centre: Tensor, cell_m: float,
                      prior: PosePrior | None) -> tuple[Tensor, Tensor]:
@@ -602,6 +658,15 @@ def _with_prior_centre(angle: Tensor, t: Tensor, prior: PosePrior) -> tuple[Tens
     """Append the prior's centre pose (its yaw, or 0) to poses angle (B, P), t (B, P, 2)."""
     a0 = prior.yaw.to(angle) if prior.yaw is not None else torch.zeros_like(angle[:, 0])
     return torch.cat([angle, a0[:, None]], 1), torch.cat([t, prior.xy.to(t)[:, None]], 1)
+
+
+def _log_ratio(r: Tensor, valid: Tensor) -> Tensor:
+    """l_n = log_softmax_x(r_n)(x) + log(#valid cells) over the valid map cells, 0 on invalid ones:
+    the log-likelihood ratio of a match at x against a uniform one. r (B, N, X, Y) >= 0,
+    valid (B, X, Y) -> (B, N, X, Y)."""
+    B, N, X, Y = r.shape
+    c = _masked_log_mean_exp(r.reshape(B, N, -1), valid.reshape(B, 1, -1).to(r.dtype))  # (B, N)
+    return (r - c[..., None, None]) * valid[:, None].to(r.dtype)
 
 
 def _masked_log_mean_exp(r: Tensor, valid: Tensor) -> Tensor:

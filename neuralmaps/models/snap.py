@@ -63,6 +63,7 @@ RUNTIME_FIELDS = frozenset({
     "model.area_frequencies", "model.object_frequencies", "model.num_query_points", "model.num_coarse_points",
     "model.coarse_cells", "model.num_candidates", "model.keep_candidates", "model.final_step_cells",
     "model.final_step_deg", "model.refine_range_m", "model.refine_range_deg", "model.score_reduction",
+    "model.point_scores", "model.proposals", "model.num_matches",
 })
 # Scene fields that define what the weights mean (voxel size, column height).
 SCENE_ARCH_FIELDS = ("cell_m",)
