@@ -25,7 +25,6 @@ from neuralmaps.cli import main
 from neuralmaps.config import CLASS_NAMES, preset
 from neuralmaps.geo import Region
 from neuralmaps.geo.crs import heading_to_yaw
-from neuralmaps.grids import interpolate_nd, raster_to_grid
 from neuralmaps.maps.build import model_sha256
 from neuralmaps.maps.store import STORE_FORMAT, NeuralMap, create_store, store_variables
 from neuralmaps.maps.query import QueryError, relative_poses_from
@@ -82,8 +81,8 @@ def synth(tmp_path_factory) -> dict:
     g["semantic_class"][:] = np.where(valid, cls, 255)
     g["semantic_prob"][:] = np.where(valid, prob, np.nan).astype(np.float16)
     g["tile_done"][:] = True
-    grid = raster_to_grid(torch.from_numpy(f.astype(np.float16).astype(np.float32)))  # what the store holds
-    return {"dir": d, "path": path, "nm": NeuralMap.open(path), "model": model, "grid": grid, "region": region,
+    raster = f.astype(np.float16).astype(np.float32)  # what the store holds
+    return {"dir": d, "path": path, "nm": NeuralMap.open(path), "model": model, "raster": raster, "region": region,
             "ckpt": ckpt}
 
 
@@ -93,17 +92,24 @@ def _latlon(region: Region, e: float, n: float) -> tuple[float, float]:
 
 
 def _query_features(synth: dict, e: float, n: float, heading: float) -> FeaturePlane:
-    """The map's features seen from a camera at (e, n) m from the SW corner with `heading`."""
-    model = synth["model"]
-    q = model.query_xy  # (Xq, Yq, 2): x forward, y left
+    """The map's features seen from a camera at (e, n) m from the SW corner with `heading`: sampled
+    (bilinear) from the north-up raster at the CRS points `Region.xy_to_pixel` gives, independently
+    of the model-grid conversion the query code uses."""
+    from scipy.ndimage import map_coordinates
+
+    model, region, raster = synth["model"], synth["region"], synth["raster"]
+    q = model.query_xy.double().numpy()  # (Xq, Yq, 2): x forward, y left
     yaw = heading_to_yaw(heading)
     c, s = math.cos(yaw), math.sin(yaw)
-    world = torch.stack([e + c * q[..., 0] - s * q[..., 1], n + s * q[..., 0] + c * q[..., 1]], -1)
-    vals, ok = interpolate_nd(synth["grid"][None], (world / CELL).reshape(1, -1, 2))
-    Xq, Yq = q.shape[:2]
-    feats = vals[0].T.reshape(1, -1, Xq, Yq)
-    valid = ok.reshape(1, Xq, Yq) & model.mapper.query_inside[None]
-    return FeaturePlane(feats * valid[:, None], valid)
+    wx = X0 + e + c * q[..., 0] - s * q[..., 1]
+    wy = Y0 + n + s * q[..., 0] + c * q[..., 1]
+    row, col = region.xy_to_pixel(wx, wy)  # continuous, pixel centres at +0.5
+    coords = np.stack([row - 0.5, col - 0.5])
+    feats = np.stack([map_coordinates(b, coords, order=1, mode="nearest") for b in raster])  # (D, Xq, Yq)
+    H, W = region.shape
+    on_map = (row >= 0.5) & (row <= H - 0.5) & (col >= 0.5) & (col <= W - 0.5)
+    valid = torch.from_numpy(on_map)[None] & model.mapper.query_inside[None]
+    return FeaturePlane(torch.from_numpy(feats).float()[None] * valid[:, None], valid)
 
 
 def _with_features(monkeypatch, model, planes):
