@@ -65,7 +65,7 @@ DEFAULT_RADIUS_M = 30.0
 MAX_RADIUS_M = 500.0
 DEFAULT_HEADING_RANGE_DEG = 30.0  # ± around a heading prior (a phone compass is often 10-30 deg off)
 NUM_ROTATIONS = 64  # voting rotations (5.6 deg); the estimate is refined far below that
-POSTERIOR_CELL_M = 1.0  # resolution of the pose posterior (voting's coarse level)
+POSTERIOR_CELL_M = 1.5  # resolution of the pose posterior (voting's coarse level): 1 m costs +40 % CPU
 MAX_COARSE_CELLS = 128  # ... coarser on large windows, to bound time and memory
 CONFIDENT_RADIUS_M = 3.0
 CONFIDENT_MASS = 0.5
@@ -526,7 +526,8 @@ def _query_reach_m(model: Any) -> float:
 
 
 def _prior_xy(nm: "NeuralMap", prior: Sequence[float], radius_m: float) -> tuple[float, float]:
-    """(lat, lon) -> map CRS (x, y), refused outside the map."""
+    """(lat, lon) -> map CRS (x, y). Refused when the search disc (radius_m around it) does not
+    reach the map: the prior lies outside the map."""
     try:
         lat, lon = (float(v) for v in prior)
     except (TypeError, ValueError):
@@ -536,13 +537,16 @@ def _prior_xy(nm: "NeuralMap", prior: Sequence[float], radius_m: float) -> tuple
     if not (math.isfinite(radius_m) and 0 < radius_m <= MAX_RADIUS_M):
         raise QueryError(f"radius_m must be in (0, {MAX_RADIUS_M:g}] m, got {radius_m}")
     region = nm.region
-    x, y = region.lonlat_to_xy(lon, lat)
-    x, y = float(x), float(y)
-    if not bool(region.contains_xy(x, y)):
+    x, y = (float(v) for v in region.lonlat_to_xy(lon, lat))
+    xmin, ymin, xmax, ymax = region.bounds
+    dist = math.hypot(max(xmin - x, 0.0, x - xmax), max(ymin - y, 0.0, y - ymax))
+    if dist >= radius_m:
         lo0, la0, lo1, la1 = region.geometry_lonlat.bounds
-        hint = " (prior is (lat, lon); swapped?)" if region.contains_xy(*region.lonlat_to_xy(lat, lon)) else ""
-        raise QueryError(f"prior ({lat:.6f}, {lon:.6f}) lies outside the map {nm.path.name} "
-                         f"(lat {la0:.5f}..{la1:.5f}, lon {lo0:.5f}..{lo1:.5f}){hint}")
+        swapped = region.lonlat_to_xy(lat, lon)
+        hint = " (prior is (lat, lon); swapped?)" if region.contains_xy(*swapped) else ""
+        raise QueryError(f"prior ({lat:.6f}, {lon:.6f}) lies outside the map {nm.path.name}, {dist:.0f} m from its edge "
+                         f"(beyond the {radius_m:g} m search radius; the map covers lat {la0:.5f}..{la1:.5f}, "
+                         f"lon {lo0:.5f}..{lo1:.5f}){hint}")
     return x, y
 
 
