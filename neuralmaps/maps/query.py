@@ -23,10 +23,10 @@ Uncertainty: the voting's pose posterior `prob_volume` P(angle_r, camera cell) o
 around its mean is `covariance_m2`, the 1-sigma error ellipse its eigen-decomposition, and
 `uncertainty_m` the ellipse's semi-major axis (sqrt of the largest eigenvalue). `heading_std_deg`
 is the circular standard deviation sqrt(-2 ln |E[exp(i angle)]|) of the angle marginal, capped at
-180 (a uniform heading). `confidence` is the posterior mass
-within `CONFIDENT_RADIUS_M` of the estimate; `confident` is confidence >= `CONFIDENT_MASS`. The
-posterior is the model's own (a softmax of its voting scores at `posterior_cell_m` resolution):
-only as calibrated as the model.
+180 (a uniform heading). `confidence` is the posterior mass within `CONFIDENT_RADIUS_M` of the
+estimate; `confident` is confidence >= `CONFIDENT_MASS`. The posterior is the model's own (a
+softmax of its voting scores at `posterior_cell_m` resolution, which also floors its spread at
+~0.5 m): only as calibrated as the model.
 
 Sequences (beyond SNAP, as OrienterNet): frames with known motion relative to the first frame
 (odometry), `relative_poses[k] = (forward_m, left_m, dyaw_deg)` of frame k in frame 0's BEV frame.
