@@ -446,3 +446,26 @@ def test_twin_sequence(twin):
         d_m = math.hypot(res[k].easting - qq["x"].iloc[k], res[k].northing - qq["y"].iloc[k])
         d_deg = abs((res[k].heading_deg - qq["heading_deg"].iloc[k] + 180) % 360 - 180)
         assert d_m < 0.5 and d_deg < 1.0, (k, d_m, d_deg)  # measured <= 0.15 m, <= 0.31 deg
+
+
+def test_semantic_iou_against_osm(synth, helsinki_pbf):
+    """Window by window (64 px chunks) equals one pass over the whole map."""
+    from neuralmaps.classes import AREA_CLASSES, class_id
+    from neuralmaps.geo import read_osm
+    from neuralmaps.geo.rasterize import area_label
+
+    nm, region = synth["nm"], synth["region"]
+    out = nm.semantic_iou(helsinki_pbf)
+    gt = area_label(read_osm(helsinki_pbf, region, margin_m=20.0), region)
+    xs, ys = region.coords()
+    ex, ny = np.meshgrid(xs - X0, ys - Y0)
+    valid = ~((ex > HOLE) & (ny > HOLE))
+    pred = np.where(ex < SPLIT, class_id("road"), class_id("building"))
+    labelled = valid & np.isin(gt, [class_id(a) for a in AREA_CLASSES])
+    assert out["num_cells"] == int(labelled.sum()) > 1000
+    for name in ("road", "building"):
+        c = class_id(name)
+        inter = np.sum(labelled & (gt == c) & (pred == c))
+        union = np.sum(labelled & ((gt == c) | (pred == c)))
+        assert out["iou"][name] == pytest.approx(inter / union)
+    assert out["iou"]["sidewalk"] == 0.0  # OSM has sidewalks here, the map never says so
