@@ -178,6 +178,9 @@ def main() -> None:
     for k, v in _recall(err_m, err_deg).items():
         res[f"recall_{k}"] = round(v, 3)
     res["median_error_m"] = round(float(np.median(err_m)), 2)
+    conf = single["confident"].to_numpy(bool)
+    res["confident_share"] = round(float(conf.mean()), 3)  # and how often a confident answer is right (3 m, 3 deg):
+    res["confident_precision"] = round(float(((err_m <= 3) & (err_deg <= 3))[conf].mean()), 3) if conf.any() else None
     print(f"single, all {n_q}: " + ", ".join(f"R@{k} {v:.3f}" for k, v in _recall(err_m, err_deg).items())
           + f", median {np.median(err_m):.1f} m", flush=True)
 

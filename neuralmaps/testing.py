@@ -4,13 +4,16 @@ measures and timing helpers used by `tests/` and `benchmarks/`. Not imported by 
 - `make_exact_recovery_problem`: a query BEV cut out of a random smooth map at a known pose, for
   the localizer (frames as in `neuralmaps.models.localizer`); `pose_errors` measures the result.
 - `benchmark_render`, `benchmark_ortho`: throughput of the twin's renderer (`benchmarks/bench_synth.py`).
+- `AerialRGBMatcher`, `aerial_rgb_store`: the non-learned aerial-RGB baseline behind the query interface of
+  `neuralmaps.maps.query`, and a neural-map store of orthophoto colours for it (`tests/test_maps_query.py`,
+  `benchmarks/bench_query.py`).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ExactRecoveryProblem", "make_exact_recovery_problem", "pose_errors", "benchmark_render", "benchmark_ortho",
-    "street_pose",
+    "street_pose", "AerialRGBMatcher", "aerial_rgb_store",
 ]
 
 
