@@ -132,7 +132,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     add_export(sub)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth, _add_capture, _add_build, _add_export]
+def _add_localize(sub: argparse._SubParsersAction) -> None:
+    from .maps.commands import add_localize
+
+    add_localize(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_synth, _add_capture, _add_build, _add_export, _add_localize,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
