@@ -113,7 +113,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_synth)
 
 
-# -- capture, build, export: parsers and bodies in neuralmaps/maps/commands.py ---------------------
+# -- capture, build, export, demo: parsers and bodies in neuralmaps/maps/commands.py ---------------------
 def _add_capture(sub: argparse._SubParsersAction) -> None:
     from .maps.commands import add_capture
 
@@ -132,7 +132,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     add_export(sub)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth, _add_capture, _add_build, _add_export]
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .maps.commands import add_demo
+
+    add_demo(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_synth, _add_capture, _add_build, _add_export, _add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
