@@ -132,6 +132,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     add_export(sub)
 
 
+def _add_localize(sub: argparse._SubParsersAction) -> None:
+    from .maps.commands import add_localize
+
+    add_localize(sub)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     from .maps.commands import add_demo
 
@@ -139,7 +145,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_synth, _add_capture, _add_build, _add_export, _add_demo,
+    _add_synth, _add_capture, _add_build, _add_export, _add_localize, _add_demo,
 ]
 
 

@@ -1,5 +1,5 @@
 """neuralmaps.maps: the product. `CaptureSet` (captures on disk, real or twin), `build_map` (the Dask
-build into a georeferenced Zarr store) and `NeuralMap` (the store, its export).
+build into a georeferenced Zarr store) and `NeuralMap` (the store, its export, and its queries: `neuralmaps.maps.query`).
 
 Names are imported lazily so that `import neuralmaps.maps` stays light (no torch / Dask).
 """
@@ -15,6 +15,8 @@ _EXPORTS = {
     "StoreLockedError": ".build",
     "NeuralMap": ".store",
     "capture_twin": ".twin",
+    "QueryError": ".query",
+    "LocalizationResult": ".query",
 }
 
 __all__ = sorted(_EXPORTS)

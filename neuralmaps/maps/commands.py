@@ -1,4 +1,4 @@
-"""The `neuralmaps capture`, `build`, `export` and `demo` verbs: parsers and bodies (cli.py registers them).
+"""The `neuralmaps capture`, `build`, `export`, `localize` and `demo` verbs: parsers and bodies (cli.py registers them).
 
 Light at import (argparse only); the work is imported inside the bodies.
 """
@@ -113,6 +113,58 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="base name of the files (default: the store's name)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run_export)
+
+
+# -- localize -------------------------------------------------------------------------------------
+def _prior(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lat, lon = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--prior must be LAT,LON in degrees, got {text!r}") from None
+    return lat, lon
+
+
+def run_localize(args: argparse.Namespace) -> int:
+    import json
+
+    from .store import NeuralMap
+
+    prior = _prior(args.prior)
+    nm = NeuralMap.open(args.map)
+    res = nm.localize(args.photo, args.camera, prior=prior, radius_m=args.radius, heading_prior=args.heading,
+                      prob_tif=args.prob_tif, checkpoint=args.checkpoint)
+    d = res.to_dict()
+    if not args.candidates:
+        d["candidates"] = d["candidates"][:1]
+    print(json.dumps(d))
+    if not res.confident:
+        print(f"neuralmaps localize: warning: {res.message}", file=sys.stderr)
+    return 0
+
+
+def add_localize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "localize", help="localize a photo in a neural map (prints one JSON object)",
+        description="Find where PHOTO was taken in the neural map MAP, within --radius metres of the prior "
+        "(--prior, else the photo's EXIF GPS). Prints one JSON object: lat, lon, easting, northing, heading_deg "
+        "(clockwise from grid north), score, uncertainty_m (1-sigma semi-major axis), covariance_m2, "
+        "heading_std_deg, confident, message, candidates, ...",
+    )
+    p.add_argument("photo", metavar="PHOTO", help="the photo (JPEG/PNG)")
+    p.add_argument("--map", required=True, metavar="MAP", help="neural map store (map.zarr)")
+    p.add_argument("--camera", default=None, metavar="CAM.JSON",
+                   help="camera JSON: width, height, fx (or hfov_deg), [fy, cx, cy, k1, k2, camera_model, z, "
+                        "pitch_deg, roll_deg]; default: from the EXIF 35 mm focal length")
+    p.add_argument("--prior", default=None, metavar="LAT,LON", help="position prior (default: the photo's EXIF GPS)")
+    p.add_argument("--radius", type=float, default=30.0, help="search radius around the prior, metres (default 30)")
+    p.add_argument("--heading", type=float, default=None, metavar="DEG",
+                   help="heading prior, degrees clockwise from north (default: EXIF GPSImgDirection, else none)")
+    p.add_argument("--prob-tif", default=None, metavar="TIF", help="write the position probability map here")
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (default: the one that built the map)")
+    p.add_argument("--candidates", action="store_true", help="list every top-k candidate (default: the best only)")
+    p.set_defaults(func=run_localize)
 
 
 # -- demo -----------------------------------------------------------------------------------------

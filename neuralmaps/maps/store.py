@@ -106,6 +106,7 @@ class NeuralMap:
     def __init__(self, path: Path, ds: Any):
         self.path = Path(path)
         self.ds = ds
+        self._group = None
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "NeuralMap":
@@ -145,6 +146,15 @@ class NeuralMap:
         return list(self.ds.attrs.get("class_names", []))
 
     @property
+    def zarr_group(self):
+        """The store's zarr group, read-only (opened once): windowed reads without xarray/Dask."""
+        if self._group is None:
+            import zarr
+
+            self._group = zarr.open_group(str(self.path), mode="r")
+        return self._group
+
+    @property
     def tile_done(self) -> np.ndarray:
         """(tile_y, tile_x) bool."""
         return np.asarray(self.ds["tile_done"].values, dtype=bool)
@@ -180,3 +190,80 @@ class NeuralMap:
         attrs["source"] = str(self.path)
         return geo_export.export_map(self.ds, Path(out_dir), name=name or self.path.stem, class_names=names,
                                      class_colors=colors, attrs=attrs, progress=progress)
+
+    # -- queries (neuralmaps.maps.query) ---------------------------------------------------------
+    def localize(self, image: Any, camera: Any = None, prior: Sequence[float] | None = None, radius_m: float = 30.0,
+                 heading_prior: float | None = None, **kwargs: Any):
+        """Where was this photo taken? Returns a `query.LocalizationResult` (lat, lon, easting,
+        northing, heading_deg clockwise from grid north, score, covariance / `uncertainty_m`,
+        heading spread, top-k candidates, `confident` + `message`).
+
+        image: a path (JPEG/PNG; its EXIF GPS gives the prior and GPSImgDirection the heading prior
+            when they are not given) or an (H, W, 3) array (uint8, or float in [0, 1]).
+        camera: the `CaptureSet` camera format (a row, or `[w, h, fx, fy, cx, cy, k1, k2]`), a dict or
+            a cam.json path (`width`, `height`, `fx` or `hfov_deg`, ...; optional height above ground
+            `z`, `pitch_deg`, `roll_deg`); None: from the EXIF 35 mm focal length.
+        prior: (lat, lon) WGS84; the search covers `radius_m` around it and reads only that window
+            of the map (plus the query's 20 m reach). heading_prior: degrees clockwise from north,
+            searched ± `heading_range_deg` (default 30).
+        kwargs: `prob_tif=` path (the position probability map as a GeoTIFF), `model=` / `checkpoint=`
+            (default: the map's own), `heading_range_deg`, `posterior_cell_m`, `seed`.
+        Raises `query.QueryError` (a ValueError) for a prior outside the map, an image whose size
+        disagrees with its camera, nonsense intrinsics, or "no map here"."""
+        from .query import localize
+
+        return localize(self, image, camera, prior, radius_m, heading_prior, **kwargs)
+
+    def localize_many(self, table: Any, *, client: Any = None, **kwargs: Any):
+        """Localize every row of a query table as a Dask job; returns a GeoDataFrame (map CRS), one
+        row per query in table order, geometry = estimated position, with the result fields,
+        `error` (None, or why that row failed) and, when the table has ground truth (`x`, `y` with a
+        CRS, `heading_deg`), `err_m` / `err_deg`.
+
+        table: a DataFrame / GeoDataFrame, or a .parquet / .csv path (images relative to its folder,
+            or to `image_root=`); `neuralmaps capture`'s queries.parquet works as is. Columns: `image`;
+            the camera as `CaptureSet` columns (`width`, `height`, `fx`, ..., optional `z`, `pitch_deg`,
+            `roll_deg`) or a `camera` column (dict, JSON text or cam.json path); the prior as
+            `prior_lat`, `prior_lon` (or `lat`, `lon`), else the truth `x`, `y` moved by a seeded
+            random offset within `prior_noise_m` (default 10 m; a simulated GPS fix), else EXIF;
+            optional `heading_prior_deg`.
+        client: any `distributed.Client`; else `scheduler=` (address), else an embedded LocalCluster
+            of `workers=` workers (default 1; the model is loaded once per worker). Other kwargs:
+            `radius_m`, `heading_range_deg`, `batch_size`, `model`, `checkpoint`, `device`, `seed`,
+            `progress`."""
+        from .query import localize_many
+
+        return localize_many(self, table, client=client, **kwargs)
+
+    def localize_sequence(self, images: Sequence[Any], cameras: Any, relative_poses: Any,
+                          prior: Sequence[float] | None = None, radius_m: float = 30.0,
+                          heading_prior: float | None = None, **kwargs: Any):
+        """Localize a sequence of photos jointly (beyond SNAP, as OrienterNet's sequential mode).
+
+        relative_poses: (N, 3) `(forward_m, left_m, dyaw_deg)` of each frame in the first frame's
+        ground frame (known motion from odometry; `query.relative_poses_from(x, y, heading_deg)`
+        makes them from absolute poses). cameras: one for all frames, or one per frame. prior,
+        radius_m, heading_prior: for the first frame (EXIF of the first image by default). Each
+        frame's pose posterior is moved by its motion into the first frame's pose space and the
+        log-posteriors summed; returns one `LocalizationResult` per frame, from the joint mode."""
+        from .query import localize_sequence
+
+        return localize_sequence(self, images, cameras, relative_poses, prior, radius_m, heading_prior, **kwargs)
+
+    def semantics_at(self, lat: float, lon: float):
+        """The map's class at (lat, lon) and the class probabilities there: a `query.SemanticsAt`
+        (`class_name`, `probabilities` {name: p}; class None where the map has no data).
+        QueryError outside the map."""
+        from .query import semantics_at
+
+        return semantics_at(self, lat, lon)
+
+    def classes_in(self, polygon: Any, crs: Any = 4326):
+        """Area per class inside `polygon` (shapely, GeoJSON dict, WKT, or a GeoSeries with its own
+        CRS; else in `crs`, default WGS84 lon/lat): a GeoDataFrame in the map's CRS, one row per class
+        with `class_id`, `class_name`, `area_m2`, `fraction` and the class polygons clipped to the
+        polygon as geometry; `no_data` (class_id 255) for parts without map data or outside the map,
+        so the areas sum to the polygon's area."""
+        from .query import classes_in
+
+        return classes_in(self, polygon, crs)

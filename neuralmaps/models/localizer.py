@@ -149,6 +149,19 @@ def _in_prior(angle: Tensor, t: Tensor, prior: PosePrior | None) -> Tensor | Non
     return ok
 
 
+def _prior_volume_mask(prior: PosePrior, R: int, X: int, Y: int, cell_m: float, like: Tensor) -> Tensor:
+    """`_in_prior` of every entry of a (B, R, X, Y) pose volume (angle 2πr/R, camera at cell (i, j)'s
+    centre), from the distance on the (X, Y) cells and the angle on the R rotations (separable)."""
+    xy = _cell_centres(X, Y, cell_m, like)  # (X, Y, 2)
+    radius = torch.as_tensor(prior.radius_m, dtype=xy.dtype, device=xy.device).reshape(-1, 1, 1)
+    ok = ((xy[None] - prior.xy.to(xy)[:, None, None]).norm(dim=-1) <= radius)[:, None]  # (B, 1, X, Y)
+    if prior.yaw is not None and prior.yaw_range is not None:
+        ang = torch.arange(R, device=xy.device, dtype=xy.dtype) * (2 * math.pi / R)
+        ok_r = wrap_angle(ang[None] - prior.yaw.to(xy)[:, None]).abs() <= prior.yaw_range  # (B, R)
+        return ok & ok_r[:, :, None, None]
+    return ok.expand(ok.shape[0], R, X, Y)
+
+
 # ------------------------------------------------------------------------------------------------
 # The module
 # ------------------------------------------------------------------------------------------------
@@ -624,9 +637,7 @@ class Localizer(nn.Module):
         rows = prob.gather(2, ci[..., None].expand(B, R, X, Yc + 1))  # (B, R, X, Yc+1)
         fine = rows.gather(3, cj[:, :, None, :].expand(B, R, X, Y))  # (B, R, X, Y)
         if prior is not None:
-            ok = _in_prior(ang[None, :, None, None].expand(B, R, X, Y).reshape(B, -1),
-                           _cell_centres(X, Y, cell_m, centre).reshape(1, -1, 2).repeat(B, R, 1), prior)
-            ok = ok.reshape(B, R, X, Y).to(fine.dtype)
+            ok = _prior_volume_mask(prior, R, X, Y, cell_m, centre).to(fine.dtype)
             fine = fine * ok
             mass = fine.sum((1, 2, 3), keepdim=True)
             empty = mass <= 1e-30
