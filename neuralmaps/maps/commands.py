@@ -194,7 +194,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                    "shipped model never trained on; required for other extracts)")
     p.add_argument("--map-runs", type=int, default=None, help="mapping (car) runs (default: the demo's, 4)")
     p.add_argument("--query-runs", type=int, default=None, help="pedestrian query runs (default: the demo's, 2)")
-    p.add_argument("--max-queries", type=int, default=None, metavar="N", help="localize at most N photos (default: all)")
+    p.add_argument("--max-queries", type=int, default=None, metavar="N",
+                   help="localize at most N photos (default: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed (runs, GPS noise)")
     p.add_argument("--workers", type=int, default=1, help="local Dask workers for the build (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -11,9 +11,10 @@
 4. **localize**: every held-out pedestrian photo (`queries.parquet`, never used to build the map)
    whose true position lies in the map, from a noisy GPS position (Gaussian, `gps_noise_m` per axis,
    drawn inside the map and within the prior) with a `radius_m` prior and no heading prior, one photo
-   at a time and, where the query API has `localize_sequence`, as sequences of consecutive photos of
-   a walk with their relative motion (odometry). A photo the localizer refuses counts as a miss
-   (infinite error), never as skipped. Per-photo results go to `DIR/localization.csv`;
+   at a time (`NeuralMap.localize_many`, a Dask job) and as sequences of consecutive photos of a walk
+   with their relative motion (`NeuralMap.localize_sequence`, perfect odometry). A photo the
+   localizer refuses counts as a miss (infinite error), never as skipped. Per-photo results go to
+   `DIR/localization.csv`;
 5. **semantics and previews**: the map's classes against the OSM class raster of the same grid
    (`rasterize_osm`), per-class IoU over the cells the map holds; PNGs `DIR/map_pca.png`,
    `DIR/map_semantics.png`, `DIR/localization.png`.
@@ -28,7 +29,6 @@ a DIR holding a demo of other parameters, or anything that is not a demo, is ref
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import math
@@ -149,39 +149,17 @@ def _gps_priors(x: np.ndarray, y: np.ndarray, region: Any, noise_m: float, radiu
     return px, py
 
 
-def _heading_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.abs((np.asarray(a, float) - np.asarray(b, float) + 180.0) % 360.0 - 180.0)
+RESULT_COLUMNS = ("easting", "northing", "heading_deg", "ellipse_major_m", "ellipse_minor_m", "ellipse_azimuth_deg",
+                  "confidence", "time_s")
 
 
-def _failed(message: str) -> dict[str, Any]:
-    return {"easting": math.nan, "northing": math.nan, "heading_deg": math.nan, "ellipse_major_m": math.nan,
-            "ellipse_minor_m": math.nan, "ellipse_azimuth_deg": math.nan, "confidence": math.nan,
-            "time_s": math.nan, "message": message}
-
-
-def _as_row(res: Any) -> dict[str, Any]:
-    keys = ("easting", "northing", "heading_deg", "ellipse_major_m", "ellipse_minor_m", "ellipse_azimuth_deg",
-            "confidence", "time_s", "message")
-    return {k: getattr(res, k) for k in keys}
-
-
-def _localize_single(nm: Any, model: Any, queries: Any, lat: np.ndarray, lon: np.ndarray, radius_m: float,
-                     progress: bool) -> list[dict[str, Any]]:
-    """One `NeuralMap.localize` per photo; a refused photo is a miss with its message."""
-    from tqdm.auto import tqdm
-
-    from .query import QueryError
-
-    paths = queries.paths()
-    rows = []
-    for i in tqdm(range(len(queries)), desc="localize", unit="photo", disable=not progress):
-        try:
-            res = nm.localize(str(paths[i]), camera=queries.frame.iloc[i], prior=(lat[i], lon[i]), radius_m=radius_m,
-                              model=model)
-            rows.append(_as_row(res))
-        except QueryError as e:
-            rows.append(_failed(f"refused: {e}"))
-    return rows
+def _localize_single(nm: Any, q: Any, lat: np.ndarray, lon: np.ndarray, radius_m: float, client: Any,
+                     progress: bool) -> Any:
+    """`NeuralMap.localize_many` (a Dask job on `client`) of every photo with its GPS fix as prior:
+    a DataFrame in table order with `RESULT_COLUMNS` (NaN and `error` where a photo was refused)."""
+    table = q.frame.assign(prior_lat=lat, prior_lon=lon)
+    res = nm.localize_many(table, client=client, image_root=q.root, radius_m=radius_m, progress=progress)
+    return res.reindex(columns=[*RESULT_COLUMNS, "message", "error"])
 
 
 def _sequences(queries: Any, length: int) -> list[np.ndarray]:
@@ -193,47 +171,45 @@ def _sequences(queries: Any, length: int) -> list[np.ndarray]:
         idx = g.sort_values(["time", "image"]).index.to_numpy()
         parts = [idx[k:k + length] for k in range(0, len(idx), length)]
         if len(parts) > 1 and len(parts[-1]) < max(2, length // 2):
-            parts[-2] = np.concatenate([parts[-2], parts.pop()])
+            last = parts.pop()
+            parts[-1] = np.concatenate([parts[-1], last])
         out += [p for p in parts if len(p) >= 2]
     return out
 
 
-def _localize_sequences(nm: Any, model: Any, queries: Any, lat: np.ndarray, lon: np.ndarray, radius_m: float,
-                        length: int, progress: bool) -> dict[int, dict[str, Any]] | None:
-    """`NeuralMap.localize_sequence` over walks cut in `length` photos, the GPS fix of each photo
-    as its prior and the relative motion from the poses (perfect odometry); None when the query
-    API has no sequences. Returns {query row: result row}."""
-    if not hasattr(nm, "localize_sequence"):
-        return None
+def _localize_sequences(nm: Any, q: Any, lat: np.ndarray, lon: np.ndarray, radius_m: float, length: int,
+                        progress: bool) -> Any:
+    """`NeuralMap.localize_sequence` over the walks cut in `length` photos: the first photo's GPS fix
+    is the prior, the motion between photos comes from their true poses (perfect odometry). A
+    DataFrame in table order like `_localize_single`'s (a photo in no sequence: `error`)."""
+    import pandas as pd
     from tqdm.auto import tqdm
 
     from .query import QueryError, relative_poses_from
 
-    paths = queries.paths()
-    f = queries.frame
-    out: dict[int, dict[str, Any]] = {}
-    for seq in tqdm(_sequences(queries, length), desc="sequences", unit="seq", disable=not progress):
+    paths, f = q.paths(), q.frame
+    rows: list[dict[str, Any]] = [{"error": "not in a sequence"} for _ in range(len(q))]
+    for seq in tqdm(_sequences(q, length), desc="sequences", unit="seq", disable=not progress):
+        g = f.iloc[seq]
         try:
             results = nm.localize_sequence(
-                [str(paths[i]) for i in seq], camera=[f.iloc[i] for i in seq],
-                priors=[(lat[i], lon[i]) for i in seq], radius_m=radius_m,
-                relative_poses=relative_poses_from(queries.T_world_cam(seq)), model=model)
+                [str(paths[i]) for i in seq], [g.iloc[k] for k in range(len(seq))],
+                relative_poses_from(g["x"], g["y"], g["heading_deg"]), prior=(lat[seq[0]], lon[seq[0]]),
+                radius_m=radius_m)
             for i, res in zip(seq, results):
-                out[int(i)] = _as_row(res)
+                rows[i] = res.to_dict() | {"error": None}
         except QueryError as e:
             for i in seq:
-                out[int(i)] = _failed(f"refused: {e}")
-    return out
+                rows[i] = {"error": " ".join(str(e).split())}
+    return pd.DataFrame(rows).reindex(columns=[*RESULT_COLUMNS, "message", "error"])
 
 
-def _errors(rows: Sequence[dict[str, Any]], x: np.ndarray, y: np.ndarray, heading: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Position (m) and heading (deg) errors; a failed localization is infinitely wrong."""
-    e = np.array([r["easting"] for r in rows], float)
-    n = np.array([r["northing"] for r in rows], float)
-    h = np.array([r["heading_deg"] for r in rows], float)
+def _errors(res: Any, x: np.ndarray, y: np.ndarray, heading: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Position (m) and heading (deg) errors of results (a DataFrame with `easting`, `northing`,
+    `heading_deg`); a photo without a result is infinitely wrong (a miss, never left out)."""
+    e, n, h = (res[k].to_numpy(float) for k in ("easting", "northing", "heading_deg"))
     err_m = np.where(np.isfinite(e), np.hypot(e - x, n - y), np.inf)
-    err_deg = np.where(np.isfinite(h), _heading_error(h, heading), np.inf)
+    err_deg = np.where(np.isfinite(h), np.abs((h - heading + 180.0) % 360.0 - 180.0), np.inf)
     return err_m, err_deg
 
 
@@ -268,16 +244,6 @@ def recall_table(columns: dict[str, dict[str, Any]], prior_median_m: float) -> s
     lines.append("photos".ljust(16) + "".join(str(columns[n]["num_queries"]).rjust(w) for n in names))
     lines.append(f"(the GPS prior alone: median position error {prior_median_m:.1f} m, heading unknown)")
     return "\n".join(lines)
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        w.writerow(["" if isinstance(v, float) and not math.isfinite(v) else
-                    f"{v:.10g}" if isinstance(v, float) else v for v in r])
-    atomic_write_text(path, buf.getvalue())
 
 
 def _training_blocks(checkpoint: Any) -> set[tuple[int, int]] | None:
@@ -317,7 +283,7 @@ def semantic_iou(nm: Any, osm: str | os.PathLike) -> tuple[dict[str, Any], np.nd
     logits = {  # logits whose argmax / sign reproduce the stored probabilities' decisions
         "areas": p[:, :na].clamp_min(eps).log(),
         "objects": torch.cat([p[:, na:na + no], void], 1).clamp_min(eps).log(),
-        "binary": (p[:, na + no:].clamp(eps, 1 - eps) / (1 - p[:, na + no:].clamp(eps, 1 - eps))).log(),
+        "binary": torch.logit(p[:, na + no:], eps),
     }
     cm = SemanticConfusion()
     cm.add(logits, torch.from_numpy(gt.astype(np.float32))[None], torch.from_numpy(valid)[None])
@@ -544,6 +510,8 @@ def run_demo(
     WGS84 degrees, default `DEFAULT_BBOX` for Helsinki and required for other extracts.
     max_queries: localize only the first N query photos (in table order; None: all).
     Raises ValueError / FileNotFoundError (one line) on bad input, before any expensive work."""
+    import pandas as pd
+
     from ..config import preset
 
     out = Path(out)
@@ -570,7 +538,7 @@ def run_demo(
     t_start = time.perf_counter()
 
     from ..geo import Region
-    from .build import build_map
+    from .build import _client, build_map
     from .captures import QUERIES_NAME, CaptureSet
     from .twin import capture_twin
 
@@ -590,58 +558,49 @@ def run_demo(
         queries = CaptureSet.open(cap_dir, QUERIES_NAME)
         log(f"    {len(captures)} map images, {len(queries)} query photos")
 
-    with stage("build", "build: neural map with Dask (embedded LocalCluster), street view + aerial"):
-        # The area every camera saw from: the map runs and the query photos (which never enter the map).
-        cams = np.reshape([captures.bounds, queries.to_crs(captures.crs).bounds], (4, 2))
-        bounds = (*(cams.min(0) - MAP_MARGIN_M), *(cams.max(0) + MAP_MARGIN_M))
-        nm = build_map(Region.from_bounds(bounds, captures.crs, 1.0), captures, aerial=cap_dir / "aerial.tif", checkpoint=checkpoint, out=out / MAP_NAME,
-                       workers=workers, progress=progress)
-    region = nm.region
-    area_m2 = float(region.shape[0] * region.shape[1] * region.resolution ** 2)
-    log(f"    {region.shape[1]} x {region.shape[0]} cells at {region.resolution:g} m = {area_m2:,.0f} m^2")
+    # One Dask cluster for the build and the localization (any distributed.Client works: client=).
+    with contextlib.ExitStack() as stack:
+        with stage("build", "build: neural map with Dask (embedded LocalCluster), street view + aerial"):
+            client = stack.enter_context(_client(None, workers, None, 1, None))
+            # The area the cameras saw from: map runs and query photos (which never enter the map).
+            cams = np.reshape([captures.bounds, queries.to_crs(captures.crs).bounds], (4, 2))
+            bounds = (*(cams.min(0) - MAP_MARGIN_M), *(cams.max(0) + MAP_MARGIN_M))
+            nm = build_map(Region.from_bounds(bounds, captures.crs, 1.0), captures, aerial=cap_dir / "aerial.tif",
+                           checkpoint=checkpoint, out=out / MAP_NAME, client=client, progress=progress)
+        region = nm.region
+        area_m2 = float(region.shape[0] * region.shape[1] * region.resolution ** 2)
+        log(f"    {region.shape[1]} x {region.shape[0]} cells at {region.resolution:g} m = {area_m2:,.0f} m^2")
 
-    with stage("export", "export: COGs, QGIS styles and project, STAC Item, GeoPackage"):
-        exported = nm.export(out / EXPORT_DIR, name=EXPORT_NAME, progress=progress)
+        with stage("export", "export: COGs, QGIS styles and project, STAC Item, GeoPackage"):
+            exported = nm.export(out / EXPORT_DIR, name=EXPORT_NAME, progress=progress)
 
-    with stage("localize", f"localize: held-out pedestrian photos, {radius_m:g} m prior around a GPS fix "
-                           f"(noise {gps_noise_m:g} m per axis)"):
-        from .query import map_model
-
-        model = map_model(nm, checkpoint=checkpoint)
-        inside = np.flatnonzero(region.contains_xy(queries.frame["x"].to_numpy(), queries.frame["y"].to_numpy()))
-        if max_queries is not None:
-            inside = inside[:max_queries]
-        outside = len(queries) - len(inside)
-        if not len(inside):
-            raise ValueError(f"none of the {len(queries)} query photos lies inside the map; use a larger --bbox "
-                             "or more --query-runs")
-        q = queries.select(inside)
-        x, y = q.frame["x"].to_numpy(float), q.frame["y"].to_numpy(float)
-        heading = q.frame["heading_deg"].to_numpy(float)
-        px, py = _gps_priors(x, y, region, gps_noise_m, radius_m, seed)
-        lon, lat = (np.asarray(v, float) for v in region.xy_to_lonlat(px, py))
-        single = _localize_single(nm, model, q, lat, lon, radius_m, progress)
-        seq = _localize_sequences(nm, model, q, lat, lon, radius_m, sequence_length, progress)
-        err_m, err_deg = _errors(single, x, y, heading)
-        columns = {"single photo": _recalls(err_m, err_deg)}
-        if seq is not None:
-            seq_rows = [seq.get(i, _failed("not in a sequence")) for i in range(len(q))]
-            s_err_m, s_err_deg = _errors(seq_rows, x, y, heading)
-            columns[f"sequence of {sequence_length}"] = _recalls(s_err_m, s_err_deg)
-        prior_err = np.hypot(px - x, py - y)
-        header = ["image", "run_id", "true_easting", "true_northing", "true_heading_deg", "prior_lat", "prior_lon",
-                  "prior_error_m", "easting", "northing", "heading_deg", "error_m", "error_deg", "ellipse_major_m",
-                  "ellipse_minor_m", "ellipse_azimuth_deg", "confidence", "time_s", "message"]
-        rows = [[q.frame["image"].iloc[i], q.frame["run_id"].iloc[i], x[i], y[i], heading[i], lat[i], lon[i],
-                 prior_err[i], r["easting"], r["northing"], r["heading_deg"], err_m[i], err_deg[i],
-                 r["ellipse_major_m"], r["ellipse_minor_m"], r["ellipse_azimuth_deg"], r["confidence"], r["time_s"],
-                 r["message"]] for i, r in enumerate(single)]
-        if seq is not None:
-            header += ["seq_easting", "seq_northing", "seq_heading_deg", "seq_error_m", "seq_error_deg"]
-            for i, r in enumerate(rows):
-                s = seq_rows[i]
-                r += [s["easting"], s["northing"], s["heading_deg"], s_err_m[i], s_err_deg[i]]
-        _write_csv(out / "localization.csv", header, rows)
+        with stage("localize", f"localize: held-out pedestrian photos, {radius_m:g} m prior around a GPS fix "
+                               f"(noise {gps_noise_m:g} m per axis), single photos and sequences of {sequence_length}"):
+            inside = np.flatnonzero(region.contains_xy(queries.frame["x"].to_numpy(), queries.frame["y"].to_numpy()))
+            outside = len(queries) - len(inside)
+            if not len(inside):
+                raise ValueError(f"none of the {len(queries)} query photos lies inside the map; use a larger --bbox "
+                                 "or more --query-runs")
+            q = queries.select(inside[:max_queries])
+            x, y = q.frame["x"].to_numpy(float), q.frame["y"].to_numpy(float)
+            heading = q.frame["heading_deg"].to_numpy(float)
+            px, py = _gps_priors(x, y, region, gps_noise_m, radius_m, seed)
+            lon, lat = (np.asarray(v, float) for v in region.xy_to_lonlat(px, py))
+            single = _localize_single(nm, q, lat, lon, radius_m, client, progress)
+            seq = _localize_sequences(nm, q, lat, lon, radius_m, sequence_length, progress)
+    err_m, err_deg = _errors(single, x, y, heading)
+    s_err_m, s_err_deg = _errors(seq, x, y, heading)
+    columns = {"single photo": _recalls(err_m, err_deg), f"sequence of {sequence_length}": _recalls(s_err_m, s_err_deg)}
+    prior_err = np.hypot(px - x, py - y)
+    per_photo = {"image": q.frame["image"], "run_id": q.frame["run_id"], "true_easting": x, "true_northing": y,
+                 "true_heading_deg": heading, "prior_lat": lat, "prior_lon": lon, "prior_error_m": prior_err,
+                 **{k: single[k] for k in RESULT_COLUMNS}, "error_m": err_m, "error_deg": err_deg,
+                 "message": single["message"].where(single["error"].isna(), single["error"]),
+                 **{f"seq_{k}": seq[k] for k in ("easting", "northing", "heading_deg")}, "seq_error_m": s_err_m,
+                 "seq_error_deg": s_err_deg, "seq_message": seq["message"].where(seq["error"].isna(), seq["error"])}
+    buf = io.StringIO()
+    pd.DataFrame(per_photo).to_csv(buf, index=False, float_format="%.10g")  # a miss: error_m inf, estimate empty
+    atomic_write_text(out / "localization.csv", buf.getvalue())
 
     with stage("previews", "semantics vs OSM and preview PNGs"):
         sem, osm_raster = semantic_iou(nm, osm_path)
@@ -649,10 +608,10 @@ def run_demo(
         preview_semantics(nm, osm_raster, sem, out / PREVIEWS["semantics"])
         c = columns["single photo"]
         plot_localization(
-            nm, single, out / PREVIEWS["localization"], truth={"x": x, "y": y, "heading": heading}, priors=(px, py),
-            radius_m=radius_m, pca_tif=exported["pca"],
-            title=f"{len(q)} held-out photos, {radius_m:g} m prior: R@(3 m, 3 deg) {100 * c['recall_3m_3deg']:.1f} %, "
-            f"median error {c['median_error_m']:.1f} m")
+            nm, single.to_dict("records"), out / PREVIEWS["localization"], truth={"x": x, "y": y, "heading": heading},
+            priors=(px, py), radius_m=radius_m, pca_tif=exported["pca"],
+            title=f"{len(q)} held-out photos, {radius_m:g} m prior: R@(3 m, 3 deg) "
+            f"{100 * c['recall_3m_3deg']:.1f} %, median error {c['median_error_m']:.1f} m")
 
     blocks = _training_blocks(checkpoint)
     in_training = None
@@ -661,12 +620,13 @@ def run_demo(
 
         bx, by = block_of_xy(x, y)
         in_training = float(np.mean([(int(a), int(b)) in blocks for a, b in zip(bx, by)]))
-    table = recall_table(columns, float(np.median(prior_err)))
+    table = recall_table(columns, float(np.median(prior_err)))  # printed last, also in the summary
     summary = {
         **{k: columns["single photo"][k] for k in ("recall_1m_1deg", "recall_3m_3deg", "recall_5m_5deg",
                                                     "median_error_m", "median_error_deg", "num_queries")},
         "failed_queries": columns["single photo"]["failed"],
-        "sequence": next((v | {"length": sequence_length} for k, v in columns.items() if k != "single photo"), None),
+        "sequence": columns[f"sequence of {sequence_length}"] | {"length": sequence_length,
+                                                                  "odometry": "perfect (from the true poses)"},
         "queries_outside_map": int(outside),
         "queries_in_training_blocks": in_training,
         "prior": {"radius_m": radius_m, "gps_noise_m": gps_noise_m, "median_error_m": float(np.median(prior_err)),
