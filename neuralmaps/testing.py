@@ -9,6 +9,7 @@ measures and timing helpers used by `tests/` and `benchmarks/`. Not imported by 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -137,3 +138,77 @@ def street_pose(world: "World", rng: np.random.Generator, height: float = 2.0) -
             x, y = (float(v) for v in world.ground_grid.pixel_to_xy(r + 0.5, c + 0.5))
             break
     return camera_pose(x, y, height, yaw=float(rng.uniform(-math.pi, math.pi)))
+
+
+# ------------------------------------------------------------------------------------------------
+# A non-learned matcher behind the query interface (tests/test_maps_query.py, benchmarks/bench_query.py)
+# ------------------------------------------------------------------------------------------------
+class AerialRGBMatcher(torch.nn.Module):
+    """The evaluation's non-learned `aerial-rgb` baseline (`evaluation.ground_rgb` +
+    `evaluation.rgb_features`, the SNAP `Localizer` at a fixed temperature) behind the part of the
+    `SNAP` interface that `neuralmaps.maps.query` uses (`config`, `camera_model`, `query`,
+    `query_xy`, `mapper.query_inside`, `localizer`). With `aerial_rgb_store` it makes a neural map
+    of orthophoto colours that real photos can be localized in: the query geometry (cameras, image
+    and map frames, windows, sequences) is then tested end to end on rendered photos, with a matcher
+    whose accuracy does not depend on training."""
+
+    def __init__(self, config, camera_model: str = "pinhole", temperature: float | None = None):
+        from types import SimpleNamespace
+
+        from .evaluation import AERIAL_RGB_TEMPERATURE
+        from .models.bev import query_grid
+        from .models.localizer import Localizer
+
+        super().__init__()
+        self.config = config
+        self.camera_model = camera_model
+        self.localizer = Localizer(config.model)
+        self.localizer.log_temperature.data.fill_(math.log(temperature or AERIAL_RGB_TEMPERATURE))
+        self.eval()
+        xy, inside = query_grid(config.scene)
+        self.query_xy = xy
+        self.mapper = SimpleNamespace(query_inside=inside)
+
+    def query(self, batch: dict, generator=None):
+        from .evaluation import ground_rgb, rgb_features
+        from .models.bev import FeaturePlane
+
+        rgb, valid = ground_rgb(batch["query_image"].float(), batch["query_camera"].float(),
+                                batch["query_T_bev_cam"].float(), self.query_xy, self.camera_model)
+        valid = valid & self.mapper.query_inside[None]
+        return FeaturePlane(rgb_features(rgb, valid), valid)
+
+
+def aerial_rgb_store(aerial: str, path, matcher: AerialRGBMatcher, region=None):
+    """A neural-map store (`maps.store` layout, one 4-band `matching`) of `evaluation.rgb_features`
+    of the orthophoto `aerial` on `region` (default: the orthophoto's own grid at the matcher's cell
+    size), for `AerialRGBMatcher`. Returns the `NeuralMap`."""
+    import json
+
+    import rasterio
+    import zarr
+
+    from .evaluation import rgb_features
+    from .geo import Region, read_orthophoto
+    from .maps.build import model_sha256
+    from .maps.store import STORE_FORMAT, NeuralMap, create_store, store_variables
+
+    cell = matcher.config.scene.cell_m
+    if region is None:
+        with rasterio.open(aerial) as src:
+            region = Region.from_bounds(tuple(src.bounds), src.crs, cell)
+    rgb = read_orthophoto(aerial, region).values[:3].astype(np.float32)  # (3, H, W) north-up, NaN off it
+    valid = np.isfinite(rgb).all(0)
+    f = rgb_features(torch.from_numpy(np.nan_to_num(rgb))[None], torch.from_numpy(valid)[None])[0].numpy()
+    attrs = {"format": STORE_FORMAT, "model_sha256": model_sha256(matcher),
+             "config": json.dumps(matcher.config.to_dict()), "checkpoint": "<in-memory SNAP>",
+             "camera_model": matcher.camera_model, "region": json.dumps(region.to_dict()), "tile_px": 128,
+             "halo_px": 0, "class_names": []}
+    path = Path(path)
+    create_store(path, region, 128, store_variables(1, 4, 0, confidence=False, semantics=False),
+                 {"feature": 1, "band": 4}, [], attrs)
+    g = zarr.open_group(str(path), mode="r+")
+    g["matching"][:] = np.where(valid, f, np.nan).astype(np.float16)
+    g["valid"][:] = valid
+    g["tile_done"][:] = True
+    return NeuralMap.open(path)

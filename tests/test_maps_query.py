@@ -141,7 +141,8 @@ def test_pose_recovered_from_known_features(synth, monkeypatch):
         # Measured: <= 0.033 m, <= 0.09 deg (the store's float16 features).
         assert d_m < 0.1 and d_deg < 0.2, (e, n, h, d_m, d_deg)
         assert res.confident and res.message == "ok"
-        assert res.uncertainty_m < 1.0 and res.heading_std_deg < 6.0 and res.confidence > 0.9
+        # The posterior's 1 m blocks bound its spread from below: measured 0.54-0.73 m, 1.1-3.3 deg.
+        assert res.uncertainty_m < 1.5 and res.heading_std_deg < 7.0 and res.confidence > 0.9
         assert res.covariance_m2.shape == (2, 2) and np.allclose(res.covariance_m2, res.covariance_m2.T)
         assert res.ellipse_minor_m <= res.ellipse_major_m == res.uncertainty_m
         # lat/lon <-> map CRS round trip, and the truth's lat/lon.
@@ -394,3 +395,54 @@ def test_classes_in(synth):
     assert set(gdf["class_name"]) == {"building", "no_data"}
     with pytest.raises(QueryError, match="outside the map"):
         nm.classes_in(box(X0 + 200, Y0, X0 + 210, Y0 + 10), crs=CRS)
+
+
+# -- real photos of the digital twin, through a non-learned matcher ---------------------------------
+TWIN_BBOX = (24.9440, 60.1690, 24.9470, 60.1705)
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory, helsinki_pbf) -> dict:
+    """Twin photos (2 short pedestrian runs, ground-truth poses) and a map of the orthophoto's
+    colour features (`testing.aerial_rgb_store`) queried by `testing.AerialRGBMatcher`."""
+    import geopandas as gpd
+
+    from neuralmaps.maps.twin import capture_twin
+    from neuralmaps.testing import AerialRGBMatcher, aerial_rgb_store
+
+    d = tmp_path_factory.mktemp("twin")
+    cap = capture_twin(helsinki_pbf, d / "cap", TWIN_BBOX, num_map_runs=1, num_query_runs=2, seed=1,
+                       map_run_length_m=20, query_run_length_m=60, progress=False)
+    matcher = AerialRGBMatcher(preset("cpu-tiny"))
+    nm = aerial_rgb_store(cap / "aerial.tif", d / "rgb.zarr", matcher)
+    return {"cap": cap, "nm": nm, "matcher": matcher, "queries": gpd.read_parquet(cap / "queries.parquet")}
+
+
+def test_twin_photos_localized_end_to_end(twin):
+    """Photo files, their CaptureSet cameras (height, pitch) and a 30 m prior 7.8 m off: the second
+    query run (textured ground in view) is found to decimetres."""
+    nm, q = twin["nm"], twin["queries"]
+    ok = 0
+    for i in range(24, 40, 2):
+        r = q.iloc[i]
+        lon, lat = nm.region.xy_to_lonlat(r["x"] + 6, r["y"] - 5)
+        res = nm.localize(twin["cap"] / r["image"], r, prior=(float(lat), float(lon)), radius_m=30, model=twin["matcher"])
+        d_m = math.hypot(res.easting - r["x"], res.northing - r["y"])
+        d_deg = abs((res.heading_deg - r["heading_deg"] + 180) % 360 - 180)
+        ok += d_m <= 1.0 and d_deg <= 3.0
+    assert ok >= 6  # measured 8 of 8 (0.04-0.51 m, 0.03-2.1 deg)
+
+
+def test_twin_sequence(twin):
+    """Frames 30-33 of the second run with their true relative motion: frame 33 alone is 17 m off
+    (measured); jointly every frame is within decimetres."""
+    nm, q = twin["nm"], twin["queries"]
+    qq = q.iloc[30:34]
+    motion = relative_poses_from(qq["x"], qq["y"], qq["heading_deg"])
+    lon, lat = nm.region.xy_to_lonlat(qq["x"].iloc[0] + 6, qq["y"].iloc[0] - 5)
+    res = nm.localize_sequence([twin["cap"] / p for p in qq["image"]], [qq.iloc[k] for k in range(4)], motion,
+                               prior=(float(lat), float(lon)), radius_m=30, model=twin["matcher"])
+    for k in range(4):
+        d_m = math.hypot(res[k].easting - qq["x"].iloc[k], res[k].northing - qq["y"].iloc[k])
+        d_deg = abs((res[k].heading_deg - qq["heading_deg"].iloc[k] + 180) % 360 - 180)
+        assert d_m < 0.5 and d_deg < 1.0, (k, d_m, d_deg)  # measured <= 0.15 m, <= 0.31 deg

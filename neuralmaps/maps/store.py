@@ -101,7 +101,9 @@ def read_attrs(path: Path) -> dict[str, Any] | None:
 
 class NeuralMap:
     """A neural map on disk. `NeuralMap.open(path)`; `.ds` is the lazily loaded xarray Dataset
-    (dask backed, CRS on `.ds.rio.crs`); `.export(dir)` writes the GIS deliverables."""
+    (dask backed, CRS on `.ds.rio.crs`); `.export(dir)` writes the GIS deliverables; `.localize`,
+    `.localize_many`, `.localize_sequence`, `.semantics_at`, `.classes_in` query it
+    (`neuralmaps.maps.query`)."""
 
     def __init__(self, path: Path, ds: Any):
         self.path = Path(path)
