@@ -346,7 +346,22 @@ def test_localize_many_on_a_capture_table(synth, tmp_path):
     cs = CaptureSet.from_poses(names, ["r"] * 3, np.arange(3).astype("datetime64[s]"), cams, ["pinhole"] * 3, T, CRS,
                                tmp_path)
     table = cs.write(tmp_path, QUERIES_NAME)
-    gdf = synth["nm"].localize_many(table, radius_m=15, progress=False)
+    from neuralmaps.maps.build import _client
+
+    with _client(None, 1, None, 1, None) as client:
+        gdf = synth["nm"].localize_many(table, radius_m=15, progress=False, client=client)
+        # A user's table: absolute image paths, a cam.json column, priors in columns, a heading prior.
+        (tmp_path / "cam.json").write_text(json.dumps(CAM))
+        lat, lon = _latlon(synth["region"], 22.0, 18.0)
+        import pandas as pd
+
+        user = pd.DataFrame({"image": [str(tmp_path / names[0])], "camera": ["cam.json"], "prior_lat": [lat],
+                             "prior_lon": [lon], "heading_prior_deg": [30.0]})
+        one = synth["nm"].localize_many(user, radius_m=5, progress=False, client=client, image_root=tmp_path)
+    assert len(one) == 1 and one["error"].isna().all() and one["prior_source"].iloc[0] == "table"
+    assert "err_m" not in one.columns  # no truth in that table
+    assert abs((one["heading_deg"].iloc[0] - 30.0 + 180) % 360 - 180) <= 30.0 + 1e-3
+    assert math.hypot(one["easting"].iloc[0] - (X0 + 22), one["northing"].iloc[0] - (Y0 + 18)) <= 5 + 1e-6
     assert len(gdf) == 3 and str(gdf.crs) == CRS and list(gdf["image"]) == [str(tmp_path / n) for n in names]
     ok = gdf.iloc[:2]
     assert ok["error"].isna().all() and gdf["error"].iloc[2].startswith("image not found")
@@ -446,3 +461,26 @@ def test_twin_sequence(twin):
         d_m = math.hypot(res[k].easting - qq["x"].iloc[k], res[k].northing - qq["y"].iloc[k])
         d_deg = abs((res[k].heading_deg - qq["heading_deg"].iloc[k] + 180) % 360 - 180)
         assert d_m < 0.5 and d_deg < 1.0, (k, d_m, d_deg)  # measured <= 0.15 m, <= 0.31 deg
+
+
+def test_semantic_iou_against_osm(synth, helsinki_pbf):
+    """Window by window (64 px chunks) equals one pass over the whole map."""
+    from neuralmaps.classes import AREA_CLASSES, class_id
+    from neuralmaps.geo import read_osm
+    from neuralmaps.geo.rasterize import area_label
+
+    nm, region = synth["nm"], synth["region"]
+    out = nm.semantic_iou(helsinki_pbf)
+    gt = area_label(read_osm(helsinki_pbf, region, margin_m=20.0), region)
+    xs, ys = region.coords()
+    ex, ny = np.meshgrid(xs - X0, ys - Y0)
+    valid = ~((ex > HOLE) & (ny > HOLE))
+    pred = np.where(ex < SPLIT, class_id("road"), class_id("building"))
+    labelled = valid & np.isin(gt, [class_id(a) for a in AREA_CLASSES])
+    assert out["num_cells"] == int(labelled.sum()) > 1000
+    for name in ("road", "building"):
+        c = class_id(name)
+        inter = np.sum(labelled & (gt == c) & (pred == c))
+        union = np.sum(labelled & ((gt == c) | (pred == c)))
+        assert out["iou"][name] == pytest.approx(inter / union)
+    assert out["iou"]["sidewalk"] == 0.0  # OSM has sidewalks here, the map never says so

@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "QueryError", "QueryCamera", "Candidate", "LocalizationResult", "SemanticsAt", "ExifInfo",
     "parse_camera", "read_exif", "localize", "localize_bev", "localize_many", "localize_sequence",
-    "relative_poses_from", "semantics_at", "classes_in", "query_bev", "read_window", "map_model",
+    "relative_poses_from", "semantics_at", "classes_in", "semantic_iou", "query_bev", "read_window", "map_model",
 ]
 
 DEFAULT_RADIUS_M = 30.0
@@ -1248,3 +1248,43 @@ def classes_in(nm: "NeuralMap", polygon: Any, crs: Any = 4326):
                      "geometry": shapely.union_all(parts)})
     recs.sort(key=lambda r: -r["area_m2"])
     return gpd.GeoDataFrame(recs, geometry="geometry", crs=region.crs_string)
+
+
+def semantic_iou(nm: "NeuralMap", osm: Any) -> dict[str, Any]:
+    """The map's area classes against the OSM-derived ones (`geo.rasterize.area_label`, the
+    rasterizer's exclusive areas) over every valid map cell that OSM labels: per-class IoU, recall
+    and accuracy, `miou` (mean over the area classes present in either), `accuracy`, `num_cells`
+    (`evaluation.SemanticConfusion`'s definitions). The map's area class of a cell is the argmax of
+    its area-class probabilities. Read window by window (the store's chunks). osm: a .pbf / .gpkg
+    path, a dict of GeoDataFrames or `OSMLayers`."""
+    from ..classes import AREA_CLASSES, class_id
+    from ..evaluation import SemanticConfusion
+    from ..geo import read_osm
+    from ..geo.osm import OSMLayers
+    from ..geo.rasterize import area_label
+
+    region = nm.region
+    g = _semantic_arrays(nm)
+    names = nm.class_names
+    missing = [a for a in AREA_CLASSES if a not in names]
+    if missing:
+        raise QueryError(f"{nm.path.name}: the map's classes lack {missing}")
+    chan = [names.index(a) for a in AREA_CLASSES]
+    lut = np.full(256, -1, np.int64)
+    lut[[class_id(a) for a in AREA_CLASSES]] = np.arange(len(AREA_CLASSES))
+    layers = osm if isinstance(osm, OSMLayers) else read_osm(osm, region, margin_m=20.0)
+    n = len(AREA_CLASSES)
+    cm = np.zeros((n, n), np.int64)
+    H, W = region.shape
+    step = int(nm.attrs.get("tile_px") or 512)
+    for r0 in range(0, H, step):
+        for c0 in range(0, W, step):
+            r1, c1 = min(r0 + step, H), min(c0 + step, W)
+            gt = lut[area_label(layers, region.window(slice(r0, r1), slice(c0, c1)))]
+            prob = np.asarray(g["semantic_prob"][chan[0]:chan[-1] + 1, r0:r1, c0:c1], np.float32)[np.array(chan) - chan[0]]
+            ok = np.asarray(g["valid"][r0:r1, c0:c1], bool) & (gt >= 0) & np.isfinite(prob).all(0)
+            pred = prob[:, ok].argmax(0)
+            cm += np.bincount(gt[ok] * n + pred, minlength=n * n).reshape(n, n)
+    out = SemanticConfusion._multiclass(cm, AREA_CLASSES)
+    return {"iou": out["iou"], "recall": out["recall"], "miou": out["miou"], "accuracy": out["accuracy"],
+            "num_cells": out["num_cells"], "confusion": cm.tolist(), "classes": list(AREA_CLASSES)}

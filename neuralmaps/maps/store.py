@@ -269,3 +269,10 @@ class NeuralMap:
         from .query import classes_in
 
         return classes_in(self, polygon, crs)
+
+    def semantic_iou(self, osm: Any) -> dict[str, Any]:
+        """Per-class IoU of the map's area classes against the OSM-derived class raster of the same
+        area (`query.semantic_iou`): `iou`, `recall` {class: value}, `miou`, `accuracy`, `num_cells`."""
+        from .query import semantic_iou
+
+        return semantic_iou(self, osm)
