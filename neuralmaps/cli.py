@@ -113,7 +113,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_synth)
 
 
-# -- capture, build, export, demo: parsers and bodies in neuralmaps/maps/commands.py ---------------------
+# -- capture, build, export, localize, demo: parsers and bodies in neuralmaps/maps/commands.py -----
 def _add_capture(sub: argparse._SubParsersAction) -> None:
     from .maps.commands import add_capture
 

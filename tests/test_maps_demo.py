@@ -69,7 +69,8 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     assert j["recall_3m_3deg"] == pytest.approx(ok.mean())
     assert j["median_error_m"] is None or math.isclose(j["median_error_m"], csv["error_m"].median())
     # semantics against OSM over the cells the map holds
-    assert j["semantics"]["num_cells"] > 0 and set(j["semantics"]["iou_per_class"]) >= {"road", "building", "tree"}
+    assert j["semantics"]["num_cells"] > 0 and set(j["semantics"]["iou"]) == {"crosswalk", "sidewalk", "road",
+                                                                             "terrain", "building"}
     assert "R@(3 m, 3 deg)" in capsys.readouterr().out  # the recall table on stdout
     # the same folder with other parameters is refused before any work
     with pytest.raises(StorageError, match="other parameters"):

@@ -1,4 +1,5 @@
-"""The `neuralmaps capture`, `build`, `export`, `localize` and `demo` verbs: parsers and bodies (cli.py registers them).
+"""The `neuralmaps capture`, `build`, `export`, `localize` and `demo` verbs: parsers and bodies (cli.py
+registers them).
 
 Light at import (argparse only); the work is imported inside the bodies.
 """
@@ -197,6 +198,6 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queries", type=int, default=None, metavar="N",
                    help="localize at most N photos (default: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed (runs, GPS noise)")
-    p.add_argument("--workers", type=int, default=1, help="local Dask workers for the build (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="local Dask workers for the build and the localization (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_demo_command)

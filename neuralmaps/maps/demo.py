@@ -15,8 +15,8 @@
    with their relative motion (`NeuralMap.localize_sequence`, perfect odometry). A photo the
    localizer refuses counts as a miss (infinite error), never as skipped. Per-photo results go to
    `DIR/localization.csv`;
-5. **semantics and previews**: the map's classes against the OSM class raster of the same grid
-   (`rasterize_osm`), per-class IoU over the cells the map holds; PNGs `DIR/map_pca.png`,
+5. **semantics and previews**: the map's area classes against the OSM-derived ones of the same grid
+   (`NeuralMap.semantic_iou`), per-class IoU over the cells the map holds; PNGs `DIR/map_pca.png`,
    `DIR/map_semantics.png`, `DIR/localization.png`.
 
 `DIR/summary.json` (written last) holds the recalls, errors, the GPS prior's own error (the
@@ -43,7 +43,7 @@ import numpy as np
 from ..storage import StorageError, atomic_path, atomic_write_text, check_writable_parent
 
 __all__ = [
-    "run_demo", "recall_table", "semantic_iou", "plot_localization", "preview_pca", "preview_semantics", "pca_rgba",
+    "run_demo", "recall_table", "plot_localization", "preview_pca", "preview_semantics", "pca_rgba",
     "class_rgba", "DEFAULT_BBOX", "DEFAULT_OSM",
 ]
 
@@ -260,40 +260,6 @@ def _training_blocks(checkpoint: Any) -> set[tuple[int, int]] | None:
 
 
 # -- step 5: semantics and previews ------------------------------------------------------------------
-def semantic_iou(nm: Any, osm: str | os.PathLike) -> tuple[dict[str, Any], np.ndarray]:
-    """The map's semantics against the OSM class raster of the map's grid, over the cells the map
-    holds (`valid`): per-class IoU (areas: the area argmax; objects: the object argmax with void;
-    binary classes: p > 0.5), area mIoU and accuracy (`evaluation.SemanticConfusion`, as
-    `training.evaluate` scores maps). Also returns the OSM raster (K, y, x)."""
-    import torch
-
-    from ..config import AREA_CLASSES, BINARY_CLASSES, OBJECT_CLASSES
-    from ..evaluation import SemanticConfusion
-    from ..geo import rasterize_osm
-
-    gt = np.asarray(rasterize_osm(str(osm), nm.region).values)
-    valid = np.asarray(nm.ds["valid"].values, bool)
-    out: dict[str, Any] = {"num_cells": int(valid.sum()), "map_inputs": ["streetview", "aerial"]}
-    if "semantic_prob" not in nm.ds:
-        return out | {"iou_per_class": None, "area_miou": None, "area_accuracy": None}, gt
-    na, no = len(AREA_CLASSES), len(OBJECT_CLASSES)
-    p = torch.from_numpy(np.nan_to_num(np.asarray(nm.ds["semantic_prob"].values, np.float32)))[None]
-    eps = 1e-6
-    void = (1.0 - p[:, na:na + no].sum(1, keepdim=True)).clamp_min(0.0)
-    logits = {  # logits whose argmax / sign reproduce the stored probabilities' decisions
-        "areas": p[:, :na].clamp_min(eps).log(),
-        "objects": torch.cat([p[:, na:na + no], void], 1).clamp_min(eps).log(),
-        "binary": torch.logit(p[:, na + no:], eps),
-    }
-    cm = SemanticConfusion()
-    cm.add(logits, torch.from_numpy(gt.astype(np.float32))[None], torch.from_numpy(valid)[None])
-    s = cm.summary()
-    iou = {**s["areas"]["iou"], **{k: s["objects"]["iou"][k] for k in OBJECT_CLASSES},
-           **{k: s["binary"]["iou"][k] for k in BINARY_CLASSES}}
-    return out | {"iou_per_class": iou, "area_miou": s["areas"]["miou"], "area_accuracy": s["areas"]["accuracy"],
-                  "area_cells": s["areas"]["num_cells"]}, gt
-
-
 def _save_png(fig: Any, path: Path) -> Path:
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
@@ -392,7 +358,7 @@ def preview_semantics(nm: Any, osm_raster: np.ndarray, sem: dict[str, Any], path
     cls = np.where(valid, _map_classes(nm, slice(0, region.height), slice(0, region.width)), 255)
     osm_rgb = np.concatenate([semantic_rgb(osm_raster), np.where(valid, 1.0, 0.4)[..., None]], -1)
     fig, axes = plt.subplots(2, 1, figsize=_figsize(region.shape, 8, 2), layout="constrained")
-    miou = sem.get("area_miou")
+    miou = sem.get("miou")
     axes[0].imshow(class_rgba(cls), extent=ext, interpolation="nearest")
     _axes(axes[0], region, (x0, y0), "map semantics (from street view + aerial; OSM is not an input)"
           + (f": area mIoU vs OSM {100 * miou:.1f} %" if miou is not None else ""))
@@ -603,7 +569,10 @@ def run_demo(
     atomic_write_text(out / "localization.csv", buf.getvalue())
 
     with stage("previews", "semantics vs OSM and preview PNGs"):
-        sem, osm_raster = semantic_iou(nm, osm_path)
+        from ..geo import rasterize_osm
+
+        sem = nm.semantic_iou(osm_path) | {"map_inputs": ["streetview", "aerial"]}
+        osm_raster = np.asarray(rasterize_osm(str(osm_path), region).values)  # for the picture
         preview_pca(nm, Path(exported["pca"]), out / PREVIEWS["pca"])
         preview_semantics(nm, osm_raster, sem, out / PREVIEWS["semantics"])
         c = columns["single photo"]
