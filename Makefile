@@ -13,8 +13,9 @@ $(BIN)/neuralmaps: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(BIN)/neuralmaps
 
+# Capture 300 x 150 m of Helsinki (digital twin), build, export, localize, preview: demo/summary.json.
 demo: $(BIN)/neuralmaps
-	$(BIN)/neuralmaps synth --osm helsinki --out demo/chunks.zarr --pairs 16 --seed 0 --preview demo/preview
+	$(BIN)/neuralmaps demo --out demo
 
 test: $(BIN)/neuralmaps
 	$(BIN)/python -m pytest -q

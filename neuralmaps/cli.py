@@ -113,7 +113,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_synth)
 
 
-# -- capture, build, export: parsers and bodies in neuralmaps/maps/commands.py ---------------------
+# -- capture, build, export, localize, demo: parsers and bodies in neuralmaps/maps/commands.py -----
 def _add_capture(sub: argparse._SubParsersAction) -> None:
     from .maps.commands import add_capture
 
@@ -138,8 +138,14 @@ def _add_localize(sub: argparse._SubParsersAction) -> None:
     add_localize(sub)
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .maps.commands import add_demo
+
+    add_demo(sub)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_synth, _add_capture, _add_build, _add_export, _add_localize,
+    _add_synth, _add_capture, _add_build, _add_export, _add_localize, _add_demo,
 ]
 
 

