@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     dest = SNAP.pretrained_path(args.name)
     runs = [json.loads(line) for line in (run / "runs.jsonl").read_text().splitlines() if line.strip()] \
         if (run / "runs.jsonl").is_file() else []
+    if runs and runs[0].get("init") == "pretrained" and dest.with_suffix(".json").is_file():
+        # Warm-started from the shipped weights: their schedule comes first (training accumulates).
+        previous = json.loads(dest.with_suffix(".json").read_text())
+        runs = [dict(r, shipped_as=previous.get("sha256", "")[:12]) for r in previous.get("runs", [])] + runs
     info = {
         "name": args.name, "sha256": hashlib.sha256(data).hexdigest(), "source": str(ckpt), "runs": runs,
         "training_store": str(args.data), "num_pairs": {s: int(((split == i) & done.astype(bool)).sum())
