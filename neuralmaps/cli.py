@@ -58,6 +58,8 @@ def _run_synth(args: argparse.Namespace) -> int:
     if (args.map_runs is not None and args.map_runs <= 0) or (args.query_runs is not None and args.query_runs < 0):
         raise ValueError(f"need --map-runs >= 1 and --query-runs >= 0, got {args.map_runs}, {args.query_runs}")
     config = preset(args.preset)
+    if args.set:
+        config = config.with_overrides(args.set)
     region = None
     if args.bbox is not None:
         from .geo import Region
@@ -99,6 +101,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", required=True, type=int, help="number of pairs to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (pair i depends only on seed, i)")
     p.add_argument("--preset", default="cpu-tiny", choices=["cpu-tiny", "paper"], help="config preset")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field (repeatable), e.g. synth.tag_dropout=0 or 'synth.building_styles=[]' "
+                        "(the original twin, without variation)")
     p.add_argument("--bbox", default=None, metavar="LON0,LAT0,LON1,LAT1",
                    help="crop the extract to this WGS84 box (default: the whole extract)")
     p.add_argument("--preview", default=None, metavar="DIR", help="write preview PNGs to DIR")

@@ -125,15 +125,43 @@ class ModelConfig:
     object_frequencies: tuple[float, ...] = (0.006257, 0.001172, 0.001924, 0.000960, 0.000559, 0.000738, 0.988391)
 
 
+# The twin's building styles (neuralmaps.synth.styles.STYLES holds their definitions).
+BUILDING_STYLES = ("stucco", "brick", "panel", "glass", "wood", "industrial")
+
+
+def _added_later(default: Any, absent: Any) -> Any:
+    """A config field that configs written before it existed lack: `default` for new configs,
+    `absent` (what the code did before the field existed) when a saved config is read without it."""
+    if isinstance(default, (list, tuple, dict)):
+        return field(default_factory=lambda: default, metadata={"absent": absent})
+    return field(default=default, metadata={"absent": absent})
+
+
 @dataclass
 class SynthConfig:
-    """Digital-twin capture simulation."""
+    """Digital-twin capture simulation, and how much the twin varies (docs/architecture.md,
+    "Digital twin"). Stores written before the variation knobs existed read back without
+    variation (no styles, no tag dropout), which is what their twins had."""
 
     min_views_in_scene: int = 4
     max_pairs_per_scene: int = 1
     query_max_time_delta_days: float = 365.0
     occluders: bool = True
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train, val, test, by area
+    # Building styles drawn per building (facade / roof palettes, wall texture, window pattern,
+    # height when OSM has none); () keeps the single original palette and OSM's default heights.
+    building_styles: tuple[str, ...] = _added_later(BUILDING_STYLES, ())
+    # Mean fraction of optional OSM tags (neuralmaps.geo.osm.OPTIONAL_TAGS: sidewalk / crossing
+    # subtypes, crossing nodes, lanes, width, building:levels, height, building type) dropped per
+    # feature where the twin reads OSM; the class rasters follow the dropped tags.
+    tag_dropout: float = _added_later(0.3, 0.0)
+    # Side (m) of the CRS-aligned districts over which the style mix and the dropout rate vary
+    # (rich and sparse districts, districts of one or two styles); 0: the same everywhere.
+    district_m: float = _added_later(200.0, 0.0)
+
+    def __post_init__(self) -> None:  # one spelling per value, so that fingerprints agree
+        self.building_styles = tuple(str(v) for v in self.building_styles)
+        self.tag_dropout, self.district_m = float(self.tag_dropout), float(self.district_m)
 
 
 @dataclass
@@ -169,6 +197,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """The config of a saved dict (strict: unknown keys are refused). A field missing from `d`
+        takes its default, or, for fields added later (`_added_later`), the value that reproduces
+        what the code did before the field existed."""
         return _from_dict(cls, d)
 
     def save_yaml(self, path: str | Path) -> None:
@@ -239,6 +270,9 @@ def _from_dict(cls: type, d: dict[str, Any]) -> Any:
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
+    for name, f in known.items():  # fields added after `d` was written: what the code did then
+        if name not in d and "absent" in f.metadata:
+            kwargs[name] = f.metadata["absent"]
     return cls(**kwargs)
 
 

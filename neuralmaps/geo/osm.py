@@ -27,7 +27,7 @@ from .crs import WGS84, to_crs
 from .errors import GeoInputError
 from .region import Region, _reproject_geom
 
-__all__ = ["OSMLayers", "read_osm", "LAYER_NAMES", "clear_osm_cache", "polygonal"]
+__all__ = ["OSMLayers", "read_osm", "LAYER_NAMES", "clear_osm_cache", "polygonal", "TagDropout", "OPTIONAL_TAGS"]
 
 # -- defaults (documented, deterministic) ------------------------------------------------------
 LEVEL_HEIGHT_M = 3.0  # building:levels × 3 m + 1 m
@@ -80,6 +80,42 @@ _OTHER_TAGS = [
 ]
 _OSM_TAG_COLUMNS = {"highway", "building", "natural", "barrier", "railway", "landuse", "leisure",
                     "amenity", "traffic_sign", "power", "man_made", "area:highway", "place"}
+# Optional tags: the refinements these rules read that a sparsely mapped town often lacks. Dropping
+# one keeps the feature: `footway=sidewalk|crossing` / `cycleway=crossing` -> a plain footway or
+# cycleway, `lanes` / `width` -> the class default width, `building:levels` / `height` -> the default
+# height, `building=<type>` -> `building=yes`; except `crossing`, the `highway=crossing` node, which
+# is nothing but that tag (the crosswalk goes with it).
+OPTIONAL_TAGS = ("footway", "cycleway", "crossing", "lanes", "width", "building:levels", "height", "building")
+
+
+@dataclass(frozen=True)
+class TagDropout:
+    """Drop optional tags (OPTIONAL_TAGS) of each feature at `rate` on average, as in a sparsely
+    mapped town. Each (feature, tag) is dropped or kept by a hash of (seed, OSM id, tag): the
+    same feature loses the same tags whatever the region read. With `district_m` > 0 the rate
+    varies over CRS-aligned districts of that side: a district's rate is u ** ((1 - rate) / rate)
+    for u uniform from (seed, district), whose mean is `rate`, so some districts keep nearly all
+    their tags and others lose nearly all (a feature's district is that of its bounding box centre)."""
+
+    rate: float = 0.0
+    seed: int = 0
+    district_m: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= float(self.rate) <= 1.0):
+            raise ValueError(f"tag dropout rate must be in [0, 1], got {self.rate}")
+        if not (math.isfinite(float(self.district_m)) and float(self.district_m) >= 0):
+            raise ValueError(f"tag dropout district_m must be >= 0, got {self.district_m}")
+
+    def rates_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """The dropout rate (N,) at CRS points (N,) each."""
+        p = float(self.rate)
+        x = np.asarray(x, np.float64)
+        if p <= 0.0 or p >= 1.0 or self.district_m <= 0:
+            return np.full(x.shape, p)
+        dx = np.floor(x / self.district_m).astype(np.int64)
+        dy = np.floor(np.asarray(y, np.float64) / self.district_m).astype(np.int64)
+        return unit_hash(self.seed, dx, dy, 0xD157) ** ((1.0 - p) / p)
 
 
 @dataclass
@@ -106,6 +142,8 @@ class OSMLayers:
     region: Region
     source: str = "<memory>"
     margin_m: float = 0.0
+    # Tag dropout of the read that made these layers: {tag: (features carrying it, dropped)}.
+    dropped_tags: dict[str, tuple[int, int]] | None = None
 
     @property
     def crs(self):
@@ -128,24 +166,31 @@ class OSMLayers:
             pre = _reproject_geom(clip.buffer(5.0), region.crs, self.region.crs).envelope
             layers = {n: _clip(g, pre, cut=False).to_crs(region.crs) for n, g in layers.items()}
         return OSMLayers(**{n: _clip(g, clip) for n, g in layers.items()},
-                         region=region, source=self.source, margin_m=margin_m)
+                         region=region, source=self.source, margin_m=margin_m, dropped_tags=self.dropped_tags)
 
     def __repr__(self) -> str:
         return f"OSMLayers({self.source!r}, {self.region!r}, {self.counts()})"
 
 
 # -- public entry point ------------------------------------------------------------------------
-def read_osm(source: Any, region: Region | None = None, margin_m: float = 20.0) -> OSMLayers:
+def read_osm(source: Any, region: Region | None = None, margin_m: float = 20.0,
+             dropout: TagDropout | None = None) -> OSMLayers:
     """OSM features of `source` in `region`'s UTM CRS, clipped to its bounds + `margin_m` metres.
 
     source: a `.pbf` path (pyrosm), a GeoPackage path (layers named like `OSMLayers` fields, or
     any layer with OSM tag columns such as `highway`/`building`), a dict of GeoDataFrames (same
     rules), or an `OSMLayers` (cropped to `region`).
     region: None uses the whole extract (its lon/lat bounds, 0.2 m resolution).
+    dropout: optional tags to drop before the rules read them (`TagDropout`; None: none), so that
+    everything built from the layers (the twin, the class rasters) sees the same sparser tagging.
     Raises GeoInputError (naming the file) for a missing/unreadable file, or a region holding
     no features (e.g. outside the extract).
     """
+    if dropout is not None and dropout.rate <= 0:
+        dropout = None
     if isinstance(source, OSMLayers):
+        if dropout is not None:  # re-derive the layers through the rules, as pre-classified frames
+            return _from_frames(source.layers(), region or source.region, source.source, margin_m, dropout=dropout)
         if region is None:
             return source
         out = source.crop(region, margin_m)
@@ -155,7 +200,7 @@ def read_osm(source: Any, region: Region | None = None, margin_m: float = 20.0) 
     if isinstance(source, Mapping):
         name = "<dict of GeoDataFrames>"
         frames = {str(k): _check_frame(v, name, str(k)) for k, v in source.items()}
-        return _from_frames(frames, region, name, margin_m)
+        return _from_frames(frames, region, name, margin_m, dropout=dropout)
     if not isinstance(source, (str, os.PathLike)):
         raise GeoInputError(f"read_osm: unsupported source type {type(source).__name__}")
     path = Path(source)
@@ -163,9 +208,9 @@ def read_osm(source: Any, region: Region | None = None, margin_m: float = 20.0) 
         raise GeoInputError(f"{path}: OSM file not found")
     suffix = path.suffix.lower()
     if suffix == ".pbf":
-        return _read_pbf(path, region, margin_m)
+        return _read_pbf(path, region, margin_m, dropout)
     if suffix == ".gpkg":
-        return _read_gpkg(path, region, margin_m)
+        return _read_gpkg(path, region, margin_m, dropout)
     raise GeoInputError(f"{path}: unsupported OSM file type {suffix!r} (expected .pbf or .gpkg)")
 
 
@@ -176,18 +221,20 @@ def clear_osm_cache() -> None:
 
 
 # -- pbf ---------------------------------------------------------------------------------------
-def _read_pbf(path: Path, region: Region | None, margin_m: float) -> OSMLayers:
+def _read_pbf(path: Path, region: Region | None, margin_m: float, dropout: TagDropout | None = None) -> OSMLayers:
     st = path.stat()
     key = json.dumps(region.to_dict()) if region is not None else None
-    layers = _read_pbf_cached(str(path), str(path.resolve()), st.st_mtime_ns, st.st_size, key, float(margin_m))
+    layers = _read_pbf_cached(str(path), str(path.resolve()), st.st_mtime_ns, st.st_size, key, float(margin_m),
+                              dropout)
     # Copies: callers may add columns without touching the cache.
     return OSMLayers(**{n: g.copy() for n, g in layers.layers().items()}, region=layers.region,
-                     source=layers.source, margin_m=layers.margin_m)
+                     source=layers.source, margin_m=layers.margin_m,
+                     dropped_tags=None if layers.dropped_tags is None else dict(layers.dropped_tags))
 
 
 @functools.lru_cache(maxsize=16)
 def _read_pbf_cached(name: str, path: str, mtime_ns: int, size: int, region_key: str | None,
-                     margin_m: float) -> OSMLayers:
+                     margin_m: float, dropout: TagDropout | None = None) -> OSMLayers:
     region = Region.from_dict(json.loads(region_key)) if region_key is not None else None
     bbox = None
     if region is not None:
@@ -197,7 +244,8 @@ def _read_pbf_cached(name: str, path: str, mtime_ns: int, size: int, region_key:
     if all(len(f) == 0 for f in raw.values()):
         where = "inside the region " + repr(region) if region is not None else "in the file"
         raise GeoInputError(f"{name}: no OSM features {where} (is the region outside the extract?)")
-    return _from_frames({k: v.copy() for k, v in raw.items()}, region, name, margin_m, classify_all=True)
+    return _from_frames({k: v.copy() for k, v in raw.items()}, region, name, margin_m, classify_all=True,
+                        dropout=dropout)
 
 
 @functools.lru_cache(maxsize=16)
@@ -245,7 +293,7 @@ def _parse_pbf_cached(path: str, mtime_ns: int, size: int, bbox: tuple | None) -
 
 
 # -- GeoPackage / frames -----------------------------------------------------------------------
-def _read_gpkg(path: Path, region: Region | None, margin_m: float) -> OSMLayers:
+def _read_gpkg(path: Path, region: Region | None, margin_m: float, dropout: TagDropout | None = None) -> OSMLayers:
     try:
         import pyogrio
 
@@ -254,7 +302,7 @@ def _read_gpkg(path: Path, region: Region | None, margin_m: float) -> OSMLayers:
     except Exception as e:
         raise GeoInputError(f"{path}: could not read the GeoPackage ({type(e).__name__}: {e})") from None
     frames = {n: _check_frame(f, str(path), n) for n, f in frames.items()}
-    return _from_frames(frames, region, str(path), margin_m)
+    return _from_frames(frames, region, str(path), margin_m, dropout=dropout)
 
 
 def _check_frame(f: Any, name: str, layer: str) -> gpd.GeoDataFrame:
@@ -267,9 +315,10 @@ def _check_frame(f: Any, name: str, layer: str) -> gpd.GeoDataFrame:
 
 def _from_frames(
     frames: dict[str, gpd.GeoDataFrame], region: Region | None, name: str, margin_m: float,
-    classify_all: bool = False,
+    classify_all: bool = False, dropout: TagDropout | None = None,
 ) -> OSMLayers:
-    """Classify raw tagged frames and/or normalise pre-classified layers, project and clip."""
+    """Classify raw tagged frames and/or normalise pre-classified layers, project and clip
+    (dropping optional tags first when `dropout` is given)."""
     frames = {k: f for k, f in frames.items() if len(f)}
     if not frames:
         raise GeoInputError(f"{name}: no OSM features")
@@ -279,20 +328,27 @@ def _from_frames(
         region = Region.from_bbox(b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max(), 0.2)
     clip_utm = box(*region.bounds).buffer(margin_m, join_style="mitre")
     raw, given = [], {}
+    dropped: dict[str, tuple[int, int]] | None = None if dropout is None else {t: (0, 0) for t in OPTIONAL_TAGS}
     for k, f in frames.items():
         # Clip in the frame's own CRS first (cheap), then project.
         f = _clip(f, _reproject_geom(clip_utm.buffer(5.0, join_style="mitre"), region.crs, f.crs).envelope, cut=False)
         f = f.to_crs(region.crs) if to_crs(f.crs) != region.crs else f
-        if not classify_all and k in LAYER_NAMES:
+        layer = k if not classify_all and k in LAYER_NAMES else None
+        if layer is None and not (classify_all or (_OSM_TAG_COLUMNS & set(f.columns))):
+            continue
+        if dropout is not None and len(f):
+            f, counts = drop_optional_tags(f, dropout, layer)
+            dropped = {t: (dropped[t][0] + counts[t][0], dropped[t][1] + counts[t][1]) for t in OPTIONAL_TAGS}
+        if layer is not None:
             given[k] = f
-        elif classify_all or (_OSM_TAG_COLUMNS & set(f.columns)):
+        else:
             raw.append(f)
     layers = _classify(pd.concat(raw, ignore_index=True) if raw else None, region.crs)
     for k, f in given.items():
         layers[k] = pd.concat([layers[k], _NORMALISE[k](f)], ignore_index=True)
     layers = {k: _clip(gpd.GeoDataFrame(v, geometry="geometry", crs=region.crs), clip_utm)
               for k, v in layers.items()}
-    out = OSMLayers(**layers, region=region, source=name, margin_m=margin_m)
+    out = OSMLayers(**layers, region=region, source=name, margin_m=margin_m, dropped_tags=dropped)
     if out.is_empty():
         raise GeoInputError(f"{name}: no OSM features inside the region {region} (outside the extract?)")
     return out
@@ -316,6 +372,96 @@ def _clip(f: gpd.GeoDataFrame, clip_geom, cut: bool = True) -> gpd.GeoDataFrame:
         f["geometry"] = shapely.intersection(geoms, clip_geom)
         f = f[~f.geometry.is_empty]
     return f.reset_index(drop=True)
+
+
+# -- tag dropout -------------------------------------------------------------------------------
+def unit_hash(*keys: Any) -> np.ndarray:
+    """Uniform numbers in [0, 1) (float64), one per element of the broadcast integer `keys`
+    (splitmix64 over the key sequence): a fixed, order-free random draw per key."""
+    arrs = np.broadcast_arrays(*[np.asarray(k, dtype=np.int64) for k in keys])
+    h = np.full(arrs[0].shape, 0x243F6A8885A308D3, np.uint64)
+    with np.errstate(over="ignore"):
+        for a in arrs:
+            h ^= np.ascontiguousarray(a).view(np.uint64)
+            h += np.uint64(0x9E3779B97F4A7C15)
+            h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            h ^= h >> np.uint64(31)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _feature_keys(f: gpd.GeoDataFrame, cx: np.ndarray, cy: np.ndarray) -> list[np.ndarray]:
+    """Integer keys per feature: its OSM `id` when the frame has one, else its position (dm)."""
+    if "id" in f.columns:
+        ids = pd.to_numeric(f["id"], errors="coerce")
+        if ids.notna().all():
+            return [ids.to_numpy(np.int64)]
+    return [np.round(cx * 10).astype(np.int64), np.round(cy * 10).astype(np.int64)]
+
+
+def _optional_tag_rows(f: gpd.GeoDataFrame, layer: str | None) -> list[tuple[str, np.ndarray, list[tuple[str, Any]]]]:
+    """(tag, rows carrying it, [(column, value once dropped)]) of a raw tagged frame (`layer` None)
+    or of a pre-classified layer (its derived columns: `kind`, `width_m`, `height_m`, `lanes`)."""
+    has = lambda c: _col(f, c).notna().to_numpy()  # noqa: E731
+    out: list[tuple[str, np.ndarray, list[tuple[str, Any]]]] = []
+    if layer is None:
+        bld = has("building") & (_col(f, "building") != "no").to_numpy()
+        hw = has("highway")
+        point = f.geometry.geom_type.to_numpy() == "Point"
+        out += [("footway", has("footway") & ~bld, [("footway", None)]),
+                ("cycleway", has("cycleway") & ~bld, [("cycleway", None)]),
+                ("crossing", point & (_col(f, "highway") == "crossing").to_numpy(), [("highway", None)]),
+                ("lanes", has("lanes") & hw, [("lanes", None)]),
+                ("width", has("width") & hw, [("width", None)]),
+                ("building:levels", has("building:levels") & bld, [("building:levels", None)]),
+                ("height", has("height") & bld, [("height", None)]),
+                ("building", bld & ~_col(f, "building").isin(["yes"]).to_numpy(), [("building", "yes")])]
+    elif layer == "footways":
+        kind = _col(f, "kind")
+        out += [("footway", kind.isin(["sidewalk", "crossing"]).to_numpy(), [("kind", None)]),
+                ("width", has("width_m") | has("width"), [("width_m", np.nan), ("width", None)])]
+    elif layer == "roads":
+        out += [("lanes", has("lanes"), [("lanes", np.nan)]),
+                ("width", has("width_m") | has("width"), [("width_m", np.nan), ("width", None)])]
+    elif layer == "buildings":
+        kind = _col(f, "kind") if "kind" in f.columns else _col(f, "building")
+        src = _col(f, "height_source")
+        given = has("height_m") & (src != "default").to_numpy()  # a default height is no tag
+        out += [("building:levels", has("building:levels"), [("building:levels", None)]),
+                ("height", given | has("height"), [("height_m", np.nan), ("height", None), ("height_source", None)]),
+                ("building", (kind.notna() & ~kind.isin(["yes", "building"])).to_numpy(),
+                 [("kind", None), ("building", "yes")])]
+    elif layer == "points":
+        out += [("crossing", (_col(f, "kind") == "crossing").to_numpy(), [("kind", None)])]
+    return out
+
+
+def drop_optional_tags(f: gpd.GeoDataFrame, dropout: TagDropout,
+                       layer: str | None = None) -> tuple[gpd.GeoDataFrame, dict[str, tuple[int, int]]]:
+    """A copy of frame `f` (projected CRS) without the optional tags `dropout` drops, and
+    {tag: (features carrying it, dropped)}. `layer`: None for raw OSM tag columns, else the
+    OSMLayers name of a pre-classified frame (its derived columns are blanked instead)."""
+    counts = {t: (0, 0) for t in OPTIONAL_TAGS}
+    if len(f) == 0 or dropout.rate <= 0:
+        return f, counts
+    b = shapely.bounds(f.geometry.values)
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    rate = dropout.rates_at(np.nan_to_num(cx), np.nan_to_num(cy))
+    keys = _feature_keys(f, cx, cy)
+    f = f.copy()
+    for tag, rows, columns in _optional_tag_rows(f, layer):
+        drop = rows & (unit_hash(dropout.seed, *keys, OPTIONAL_TAGS.index(tag) + 1) < rate)
+        counts[tag] = (int(rows.sum()), int(drop.sum()))
+        if not drop.any():
+            continue
+        for col, value in columns:
+            if col not in f.columns:
+                continue
+            if value is None or isinstance(value, str):
+                f[col] = f[col].astype(object).where(~drop, value)
+            else:
+                f[col] = pd.to_numeric(f[col], errors="coerce").where(~drop, value)
+    return f, counts
 
 
 # -- tag parsing -------------------------------------------------------------------------------

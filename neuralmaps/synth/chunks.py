@@ -695,7 +695,9 @@ def write_training_chunks(
     region: crop of the extract, a `neuralmaps.geo.Region` or a (lon_min, lat_min, lon_max,
         lat_max) WGS84 box; None for the whole extract.
     world, runs: pre-built `World` / `simulate_runs` output (benchmarks, tests); built from
-        `osm`, `region`, `seed` and `num_map_runs` / `num_query_runs` when None.
+        `osm`, `region`, `seed`, `config.synth` (the twin's variation) and `num_map_runs` /
+        `num_query_runs` when None. A world built with other variation knobs than
+        `config.synth`'s is refused (the store's config would not describe its data).
     num_map_runs, num_query_runs: simulated capture runs; None scales them with `num_pairs`
         (`default_run_counts`), so that large stores cover the whole extract.
     pairs_per_chunk: pairs per Zarr chunk along `pair` (the unit of writing and of resume).
@@ -710,6 +712,14 @@ def write_training_chunks(
     non-rigid poses, a split without query candidates and incompatible stores.
     """
     config = config if config is not None else preset("cpu-tiny")
+    from .styles import variation_knobs  # light: the world's heavy imports come after the lock
+
+    knobs = variation_knobs(config.synth)  # bad knobs: before any work
+    if world is not None:
+        built = {k: getattr(world, "variation", {}).get(k) for k in knobs}
+        if built != knobs:
+            raise ValueError(f"the pre-built world has twin variation {built}, but config.synth says {knobs}; "
+                             "build it with World.from_osm(..., variation=config.synth)")
     osm = Path(osm)
     if not osm.is_file():
         raise FileNotFoundError(f"OSM file not found: {osm}")
@@ -765,7 +775,7 @@ def _write_pairs(out: Path, state: str, done: np.ndarray | None, osm: Path, sour
     if world is None:
         from .world import World
 
-        world = World.from_osm(str(osm), region=region, seed=seed, progress=progress)
+        world = World.from_osm(str(osm), region=region, seed=seed, progress=progress, variation=config.synth)
     if runs is None:
         from .capture import simulate_runs
 
@@ -792,6 +802,7 @@ def _write_pairs(out: Path, state: str, done: np.ndarray | None, osm: Path, sour
         attrs = _store_attrs(config, seed, num_pairs, osm.resolve(), source_sha, runs, ctx.views, layout,
                              ctx.world_bounds, ctx.world_origin, pairs_per_chunk, run_counts)
         attrs["crop_bounds"] = crop
+        attrs["twin_variation"] = json.dumps(getattr(world, "variation", None), default=list)
         store.create_store(target, num_pairs, config, wreg.crs, attrs, pairs_per_chunk)
 
     class_raster = _class_raster(world, class_region)

@@ -131,7 +131,7 @@ def render_view(world: "World", camera: Camera, T_world_cam: Any, appearance: Ap
         d_cam = d_cam[sel]
     dirs = d_cam @ R.T.astype(np.float32)
     origins = np.broadcast_to(t.astype(np.float32), dirs.shape)
-    rgb_lin, dist, lab = trace(world, app, origins, dirs)
+    rgb_lin, dist, lab = trace(world, app, origins, dirs, pixel_rad=1.0 / float(camera.to_tensor()[2]))
     if app.vignetting > 0:
         r2 = _radius2(h, w).reshape(-1)
         rgb_lin *= (1 - app.vignetting * (r2 if full else r2[sel]))[:, None]
@@ -212,16 +212,20 @@ def render_orthophoto(
         xx, yy = np.meshgrid(x, y)
         origins = np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, top, np.float32)], -1)
         dirs = np.broadcast_to(np.array((0, 0, -1), np.float32), origins.shape)
-        rgb_lin, _, _ = trace(world, app, origins, dirs)
+        rgb_lin, _, _ = trace(world, app, origins, dirs, pixel_m=resolution_m / ss)
         rgb_lin = rgb_lin.reshape(r1 - r0, ss, w, ss, 3).mean(axis=(1, 3))
         out[r0:r1] = tonemap(rgb_lin, app)
     return out
 
 
 # -- the core: trace and shade rays ------------------------------------------------------------------
-def trace(world: "World", app: Appearance, origins: np.ndarray, dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def trace(world: "World", app: Appearance, origins: np.ndarray, dirs: np.ndarray, pixel_rad: float = 0.0,
+          pixel_m: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shade rays (N, 3) (unit dirs, world-local metres): linear rgb (N, 3) float32, hit distance
-    along the ray (N,) float32 (inf: sky) and labels (N,) uint8."""
+    along the ray (N,) float32 (inf: sky) and labels (N,) uint8.
+
+    pixel_rad / pixel_m: a ray's footprint grows by pixel_rad per metre of distance from pixel_m;
+    fine wall and roof lines are box-filtered over it (no moire of courses and seams at a distance)."""
     n = len(origins)
     origins = np.ascontiguousarray(origins, np.float32)
     dirs = np.ascontiguousarray(dirs, np.float32)
@@ -256,7 +260,8 @@ def trace(world: "World", app: Appearance, origins: np.ndarray, dirs: np.ndarray
         fi = f_mesh[m]
         normal[m] = world.face_normals[fi]
         labels[m] = world.face_class[fi]
-        albedo[m] = _mesh_albedo(world, app, fi, p[m], normal[m])
+        foot = (pixel_m + pixel_rad * t[m]) / np.maximum(np.abs(np.sum(normal[m] * dirs[m], axis=1)), 0.25)
+        albedo[m] = _mesh_albedo(world, app, fi, p[m], normal[m], foot)
     o = np.flatnonzero(kind == _HIT_OCC)
     if len(o):
         fi = f_occ[o]
@@ -306,7 +311,21 @@ def _shade(world, app: Appearance, occ, p, normal, dirs, albedo) -> np.ndarray:
     return albedo * light
 
 
-def _mesh_albedo(world: "World", app: Appearance, fi: np.ndarray, p: np.ndarray, normal: np.ndarray) -> np.ndarray:
+def _line_cover(x: np.ndarray, width: np.ndarray, foot: np.ndarray) -> np.ndarray:
+    """Fraction of a footprint `foot` wide centred at `x` (all in periods) covered by lines of
+    `width` (fraction of the period) starting at every integer: the box-filtered pulse train
+    (exactly 0 or 1 as the footprint shrinks to nothing, the duty `width` as it spans periods)."""
+    def integral(y):
+        k = np.floor(y)
+        return k * width + np.minimum(y - k, width)
+    f = np.maximum(foot, 1e-6)
+    return (integral(x + f / 2) - integral(x - f / 2)) / f
+
+
+def _mesh_albedo(world: "World", app: Appearance, fi: np.ndarray, p: np.ndarray, normal: np.ndarray,
+                 foot: np.ndarray | None = None) -> np.ndarray:
+    """Albedo (M, 3) of mesh hits; `foot` (M,): their footprints in metres (None: points)."""
+    foot = np.zeros(len(fi), np.float32) if foot is None else foot
     mat = world.face_mat[fi]
     out = world.face_color[fi].copy()
     st = world.styles
@@ -314,7 +333,7 @@ def _mesh_albedo(world: "World", app: Appearance, fi: np.ndarray, p: np.ndarray,
     if len(f):
         ff = fi[f]
         b = world.face_owner[ff]
-        sty = world.facade_table[b]  # (n, 6): storey, bay, half window width, window top, roof limit, shop
+        sty = world.facade_table[b]  # (n, 15): World.FACADE_COLUMNS
         tan = world.face_tangents[ff]
         u = p[f, 0] * tan[:, 0] + p[f, 1] * tan[:, 1]  # metres along the wall
         v = p[f, 2]
@@ -322,9 +341,19 @@ def _mesh_albedo(world: "World", app: Appearance, fi: np.ndarray, p: np.ndarray,
         level = np.floor(gv)
         fu, fv = gu - np.floor(gu), gv - level
         du = np.abs(fu - 0.5)
-        win = (du < sty[:, 2]) & (fv > 0.3) & (fv < sty[:, 3]) & (level >= 1) & (v < sty[:, 4])
-        win |= (sty[:, 5] > 0) & (level == 0) & (du < 0.42) & (fv > 0.08) & (fv < 0.8)  # shop windows
-        shade = (1 + 0.12 * world.texture.lookup(u, v, scale=0.5)) * np.where(fv < 0.035, 0.72, 1.0)  # storey lines
+        win = (du < sty[:, 2]) & (fv > sty[:, 3]) & (fv < sty[:, 4]) & (level >= 1) & (v < sty[:, 5])
+        win |= (sty[:, 6] > 0) & (level == 0) & (du < 0.42) & (fv > 0.08) & (fv < 0.8)  # shop windows
+        # Wall texture: noise at the style's scale, storey lines, and the style's grid lines
+        # (courses, boards, panel joints, corrugation); float64 as the shading always was.
+        shade = (1 + sty[:, 12] * world.texture.lookup(u, v, scale=sty[:, 13])) \
+            * np.where(fv < 0.035, sty[:, 14].astype(np.float64), 1.0)
+        lines = np.flatnonzero((sty[:, 8] > 0) | (sty[:, 10] > 0))
+        if len(lines):  # box-filtered over the footprint: no moire at a distance
+            sl, fl = sty[lines], foot[f][lines]
+            cu = _line_cover(u[lines] / sl[:, 7], sl[:, 8], fl / sl[:, 7])
+            cv = _line_cover(v[lines] / sl[:, 9], sl[:, 10], fl / sl[:, 9])
+            on = cu + cv - cu * cv
+            shade[lines] *= 1.0 - (1.0 - sl[:, 11].astype(np.float64)) * on
         col = st.facade[b] * shade[:, None]
         col[win] = st.window[b[win]]
         out[f] = col
@@ -333,9 +362,14 @@ def _mesh_albedo(world: "World", app: Appearance, fi: np.ndarray, p: np.ndarray,
         b = world.face_owner[fi[r]]
         a = st.roof_dir[b]
         s = p[r, 0] * np.cos(a) + p[r, 1] * np.sin(a)
-        seam = np.mod(s / 0.6, 1.0) < 0.15
-        tex = 1 + 0.12 * world.texture.sample(p[r, 1], p[r, 0])
-        out[r] = st.roof[b] * (tex * np.where(seam, 0.85, 1.0))[:, None]
+        seam = (np.mod(s / st.roof_seam_m[b], 1.0) < st.roof_seam_frac[b]).astype(np.float64)
+        styled = np.flatnonzero(st.style[b] >= 0)  # the original palette keeps its unfiltered seams
+        if len(styled):
+            bs = b[styled]
+            seam[styled] = _line_cover(s[styled] / st.roof_seam_m[bs], st.roof_seam_frac[bs],
+                                       foot[r][styled] / st.roof_seam_m[bs])
+        tex = 1 + st.roof_tex[b] * world.texture.sample(p[r, 1], p[r, 0])
+        out[r] = st.roof[b] * (tex * (1.0 - (1.0 - st.roof_seam_dark[b].astype(np.float64)) * seam))[:, None]
         if app.snow_cover > 0:  # flat roofs keep snow longer than streets
             k = min(1.0, 1.4 * app.snow_cover)
             out[r] = out[r] * (1 - k) + app.snow_albedo()[None] * k * tex[:, None]

@@ -30,8 +30,10 @@ from neuralmaps.storage import atomic_path
 from .materials import FaceMat, GroundMat
 from .noise import NoiseTexture
 from .raycast import MeshRayCasting, RayScene
+from .styles import NO_VARIATION, STYLED_HEIGHT_KINDS, BuildingStyles, variation_knobs
 
 if TYPE_CHECKING:  # pragma: no cover
+    from neuralmaps.config import SynthConfig
     from neuralmaps.geo import OSMLayers, Region
 
     from .appearance import Appearance
@@ -51,57 +53,6 @@ _AREA_TO_MAT = {
 }
 TRAM_GAUGE_M = 1.435
 MAX_GROUND_PIXELS = 1_000_000_000  # 2 GB of ground rasters (Helsinki's 1.1 x 1.7 km at 0.1 m: 0.18 G px)
-
-
-@dataclass
-class BuildingStyles:
-    """Per-building facade / roof parameters (B,) arrays, drawn from (building id, seed).
-
-    storey_m: storey height; bay_m: horizontal window spacing; win_w / win_h: window size as a
-    fraction of bay / storey; facade, window, roof: linear RGB (B, 3); roof_dir: seam direction
-    (radians); ground_floor: whether the ground floor has shop windows."""
-
-    storey_m: np.ndarray
-    bay_m: np.ndarray
-    win_w: np.ndarray
-    win_h: np.ndarray
-    facade: np.ndarray
-    window: np.ndarray
-    roof: np.ndarray
-    roof_dir: np.ndarray
-    ground_floor: np.ndarray
-
-    @classmethod
-    def draw(cls, ids: np.ndarray, seed: int) -> "BuildingStyles":
-        facade_palette = np.array([
-            (0.62, 0.55, 0.45), (0.70, 0.66, 0.58), (0.55, 0.35, 0.27), (0.72, 0.62, 0.40),
-            (0.45, 0.47, 0.50), (0.78, 0.75, 0.70), (0.60, 0.42, 0.32), (0.50, 0.55, 0.50),
-            (0.68, 0.50, 0.42), (0.36, 0.33, 0.30),
-        ], np.float32)
-        roof_palette = np.array([
-            (0.18, 0.18, 0.19), (0.35, 0.16, 0.12), (0.25, 0.42, 0.36), (0.30, 0.30, 0.32),
-            (0.45, 0.44, 0.42), (0.12, 0.12, 0.13), (0.40, 0.25, 0.18),
-        ], np.float32)
-        out = {k: [] for k in cls.__dataclass_fields__}
-        for bid in np.asarray(ids, np.int64):
-            r = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(bid) & 0xFFFFFFFF, int(bid) >> 32 & 0xFFFFFFFF, 7])
-            out["storey_m"].append(r.uniform(2.8, 3.8))
-            out["bay_m"].append(r.uniform(1.8, 4.0))
-            out["win_w"].append(r.uniform(0.3, 0.7))
-            out["win_h"].append(r.uniform(0.35, 0.6))
-            out["facade"].append(facade_palette[r.integers(len(facade_palette))] * r.uniform(0.8, 1.15, 3))
-            out["window"].append(np.array((0.08, 0.10, 0.13)) * r.uniform(0.7, 1.6) + r.uniform(0, 0.05, 3))
-            out["roof"].append(roof_palette[r.integers(len(roof_palette))] * r.uniform(0.85, 1.15, 3))
-            out["roof_dir"].append(r.uniform(0, math.pi))
-            out["ground_floor"].append(r.random() < 0.5)
-        n = len(out["storey_m"])
-        arr = {}
-        for k, v in out.items():
-            a = np.asarray(v) if n else np.zeros((0, 3) if k in ("facade", "window", "roof") else (0,))
-            arr[k] = a.astype(bool if k == "ground_floor" else np.float32)
-        arr["facade"] = np.clip(arr["facade"], 0, 1)
-        arr["roof"] = np.clip(arr["roof"], 0, 1)
-        return cls(**arr)
 
 
 # -- unit primitives (built once) ------------------------------------------------------------
@@ -241,7 +192,12 @@ class WorldBuilder:
             raise ValueError(f"ground raster {h}x{w} px at {resolution_m} m does not cover the world {self.size_m} m")
         self.ground_mat, self.ground_label, self.ground_res = mat.astype(np.uint8), label.astype(np.uint8), float(resolution_m)
 
-    def build(self) -> "World":
+    def build(self, styles: BuildingStyles | None = None, variation: dict | None = None) -> "World":
+        """The World of what was added. styles: one per added building (in `building_ids` order);
+        None draws the original palette from (ids, seed). variation: what the world records of
+        the twin-variation knobs it was built with (`World.variation`)."""
+        if styles is not None and len(styles) != len(self.building_ids):
+            raise ValueError(f"{len(styles)} building styles for {len(self.building_ids)} buildings")
         if self.ground_mat is None:
             from neuralmaps.geo.region import RasterGrid
 
@@ -253,7 +209,8 @@ class WorldBuilder:
         cat = lambda xs, shape, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(shape, dt)  # noqa: E731
         v = cat(self._v, (0, 3), np.float32)
         f = cat(self._f, (0, 3), np.int32)
-        styles = BuildingStyles.draw(np.asarray(self.building_ids, np.int64), self.seed)
+        if styles is None:
+            styles = BuildingStyles.draw(np.asarray(self.building_ids, np.int64), self.seed)
         return World(
             crs=self.crs, origin=self.origin, size_m=tuple(float(s) for s in self.size_m), seed=self.seed,
             vertices=v, faces=f,
@@ -262,6 +219,7 @@ class WorldBuilder:
             styles=styles, building_ids=np.asarray(self.building_ids, np.int64),
             building_heights=np.asarray(self.building_heights, np.float32),
             ground_mat=self.ground_mat, ground_label=self.ground_label, ground_res=self.ground_res,
+            variation=NO_VARIATION if variation is None else dict(variation),
         )
 
 
@@ -273,7 +231,10 @@ class World(MeshRayCasting):
     `face_mat` (FaceMat), `face_color` (F, 3) linear RGB and `face_owner` (building index or -1).
     Ground: `ground_mat` (GroundMat) and `ground_label` (class index, 255 void), (H, W) uint8,
     north-up, `ground_res` metres per pixel, covering [0, size_m[0]] x [0, size_m[1]].
-    `layers`: the OSMLayers it was built from (CRS coordinates), used by the capture simulation.
+    `layers`: the OSMLayers it was built from (CRS coordinates, after tag dropout), used by the
+    capture simulation and by the class rasters of the stores.
+    `variation`: the twin-variation knobs it was built with ({"building_styles", "tag_dropout",
+    "district_m"}, as `SynthConfig`) and, from OSM, the tags dropped ("dropped_tags").
     """
 
     crs: Any
@@ -295,6 +256,7 @@ class World(MeshRayCasting):
     layers: "OSMLayers | None" = None
     region: "Region | None" = None
     build_seconds: float = float("nan")
+    variation: dict = field(default_factory=lambda: dict(NO_VARIATION))
     _scene: RayScene | None = field(default=None, repr=False)
     _normals: np.ndarray | None = field(default=None, repr=False)
     _texture: NoiseTexture | None = field(default=None, repr=False)
@@ -329,17 +291,24 @@ class World(MeshRayCasting):
             self._tangents = (t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-6)).astype(np.float32)
         return self._tangents
 
+    FACADE_COLUMNS = ("storey_m", "bay_m", "half_win_w", "win_bottom", "win_top", "max_window_z", "shop",
+                      "line_u_m", "line_u_frac", "line_v_m", "line_v_frac", "line_dark", "tex_amp", "tex_scale",
+                      "storey_dark")
+
     @property
     def facade_table(self) -> np.ndarray:
-        """Per-building facade parameters (B, 6) float32 in the renderer's layout: storey height,
-        bay width, half window width (m / bay), window top (fraction of storey), highest window
-        position (m), has shop windows (0/1)."""
+        """Per-building facade parameters (B, 15) float32 in the renderer's layout
+        (`FACADE_COLUMNS`): storey height, bay width, half window width (fraction of the bay),
+        window bottom and top (fractions of the storey), highest window position (m), has shop
+        windows (0/1), wall-texture line period and width fraction along (u) and up (v) the wall,
+        line darkness, texture noise amplitude and scale, storey-line darkness."""
         if self._facade_table is None:
             st = self.styles
             self._facade_table = np.stack([
-                st.storey_m, st.bay_m, st.win_w / 2, 0.3 + st.win_h, self.building_heights - 0.7,
-                st.ground_floor.astype(np.float32),
-            ], 1).astype(np.float32).reshape(-1, 6)
+                st.storey_m, st.bay_m, st.win_w / 2, st.win_bottom, st.win_bottom + st.win_h,
+                self.building_heights - 0.7, st.ground_floor.astype(np.float32), st.line_u_m, st.line_u_frac,
+                st.line_v_m, st.line_v_frac, st.line_dark, st.tex_amp, st.tex_scale, st.storey_dark,
+            ], 1).astype(np.float32).reshape(-1, len(self.FACADE_COLUMNS))
         return self._facade_table
 
     @property
@@ -399,23 +368,27 @@ class World(MeshRayCasting):
     @classmethod
     def from_osm(
         cls, path_or_layers: Any, region: "Region | None" = None, seed: int = 0, ground_resolution_m: float = 0.1,
-        progress: bool = True, cache_dir: "str | Path | None" = None,
+        progress: bool = True, cache_dir: "str | Path | None" = None, variation: "SynthConfig | None" = None,
     ) -> "World":
         """Build the world of an OSM extract (.pbf / GeoPackage path, dict of GeoDataFrames or
         OSMLayers) inside `region` (None: the whole extract). Deterministic in `seed`.
 
+        variation: a `SynthConfig` whose `building_styles`, `tag_dropout` and `district_m` say how
+        the twin varies (None: `SynthConfig()`'s defaults). Tags are dropped where OSM is read, so
+        the world's `layers` (and every class raster made of them) are the sparser ones.
         cache_dir: if given and the source is a file, the built world is pickled there under a key
-        of (file path, size, mtime, region, seed, ground resolution, code version) and reloaded
-        by later calls (written atomically, so a crash never leaves a half-written cache).
+        of (file path, size, mtime, region, seed, ground resolution, variation, code version) and
+        reloaded by later calls (written atomically, so a crash never leaves a half-written cache).
         Raises neuralmaps.geo.GeoInputError for unreadable input, and when no building could be
         extruded although the input has buildings (e.g. a missing triangulation engine)."""
-        key = _cache_key(path_or_layers, region, seed, ground_resolution_m) if cache_dir is not None else None
+        knobs = variation_knobs(variation)
+        key = _cache_key(path_or_layers, region, seed, ground_resolution_m, knobs) if cache_dir is not None else None
         if key is not None:
             path = Path(cache_dir) / f"world-{key}.pkl"
             if path.is_file():
                 with open(path, "rb") as f:
                     return pickle.load(f)
-        world = cls._build(path_or_layers, region, seed, ground_resolution_m, progress)
+        world = cls._build(path_or_layers, region, seed, ground_resolution_m, progress, knobs)
         if key is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -424,12 +397,13 @@ class World(MeshRayCasting):
 
     @classmethod
     def _build(cls, path_or_layers: Any, region: "Region | None", seed: int, ground_resolution_m: float,
-               progress: bool) -> "World":
+               progress: bool, knobs: dict) -> "World":
         from neuralmaps.geo import GeoInputError, Region, read_osm
-        from neuralmaps.geo.osm import polygonal
+        from neuralmaps.geo.osm import TagDropout, polygonal
 
         t0 = time.perf_counter()
-        layers = read_osm(path_or_layers, region=region)
+        dropout = TagDropout(knobs["tag_dropout"], int(seed), knobs["district_m"]) if knobs["tag_dropout"] > 0 else None
+        layers = read_osm(path_or_layers, region=region, dropout=dropout)
         region = layers.region if region is None else region
         name = getattr(layers, "source", "<layers>")
         ground_region = Region.from_bounds(region.bounds, region.crs, ground_resolution_m)
@@ -442,17 +416,28 @@ class World(MeshRayCasting):
         xmin, ymin, xmax, ymax = ground_region.bounds
         b = WorldBuilder(region.crs, (xmin, ymin), (xmax - xmin, ymax - ymin), seed)
 
-        # Buildings.
+        # Buildings, each with its style (drawn for every OSM building, kept for the extruded ones).
         bl = layers.buildings
         ids = bl["id"].to_numpy() if "id" in bl.columns else np.arange(len(bl))
+        int_ids = np.array([_as_int_id(v) for v in ids], np.int64)
         b_geoms = shapely.make_valid(shapely.transform(bl.geometry.values, lambda xy: crs_to_local(xy, b.origin))) if len(bl) else []
-        heights = bl["height_m"].to_numpy(np.float64) if len(bl) else []
-        for g, h, bid in tqdm(list(zip(b_geoms, heights, ids)), desc="buildings", disable=not progress, leave=False):
+        heights = bl["height_m"].to_numpy(np.float64) if len(bl) else np.zeros(0)
+        centroids = shapely.get_coordinates(shapely.centroid(bl.geometry.values)) if len(bl) else np.zeros((0, 2))
+        styles = None  # None: the original palette, drawn by the builder for the extruded buildings
+        if knobs["building_styles"]:
+            styles = BuildingStyles.draw_styled(int_ids, seed, knobs["building_styles"], centroids, knobs["district_m"])
+        if styles is not None and len(bl):  # untagged heights of generic buildings: the style's
+            untagged = (bl["height_source"].to_numpy() == "default") & bl["kind"].isin(STYLED_HEIGHT_KINDS).to_numpy()
+            heights = np.where(untagged, styles.default_heights(), heights)
+        added = []
+        for k, (g, h, bid) in enumerate(tqdm(list(zip(b_geoms, heights, int_ids)), desc="buildings", disable=not progress,
+                                             leave=False)):
             g = polygonal(g)
             if g.is_empty:
                 continue
             h = float(h) if np.isfinite(h) and h > 0 else 12.0
-            b.add_building(g, float(np.clip(h, 2.5, 150.0)), _as_int_id(bid))
+            if b.add_building(g, float(np.clip(h, 2.5, 150.0)), int(bid)):
+                added.append(k)
         if len(bl) and not b.building_ids:
             raise GeoInputError(
                 f"{name}: {len(bl)} buildings in the region but none could be extruded "
@@ -465,23 +450,26 @@ class World(MeshRayCasting):
 
         mat, label = _ground_raster(layers, ground_region, progress)
         b.set_ground(mat, label, ground_resolution_m)
-        world = b.build()
+        record = dict(knobs, dropped_tags=None if layers.dropped_tags is None else
+                      {t: list(v) for t, v in layers.dropped_tags.items()})
+        world = b.build(styles=None if styles is None else styles.take(added), variation=record)
         world.layers, world.region = layers, region
         world.build_seconds = time.perf_counter() - t0
         return world
 
 
 # -- helpers ------------------------------------------------------------------------------------
-CACHE_VERSION = 2  # bump when the world's construction changes (2: zebra paint of crossing nodes = rasterizer walks)
+CACHE_VERSION = 3  # bump when the world's construction changes (3: building styles, tag dropout)
 
 
-def _cache_key(source: Any, region: "Region | None", seed: int, ground_res: float) -> str | None:
+def _cache_key(source: Any, region: "Region | None", seed: int, ground_res: float, knobs: dict) -> str | None:
     """Cache key of a file source (None for in-memory sources, which are not cached)."""
     if not isinstance(source, (str, os.PathLike)) or not Path(source).is_file():
         return None
     st = Path(source).stat()
     parts = [str(Path(source).resolve()), st.st_size, st.st_mtime_ns, None if region is None else region.to_dict(),
-             int(seed), float(ground_res), CACHE_VERSION]
+             int(seed), float(ground_res), {k: list(v) if isinstance(v, tuple) else v for k, v in knobs.items()},
+             CACHE_VERSION]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
