@@ -30,10 +30,12 @@ from neuralmaps.training import evaluate_localization, train
 
 NUM_PAIRS = 24
 STEPS = 60
-# Measured (2026-12-03, shipped snap-cpu-tiny, seed 0): loss 6.28 -> 4.56 (x0.73); recall@3 m
-# 0.08 -> 0.50, @1 m 0.04 -> 0.17; median 6.8 m -> 2.9 m. Bounds: about half of each gain.
+# Measured (2026-12-03, shipped snap-cpu-tiny 1e3cc38c, seed 0): recall@3 m 0.33 -> 0.46, @1 m
+# 0.04 -> 0.25, median after 3.0 m; the loss falls below the bound (the previous weights, a8b8d37a:
+# @3 m 0.08 -> 0.50). Bounds: about half of each gain.
 FIT_LOSS_RATIO = 0.87
-FIT_RECALL_GAIN = 0.2
+FIT_RECALL_GAIN = 0.06  # at 3 m
+FIT_RECALL_GAIN_1M = 0.1
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,6 +60,7 @@ def test_training_fits_twin_pairs_from_the_shipped_model(tmp_path):
     print(f"fit: loss {losses[:2]} -> {losses[-2:]}; before {b}; after {a}")
     assert sum(losses[-2:]) / 2 < FIT_LOSS_RATIO * sum(losses[:2]) / 2, losses
     assert a["recall@3m"] >= b["recall@3m"] + FIT_RECALL_GAIN, (b, a)
+    assert a["recall@1m"] >= b["recall@1m"] + FIT_RECALL_GAIN_1M, (b, a)
     assert a["median_err_xy_m"] < b["median_err_xy_m"], (b, a)
 
     # The loop's artefacts: log, config, a checkpoint that reloads to the same weights.
