@@ -9,7 +9,15 @@ import torch
 
 from neuralmaps.config import CLASS_NAMES, EncoderConfig, ModelConfig
 from neuralmaps.models.bev import FeaturePlane, MatchingHead, VerticalPooling, fuse_modalities
-from neuralmaps.models.encoders import ImageEncoder, SemanticRasterEncoder
+from neuralmaps.models.encoders import (
+    FixedGroupNorm,
+    ImageEncoder,
+    SemanticRasterEncoder,
+    ShiftMaxPool2d,
+    fix_group_norms,
+    fold_weight_standardization,
+    group_norm_statistics,
+)
 from neuralmaps.models.semantic import SemanticNet, class_frequencies, semantic_labels
 
 
@@ -40,6 +48,48 @@ def test_rootless_encoder_keeps_map_resolution_and_sees_context():
     assert base.shape == (1, 8, 64, 96)
     assert diff[32, 48] > 0 and diff[32, 55] > 0  # the FPN spreads context beyond a 3x3 window
     assert diff[0, 0] == 0  # but not across the whole raster
+
+
+def test_inference_folding_is_bit_identical():
+    """Standardised weights computed once and the shifted-slice max pool: the same outputs bit for bit."""
+    import copy
+
+    torch.manual_seed(0)
+    enc = ImageEncoder(EncoderConfig(depth=18, width=8, norm="group", num_levels=3, out_dim=8)).eval()
+    folded = fold_weight_standardization(copy.deepcopy(enc))
+    assert isinstance(folded.root[1], ShiftMaxPool2d) and type(folded.root[0]) is torch.nn.Conv2d
+    x = torch.rand(2, 3, 40, 70)
+    with torch.no_grad():
+        assert torch.equal(enc(x), folded(x))
+    for pool in (torch.nn.MaxPool2d(3, 2, 1), torch.nn.MaxPool2d(2), torch.nn.MaxPool2d((3, 2), (1, 2), (1, 0))):
+        y = torch.randn(2, 3, 17, 23)
+        assert torch.equal(pool(y), ShiftMaxPool2d(pool)(y))
+
+
+def test_fixed_group_norm_makes_the_encoder_translation_equivariant():
+    """With GroupNorm statistics fixed (estimated on a few windows), a root-less encoder's output at a cell
+    depends only on the input within its receptive field: a crop shifted by 16 cells gives the same features
+    inside (each input's own statistics shift them everywhere)."""
+    import copy
+
+    torch.manual_seed(0)
+    enc = ImageEncoder(EncoderConfig(depth=18, width=8, norm="group", num_levels=3, out_dim=8), skip_root=True).eval()
+    img = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 200, 200), 5, 1, 2)
+    windows = torch.cat([img[..., i:i + 48, j:j + 64] for i in (0, 70, 140) for j in (0, 60, 120)])
+    stats = group_norm_statistics(enc, windows)
+    n_gn = sum(isinstance(m, torch.nn.GroupNorm) for m in enc.modules())
+    assert len(stats) == n_gn and all(len(m) == len(v) for m, v in stats.values())
+    fixed = fix_group_norms(copy.deepcopy(enc), stats)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in fixed.modules())
+    assert sum(isinstance(m, FixedGroupNorm) for m in fixed.modules()) == n_gn
+    with torch.no_grad():
+        a, b = fixed(img[..., 0:160, 0:160]), fixed(img[..., 16:176, 16:176])
+        inner = (slice(None), slice(None), slice(48, 128), slice(48, 128))  # > receptive field from the borders
+        assert (a[inner] - b[..., 32:112, 32:112]).abs().max() < 1e-5
+        a, b = enc(img[..., 0:160, 0:160]), enc(img[..., 16:176, 16:176])
+        assert (a[inner] - b[..., 32:112, 32:112]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="no statistics"):
+        fix_group_norms(copy.deepcopy(enc), {})
 
 
 def test_semantic_raster_encoder_embeds_classes():

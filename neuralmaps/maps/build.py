@@ -1,10 +1,16 @@
 """`build_map`: a neural map of a region from captures (+ orthophoto, + OSM), one Dask task per tile.
 
-Per tile (`_build_tile`, on a worker):
+Once per build (driver): fixed GroupNorm statistics for the aerial / semantic-raster encoders
+(`norm_statistics`, on training-sized windows of the region; kept in the store's `norm_stats`), so
+that their features do not depend on where tile edges fall (each tile's own statistics did).
+
+Per tile (`_build_tile`, on a worker, with `inference_model`: weight standardisation folded, the
+build's GroupNorm statistics):
 1. the map views whose camera lies within the tile + halo + `view_radius_m` (spatial index on the
    capture index, done by the driver); each 16 m block of the tile (on the region's global grid) is
-   lifted from its own nearest `max_views` views within `view_radius_m`, so results do not depend on
-   where tile edges fall;
+   lifted from its own nearest `max_views` views within `view_radius_m` (those whose frustum misses
+   the block dropped: they see none of its voxels), so results do not depend on where tile edges fall;
+   images are encoded in fixed-size batches through a per-process cache;
 2. the orthophoto window (`read_orthophoto`) and the rasterized OSM (`rasterize_osm`) of the
    tile + halo;
 3. the BEV mapper run directly on the tile's grid (the model maps grids of any size at
@@ -46,8 +52,7 @@ DEFAULT_HALO_M = 16.0  # context for the aerial / semantic CNNs (seams: docs/arc
 DEFAULT_MAX_VIEWS = 48  # per block: bounds the lifting's memory (projections are voxels x views)
 GRID_MULTIPLE = 16  # compute grids are padded to this many cells (encoder strides)
 BLOCK_PX = 32  # street-view view-selection blocks on a CRS-anchored grid (16 m at 0.5 m)
-ENCODE_BATCH = 1  # images encoded one at a time: bit-identical features whatever the cache holds (a batch
-# of another composition changes float rounding), so resumed and updated builds equal fresh ones
+ENCODE_BATCH = 8  # images per encoder call, always this many (padded): see _encoded_views
 
 
 class StoreLockedError(StoreInUseError):
@@ -128,6 +133,38 @@ def _model_from_bytes(payload: bytes, device: str, threads: int | None):
     return model.eval()
 
 
+_INFERENCE_MODELS: "OrderedDict[tuple[str, str], Any]" = OrderedDict()  # (model key, norm digest) -> SNAP
+
+
+def inference_model(model, norm: dict | None):
+    """An inference copy of `model` for map building: weight standardisation folded into plain
+    convolutions (bit-identical outputs, `fold_weight_standardization`) and, with `norm`
+    (`norm_statistics`), the GroupNorms of the aerial / semantic-raster encoders fixed to the build's
+    statistics (`fix_group_norms`), so that their features do not depend on where tile edges fall."""
+    import copy
+
+    from ..models.encoders import fix_group_norms, fold_weight_standardization
+
+    m = fold_weight_standardization(copy.deepcopy(model)).eval()
+    for name in ("aerial", "semantic"):
+        enc = getattr(m.mapper, name, None)
+        if enc is not None and (norm or {}).get(name):
+            fix_group_norms(enc, norm[name])
+    return m
+
+
+def _tile_model(job: "TileJob", payload: bytes | None = None):
+    """The worker's inference model for `job` (cached per model and statistics)."""
+    k = (job.model_key, hashlib.sha256(job.norm.encode()).hexdigest())
+    if k not in _INFERENCE_MODELS:
+        base = _worker_model(job.model_key, payload, job.device)
+        _INFERENCE_MODELS[k] = inference_model(base, json.loads(job.norm) if job.norm else None)
+        while len(_INFERENCE_MODELS) > 2:
+            _INFERENCE_MODELS.popitem(last=False)
+    _INFERENCE_MODELS.move_to_end(k)
+    return _INFERENCE_MODELS[k]
+
+
 def _worker_model(key: str, payload_fallback: bytes | None = None, device: str = "auto"):
     try:
         from distributed import get_worker
@@ -172,6 +209,7 @@ class TileJob:
     device: str = "auto"
     view_radius_m: float = 32.0
     max_views: int = 48
+    norm: str = ""  # JSON of `norm_statistics` ("" = each tile's own GroupNorm statistics)
 
 
 def _load_images(paths: Sequence[str]):
@@ -192,44 +230,60 @@ _FEATURE_CACHE: "OrderedDict[tuple[str, str], tuple[Any, Any]]" = OrderedDict() 
 FEATURE_CACHE_BYTES = 256 * 2**20  # per worker process; neighbouring tiles share most of their views
 
 
-def _encoded_views(model, model_key: str, paths: Sequence[str]):
-    """Street-view feature maps and depth scores (V, C, h, w), (V, S, h, w) of the images, through a
-    per-process LRU cache: each image is seen by several tiles (tile + radius boxes overlap)."""
+def _encoded_views(model, model_key: str, paths: Sequence[str], upcoming: Sequence[str] = ()):
+    """The street-view feature maps and depth scores of the images as `ViewPatches` (B = 1, V =
+    len(paths)), through a per-process LRU cache of each image's lookup tables: each image is seen by
+    several blocks and tiles (tile + radius boxes overlap).
+
+    Missing images are encoded ENCODE_BATCH at a time, the last batch filled up with missing images of
+    `upcoming` (needed next), else padded with black images: with a fixed batch size an image's
+    features do not depend on the others in its batch (GroupNorm is per image), so they are
+    bit-identical whatever the cache holds and resumed builds equal fresh ones."""
     import torch
+
+    from ..models.streetview import ViewPatches, view_patches
 
     enc = model.mapper.streetview
     dev = next(model.parameters()).device
     missing = [p for p in dict.fromkeys(paths) if (model_key, p) not in _FEATURE_CACHE]
+    if len(missing) % ENCODE_BATCH:
+        have = set(missing)
+        fill = [p for p in dict.fromkeys(upcoming) if p not in have and (model_key, p) not in _FEATURE_CACHE]
+        missing += fill[:ENCODE_BATCH - len(missing) % ENCODE_BATCH]
     for b0 in range(0, len(missing), ENCODE_BATCH):
         batch = missing[b0:b0 + ENCODE_BATCH]
-        images = _load_images(batch).to(dev)
-        maps, scores = enc.encode_images(images[None], torch.ones((1, len(batch)), dtype=torch.bool, device=dev))
+        images = _load_images(batch)
+        if len(batch) < ENCODE_BATCH:
+            images = torch.cat([images, images.new_zeros((ENCODE_BATCH - len(batch), *images.shape[1:]))])
+        images = images.to(dev)
+        maps, scores = enc.encode_images(images[None], torch.ones((1, ENCODE_BATCH), dtype=torch.bool, device=dev))
         for k, p in enumerate(batch):
-            _FEATURE_CACHE[(model_key, p)] = (maps[0, k], scores[0, k])
+            t = view_patches(maps[:, k:k + 1], scores[:, k:k + 1])  # this image's tables (copies), lookup order
+            _FEATURE_CACHE[(model_key, p)] = (t.feats, t.scores, t.shape[2:], t.num_bins)
     out = []
     for p in paths:
         _FEATURE_CACHE.move_to_end((model_key, p))
         out.append(_FEATURE_CACHE[(model_key, p)])
-    maps = torch.stack([m for m, _ in out])
-    scores = torch.stack([s for _, s in out])
-    per = (maps[0].numel() + scores[0].numel()) * maps.element_size()
+    (h, w), S = out[0][2], out[0][3]
+    patches = ViewPatches(torch.cat([f for f, *_ in out]), torch.cat([s for _, s, *_ in out]), (1, len(out), h, w), S)
+    per = (out[0][0].numel() + out[0][1].numel()) * out[0][0].element_size()
     while len(_FEATURE_CACHE) * per > FEATURE_CACHE_BYTES and len(_FEATURE_CACHE) > len(paths):
         _FEATURE_CACHE.popitem(last=False)
-    return maps, scores
+    return patches
 
 
-def _streetview_plane(model, model_key, paths, T, cams, mask, xy, z_bottom):
+def _streetview_plane(model, model_key, paths, T, cams, mask, xy, z_bottom, upcoming: Sequence[str] = ()):
     """`BEVMapper.streetview_plane` with cached image encodings (same computation: the encoder
-    works per image, the lifting per voxel)."""
+    works per image, the lifting per voxel). upcoming: images needed next (see `_encoded_views`)."""
     from .. import geometry
     from ..models.streetview import voxel_centers
 
     mapper = model.mapper
     sv = mapper.streetview
-    maps, scores = _encoded_views(model, model_key, paths)
+    patches = _encoded_views(model, model_key, paths, upcoming)
     xyz = voxel_centers(xy, z_bottom, mapper.scene.size_m[2], mapper.scene.cell_m)
     cameras = geometry.camera_from_tensor(cams.float(), model.camera_model).scale(1.0 / sv.image_encoder.stride)
-    volume, valid = sv.lift(maps[None], scores[None], geometry.Transform3D.from_matrix(T.float()), cameras, mask, xyz)
+    volume, valid = sv.lift(patches, None, geometry.Transform3D.from_matrix(T.float()), cameras, mask, xyz)
     return mapper.pooling(volume, valid)
 
 
@@ -259,8 +313,10 @@ def _streetview_blocks(model, job: TileJob, xy, origin, area, offset, H: int):
     valid = torch.zeros((1, W, H), dtype=torch.bool, device=dev)
     r0, r1, c0, c1 = area
     R0, C0 = offset
+    nz = model.mapper.num_z
     obs = np.zeros((r1 - r0, c1 - c0), np.uint16)
     Bp = BLOCK_PX
+    blocks = []  # (rows, cols of the part to lift, selected views, z_bottom): geometry first, then features
     for gr in range((R0 + r0) // Bp * Bp, R0 + r1, Bp):
         for gc in range((C0 + c0) // Bp * Bp, C0 + c1, Bp):
             br0, br1 = max(gr - R0, r0), min(gr + Bp - R0, r1)  # the part of the block to lift
@@ -276,14 +332,47 @@ def _streetview_blocks(model, job: TileJob, xy, origin, area, offset, H: int):
             sel = sel[np.lexsort((keys[sel], d[sel]))][: job.max_views]
             sel = np.sort(sel)
             si, sj = slice(bc0, bc1), slice(H - br1, H - br0)
-            Ts, cs = Tt[sel][None], cams[sel][None]
-            mask = torch.ones((1, len(sel)), dtype=torch.bool, device=dev)
-            z_bottom = Ts[..., 2, 3].median(-1).values + cfg.model.z_offset_m
-            plane = _streetview_plane(model, job.model_key, [v.paths[k] for k in sel], Ts, cs, mask, xy[si, sj], z_bottom)
-            feats[:, :, si, sj], valid[:, si, sj] = plane.features, plane.valid
-            obs[br0 - r0:br1 - r0, bc0 - c0:bc1 - c0] = _count_observations(xy[si, sj], Ts[0], cs[0], cfg,
-                                                                            model.camera_model)
+            # The block's height (median of its views), then only the views whose frustum meets the
+            # block's voxels or ground: the others see none of them, so they change nothing.
+            z_bottom = Tt[sel][None, :, 2, 3].median(-1).values + cfg.model.z_offset_m
+            sel = sel[_frustum_culled(Tt[sel], cams[sel], xy[si, sj], z_bottom, nz * c, c, model.camera_model)]
+            if len(sel):
+                blocks.append(((br0, br1), (bc0, bc1), sel, z_bottom))
+    for b, ((br0, br1), (bc0, bc1), sel, z_bottom) in enumerate(blocks):
+        si, sj = slice(bc0, bc1), slice(H - br1, H - br0)
+        Ts, cs = Tt[sel][None], cams[sel][None]
+        mask = torch.ones((1, len(sel)), dtype=torch.bool, device=dev)
+        # The next blocks' views fill the last encoder batch of this one (no padding but at the end).
+        upcoming = [v.paths[k] for nb in blocks[b + 1:b + 4] for k in nb[2]]
+        plane = _streetview_plane(model, job.model_key, [v.paths[k] for k in sel], Ts, cs, mask, xy[si, sj], z_bottom,
+                                  upcoming)
+        feats[:, :, si, sj], valid[:, si, sj] = plane.features, plane.valid
+        obs[br0 - r0:br1 - r0, bc0 - c0:bc1 - c0] = _count_observations(xy[si, sj], Ts[0], cs[0], cfg,
+                                                                        model.camera_model)
     return FeaturePlane(feats, valid), obs
+
+
+def _frustum_culled(T, cams, xy, z_bottom, height_m: float, cell_m: float, camera_model: str) -> np.ndarray:
+    """(V,) bool: the views whose frustum may meet the box around the voxel centres over `xy` (X, Y, 2)
+    (z from z_bottom (1,), `height_m` high) and their ground points (z = 0). A view is dropped only
+    when all 8 corners lie outside one face of its pinhole frustum (grown by a pixel), so it sees no
+    voxel (PinholeCamera ignores distortion); other camera models keep every view."""
+    import torch
+
+    V = T.shape[0]
+    if camera_model != "pinhole" or not V:
+        return np.ones(V, bool)
+    zb = float(z_bottom.reshape(-1)[0])
+    lo = [float(xy[..., 0].min()), float(xy[..., 1].min()), min(zb + 0.5 * cell_m, 0.0)]
+    hi = [float(xy[..., 0].max()), float(xy[..., 1].max()), max(zb + height_m - 0.5 * cell_m, 0.0)]
+    corners = torch.tensor([[(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]]
+                            for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=T.dtype, device=T.device)
+    p = (corners[None] - T[:, None, :3, 3]) @ T[:, :3, :3]  # (V, 8, 3) in each camera frame: R^T (c - t)
+    x, y, z = p.unbind(-1)
+    w, h, fx, fy, cx, cy = (cams[:, i, None] for i in range(6))
+    out = ((z <= 1e-3).all(1) | (fx * x + (cx + 1) * z < 0).all(1) | (fx * x + (cx - w - 1) * z > 0).all(1)
+           | (fy * y + (cy + 1) * z < 0).all(1) | (fy * y + (cy - h - 1) * z > 0).all(1))
+    return (~out).cpu().numpy()
 
 
 def compute_region(tile) -> Any:
@@ -363,9 +452,9 @@ def map_tile(model, job: TileJob, osm_layers: Any = None) -> dict[str, np.ndarra
     return out
 
 
-def _read_aerial(path: str, region) -> np.ndarray:
+def _read_aerial(path: str, region, fill: bool = True) -> np.ndarray:
     """(3, H, W) float32 in [0, 1] of the orthophoto on `region`; zeros where (or when) it has no
-    coverage, as `read_orthophoto`'s NaN filled for the network."""
+    coverage, as `read_orthophoto`'s NaN filled for the network (NaN there with fill=False)."""
     import rasterio
     from rasterio.warp import transform_bounds
 
@@ -375,8 +464,53 @@ def _read_aerial(path: str, region) -> np.ndarray:
         l, b, r, t = transform_bounds(src.crs, region.crs.to_wkt(), *src.bounds, densify_pts=21)
     x0, y0, x1, y1 = region.bounds
     if l >= x1 or r <= x0 or b >= y1 or t <= y0:
-        return np.zeros((3, *region.shape), np.float32)
-    return read_orthophoto(path, region).fillna(0.0).values[:3].astype(np.float32)
+        return np.full((3, *region.shape), 0.0 if fill else np.nan, np.float32)
+    a = read_orthophoto(path, region)
+    return (a.fillna(0.0) if fill else a).values[:3].astype(np.float32)
+
+
+NORM_WINDOWS = 5  # per side: 5 x 5 training-sized windows estimate the fixed GroupNorm statistics
+
+
+def norm_windows(region, cfg, n: int = NORM_WINDOWS) -> list:
+    """Up to n x n windows of the training scene's size (`scene.size_m`, here north-up: rows = y) on
+    a regular lattice over `region` (whole cells, deterministic; they may reach beyond a region
+    smaller than a window)."""
+    c = cfg.scene.cell_m
+    h, w = int(round(cfg.scene.size_m[1] / c)), int(round(cfg.scene.size_m[0] / c))
+    H, W = region.shape
+    rows = sorted({int(v) for v in np.linspace(0, max(H - h, 0), n).round()})
+    cols = sorted({int(v) for v in np.linspace(0, max(W - w, 0), n).round()})
+    return [region.window(slice(r, r + h), slice(q, q + w)) for r in rows for q in cols]
+
+
+def norm_statistics(model, region, aerial: str | None, osm_layers: Any = None) -> dict:
+    """Fixed GroupNorm statistics of the aerial and semantic-raster encoders for one build
+    (`group_norm_statistics` over `norm_windows` of the region: each window normalised as in
+    training, the statistics averaged). Aerial windows the orthophoto does not fully cover are left
+    out (all are used when none is covered). Returns {"windows": [n_aerial, n_semantic], "aerial":
+    {...}, "semantic": {...}} (an encoder without input is absent)."""
+    import torch
+
+    from ..geo import rasterize_osm
+    from ..grids import raster_to_grid
+    from ..models.encoders import group_norm_statistics
+
+    mapper = model.mapper
+    wins = norm_windows(region, model.config)
+    out: dict[str, Any] = {"windows": [0, 0]}
+    if mapper.aerial is not None and aerial is not None:
+        rasters = [_read_aerial(aerial, w, fill=False) for w in wins]
+        full = [a for a in rasters if np.isfinite(a).all()] or rasters
+        x = torch.stack([raster_to_grid(torch.from_numpy(np.nan_to_num(a, nan=0.0))) for a in full])
+        out["aerial"] = group_norm_statistics(mapper.aerial, x.to(next(model.parameters()).device))
+        out["windows"][0] = len(full)
+    if mapper.semantic is not None and osm_layers is not None:
+        x = torch.stack([raster_to_grid(torch.from_numpy(np.asarray(rasterize_osm(osm_layers, w).values, np.float32)))
+                         for w in wins])
+        out["semantic"] = group_norm_statistics(mapper.semantic, x.to(next(model.parameters()).device))
+        out["windows"][1] = len(wins)
+    return out
 
 
 def composite_classes(sem: dict) -> tuple[Any, Any]:
@@ -406,17 +540,15 @@ def _count_observations(xy, T_scene_view, cameras, cfg, camera_model: str) -> np
 
     from .. import geometry
     from ..grids import grid_to_raster
+    from ..models.streetview import project_to_views
 
     X, Y = xy.shape[:2]
     pts = torch.cat([xy.reshape(-1, 2), torch.zeros_like(xy.reshape(-1, 2)[:, :1])], 1)  # N, 3
-    T = geometry.Transform3D.from_matrix(T_scene_view.float())
-    cams = geometry.camera_from_tensor(cameras.float(), camera_model)
-    count = torch.zeros(pts.shape[0], dtype=torch.int32, device=pts.device)
-    for k in range(T.t.shape[0]):
-        p = T[k].inv().transform(pts)
-        _, vis = cams[k].project(p)
-        d = torch.linalg.norm(p, dim=-1)
-        count += (vis & (p[:, 2] > 1e-3) & (d <= cfg.model.max_depth_m)).int()
+    T = geometry.Transform3D.from_matrix(T_scene_view.float()[None])
+    cams = geometry.camera_from_tensor(cameras.float()[None], camera_model)
+    mask = torch.ones(T.shape, dtype=torch.bool, device=pts.device)
+    _, vis, _, dist = project_to_views(pts[None], T, cams, mask)  # (1, V, N)
+    count = (vis & (dist <= cfg.model.max_depth_m)).sum(1, dtype=torch.int32)[0]
     return grid_to_raster(count.reshape(X, Y)).cpu().numpy().astype(np.uint16)
 
 
@@ -425,7 +557,7 @@ def _build_tile(job: TileJob, osm_layers: Any = None, payload: bytes | None = No
     import zarr
 
     t0 = time.perf_counter()
-    model = _worker_model(job.model_key, payload, job.device)
+    model = _tile_model(job, payload)
     out = map_tile(model, job, osm_layers)
     g = zarr.open_group(job.store, mode="r+")
     ys, xs = job.tile.inner
@@ -557,6 +689,7 @@ def build_map(
     resources: dict[str, float] | None = None,
     retries: int = 2,
     progress: bool = True,
+    norm_from: str | os.PathLike | NeuralMap | None = None,
 ) -> NeuralMap:
     """Build (or resume, or update) the neural map `out` of `region`. Returns the `NeuralMap`.
 
@@ -574,6 +707,9 @@ def build_map(
         max_views caps the views of each 16 m block (nearest first), bounding worker memory.
     device: "auto" (CUDA when the worker has it), "cpu" or "cuda"; resources: Dask task resources,
         e.g. {"GPU": 1} for GPU workers. retries: per-task retries (lost workers, transient errors).
+    norm_from: an existing map (path or NeuralMap) built with the same model whose fixed GroupNorm
+        statistics to use instead of estimating them on this region (`norm_statistics`), so that
+        adjacent or overlapping maps have the same features where they meet.
     Raises StoreLockedError when another build writes `out`, ValueError for incompatible stores or
     bad input, RuntimeError when tiles failed after their retries.
     """
@@ -607,7 +743,7 @@ def build_map(
     msha = model_sha256(model)
     inputs = _inputs(captures, captures_path, aerial, osm)
     build = {"view_radius_m": radius, "max_views": int(max_views), "tile_m": tile_px * cell, "halo_m": halo_px * cell,
-             "grid_multiple": GRID_MULTIPLE}
+             "grid_multiple": GRID_MULTIPLE, "norm": {"group_norm": "fixed", "windows": NORM_WINDOWS}}
     attrs = {
         "format": STORE_FORMAT, "model_sha256": msha, "config": json.dumps(cfg.to_dict(), sort_keys=True),
         "checkpoint": str(checkpoint) if not hasattr(checkpoint, "state_dict") else "<in-memory SNAP>",
@@ -622,9 +758,19 @@ def build_map(
             if read_attrs(out) is None:
                 raise ValueError(f"{out}: exists and is not a neural-map store; refusing to delete it")
             shutil.rmtree(out)
+        layers = None
+        given = _norm_from(norm_from, msha)
         if out.exists():
             _check_compatible(out, attrs, update)
+            norm = read_attrs(out)["norm_stats"]  # the statistics the store was started with
+            if given is not None and json.loads(given) != json.loads(norm):
+                raise ValueError(f"{out}: the existing map was built with other GroupNorm statistics than "
+                                 f"{norm_from}; use another --out, or --overwrite")
         else:
+            layers = _read_layers(osm, region)
+            norm = given or json.dumps(norm_statistics(model, region, None if aerial is None else str(aerial), layers),
+                                       sort_keys=True)
+            attrs["norm_stats"] = norm
             variables = store_variables(cfg.model.feature_dim, cfg.model.matching_dim, len(CLASS_NAMES),
                                         confidence=confidence, semantics=semantics)
             sizes = {"feature": cfg.model.feature_dim, "band": cfg.model.matching_dim}
@@ -646,10 +792,26 @@ def build_map(
             g.attrs["inputs"] = attrs["inputs"]
         todo = [t for t in tiles if not done[t.index]]
         if todo:
-            _run_tiles(todo, views, out, model, msha, aerial, osm, region, semantics, confidence, radius, max_views,
+            if layers is None:
+                layers = _read_layers(osm, region)
+            _run_tiles(todo, views, out, model, msha, aerial, layers, norm, semantics, confidence, radius, max_views,
                        client, workers,
                        scheduler, threads_per_worker, processes, device, resources, retries, progress, len(tiles), tqdm)
     return NeuralMap.open(out)
+
+
+def _norm_from(source: Any, msha: str) -> str | None:
+    """The `norm_stats` attribute of the map `source` (None: no source), checked to come from the
+    same model."""
+    if source is None:
+        return None
+    path = Path(source.path if isinstance(source, NeuralMap) else source)
+    attrs = read_attrs(path)
+    if attrs is None or "norm_stats" not in attrs:
+        raise ValueError(f"norm_from={path}: not a neural map with GroupNorm statistics")
+    if attrs.get("model_sha256") != msha:
+        raise ValueError(f"norm_from={path}: built with another model; its statistics do not apply")
+    return attrs["norm_stats"]
 
 
 def _check_compatible(out: Path, attrs: dict, update: bool) -> None:
@@ -670,16 +832,20 @@ def _check_compatible(out: Path, attrs: dict, update: bool) -> None:
                          "to rebuild the tiles the new captures touch, or --overwrite")
 
 
-def _run_tiles(todo, views, out, model, msha, aerial, osm, region, semantics, confidence, radius, max_views, client,
+def _read_layers(osm: Any, region) -> Any:
+    """The OSM layers of the region (+ 50 m), read once by the driver; tasks crop them."""
+    if osm is None:
+        return None
+    from ..geo import read_osm
+
+    return read_osm(str(osm), region=region, margin_m=50.0)
+
+
+def _run_tiles(todo, views, out, model, msha, aerial, layers, norm, semantics, confidence, radius, max_views, client,
                workers, scheduler,
                threads_per_worker, processes, device, resources, retries, progress, n_tiles, tqdm) -> None:
     from distributed import as_completed
 
-    layers = None
-    if osm is not None:
-        from ..geo import read_osm
-
-        layers = read_osm(str(osm), region=region, margin_m=50.0)  # once; tasks crop it
     payload = _checkpoint_bytes(model)
     key = msha
     with _client(client, workers, scheduler, threads_per_worker, processes) as c:
@@ -690,7 +856,7 @@ def _run_tiles(todo, views, out, model, msha, aerial, osm, region, semantics, co
         futures = []
         for t in todo:
             job = TileJob(str(out), t, views[t.index], None if aerial is None else str(aerial), key,
-                          model.camera_model, semantics, confidence, device, radius, max_views)
+                          model.camera_model, semantics, confidence, device, radius, max_views, norm)
             futures.append(c.submit(_build_tile, job, layers_f, key=f"neuralmaps-tile-{t.tile_y}-{t.tile_x}-{token}",
                                     retries=retries, resources=resources, pure=False))
         errors = []

@@ -350,18 +350,18 @@ class StreetViewEncoder(nn.Module):
     def lift(
         self, maps, scores, T_scene_view, cameras, view_mask, xyz: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunked `lift_views_to_points` + fusion MLP over a (B, X, Y, Z, 3) voxel grid."""
+        """Chunked `lift_views_to_points` + fusion MLP over a (B, X, Y, Z, 3) voxel grid. `maps` may be
+        `ViewPatches` prepared by the caller (`scores` is then ignored)."""
         B, X, Y, Z, _ = xyz.shape
         cfg = self.cfg
-        k = min(cfg.top_k_views, maps.shape[1])
-        C, D = maps.shape[2], cfg.feature_dim
+        patches = maps if isinstance(maps, ViewPatches) else view_patches(maps, scores)
+        k = min(cfg.top_k_views, patches.shape[1])
+        C, D = patches.feats.shape[1], cfg.feature_dim
         per_slice = B * X * Y * k * (10 * C + 16) * 4  # bytes: gathered rows + temporaries
         zc = max(1, min(Z, self.chunk_bytes // max(per_slice, 1)))
         # Stored for backward: ~6 (B, K, N, C) tensors + indices per observation, the MLP per voxel.
         saved = B * X * Y * Z * (k * (6 * C + 12) + 2 * C + 4 * D) * 4
         use_checkpoint = torch.is_grad_enabled() and self.training and saved > self.checkpoint_bytes
-
-        patches = view_patches(maps, scores)
 
         def run(xyz_chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             pts = xyz_chunk.reshape(B, -1, 3)
