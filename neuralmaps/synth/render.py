@@ -260,7 +260,10 @@ def trace(world: "World", app: Appearance, origins: np.ndarray, dirs: np.ndarray
         fi = f_mesh[m]
         normal[m] = world.face_normals[fi]
         labels[m] = world.face_class[fi]
-        foot = (pixel_m + pixel_rad * t[m]) / np.maximum(np.abs(np.sum(normal[m] * dirs[m], axis=1)), 0.25)
+        def foot(k: np.ndarray, m=m) -> np.ndarray:  # footprints (metres) of mesh hits k (indices into m)
+            mk = m[k]
+            return (pixel_m + pixel_rad * t[mk]) / np.maximum(np.abs(np.sum(normal[mk] * dirs[mk], axis=1)), 0.25)
+
         albedo[m] = _mesh_albedo(world, app, fi, p[m], normal[m], foot)
     o = np.flatnonzero(kind == _HIT_OCC)
     if len(o):
@@ -323,9 +326,11 @@ def _line_cover(x: np.ndarray, width: np.ndarray, foot: np.ndarray) -> np.ndarra
 
 
 def _mesh_albedo(world: "World", app: Appearance, fi: np.ndarray, p: np.ndarray, normal: np.ndarray,
-                 foot: np.ndarray | None = None) -> np.ndarray:
-    """Albedo (M, 3) of mesh hits; `foot` (M,): their footprints in metres (None: points)."""
-    foot = np.zeros(len(fi), np.float32) if foot is None else foot
+                 foot: Any = None) -> np.ndarray:
+    """Albedo (M, 3) of mesh hits. foot: hit indices (K,) -> their footprints in metres (K,),
+    asked only for the hits with fine lines (None: points, no filtering)."""
+    if foot is None:
+        foot = lambda k: np.zeros(len(k), np.float32)  # noqa: E731
     mat = world.face_mat[fi]
     out = world.face_color[fi].copy()
     st = world.styles
@@ -347,13 +352,12 @@ def _mesh_albedo(world: "World", app: Appearance, fi: np.ndarray, p: np.ndarray,
         # (courses, boards, panel joints, corrugation); float64 as the shading always was.
         shade = (1 + sty[:, 12] * world.texture.lookup(u, v, scale=sty[:, 13])) \
             * np.where(fv < 0.035, sty[:, 14].astype(np.float64), 1.0)
-        lines = np.flatnonzero((sty[:, 8] > 0) | (sty[:, 10] > 0))
-        if len(lines):  # box-filtered over the footprint: no moire at a distance
-            sl, fl = sty[lines], foot[f][lines]
-            cu = _line_cover(u[lines] / sl[:, 7], sl[:, 8], fl / sl[:, 7])
-            cv = _line_cover(v[lines] / sl[:, 9], sl[:, 10], fl / sl[:, 9])
-            on = cu + cv - cu * cv
-            shade[lines] *= 1.0 - (1.0 - sl[:, 11].astype(np.float64)) * on
+        for pos, col in ((u, 7), (v, 9)):  # lines along / up the wall, box-filtered: no moire at a distance
+            k = np.flatnonzero(sty[:, col + 1] > 0)
+            if len(k):
+                sk = sty[k]
+                cover = _line_cover(pos[k] / sk[:, col], sk[:, col + 1], foot(f[k]) / sk[:, col])
+                shade[k] *= 1.0 - (1.0 - sk[:, 11].astype(np.float64)) * cover
         col = st.facade[b] * shade[:, None]
         col[win] = st.window[b[win]]
         out[f] = col
@@ -363,11 +367,11 @@ def _mesh_albedo(world: "World", app: Appearance, fi: np.ndarray, p: np.ndarray,
         a = st.roof_dir[b]
         s = p[r, 0] * np.cos(a) + p[r, 1] * np.sin(a)
         seam = (np.mod(s / st.roof_seam_m[b], 1.0) < st.roof_seam_frac[b]).astype(np.float64)
-        styled = np.flatnonzero(st.style[b] >= 0)  # the original palette keeps its unfiltered seams
+        styled = np.flatnonzero((st.style[b] >= 0) & (st.roof_seam_frac[b] > 0))  # the original palette: unfiltered
         if len(styled):
             bs = b[styled]
             seam[styled] = _line_cover(s[styled] / st.roof_seam_m[bs], st.roof_seam_frac[bs],
-                                       foot[r][styled] / st.roof_seam_m[bs])
+                                       foot(r[styled]) / st.roof_seam_m[bs])
         tex = 1 + st.roof_tex[b] * world.texture.sample(p[r, 1], p[r, 0])
         out[r] = st.roof[b] * (tex * (1.0 - (1.0 - st.roof_seam_dark[b].astype(np.float64)) * seam))[:, None]
         if app.snow_cover > 0:  # flat roofs keep snow longer than streets
