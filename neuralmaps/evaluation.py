@@ -51,7 +51,7 @@ from .data import SceneDataset
 from .data.store import SPLIT_NAMES, read_store_attrs
 from .models import MODALITIES, SEMANTIC_MODALITIES, SNAP, select_modalities
 from .models import parse_modalities as _parse_modalities
-from .storage import atomic_write_bytes
+from .storage import atomic_write_bytes, json_safe
 
 __all__ = [
     "EvaluationError", "MODALITIES", "DEFAULT_MODALITIES", "MODES", "BASELINES",
@@ -304,19 +304,6 @@ class SemanticConfusion:
             b["class_accuracy"][name] = _num((tp + tn) / (tp + fp + fn + tn)) if tp + fp + fn + tn else None
         out["binary"] = b
         return out
-
-
-def _json_safe(x: Any) -> Any:
-    """Nested dicts / lists with NaN and inf floats (and numpy scalars) made JSON-safe (None)."""
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return _num(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def _num(v: Any) -> float | None:
@@ -769,7 +756,7 @@ def write_outputs(out_dir: str | os.PathLike, metrics: dict[str, Any], run: dict
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     p = out / "metrics.json"
-    _atomic_write_bytes(p, (json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n").encode())
+    _atomic_write_bytes(p, (json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n").encode())
     paths.append(p)
     buf = io.StringIO()
     w = csv.writer(buf)

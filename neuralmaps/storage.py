@@ -46,6 +46,7 @@ __all__ = [
     "StoreInUseError",
     "atomic_write_bytes",
     "atomic_write_text",
+    "json_safe",
     "atomic_path",
     "temp_sibling",
     "swap_into_place",
@@ -258,3 +259,25 @@ def writer_lock(target: str | os.PathLike, what: str = "store") -> Iterator[Path
         with contextlib.suppress(OSError):
             _holder_path(target).unlink()
         lock.release()
+
+
+def json_safe(x):
+    """Nested dicts / lists / tuples / arrays with numpy scalars made JSON-safe: numpy numbers and
+    booleans become Python ones, arrays lists, NaN and inf floats None (JSON has neither)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    return x

@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ..storage import json_safe
+
 if TYPE_CHECKING:  # pragma: no cover
     from .store import NeuralMap
 
@@ -137,7 +139,7 @@ class LocalizationResult:
         """JSON-ready dict (floats, lists; NaN -> None)."""
         d = asdict(self)
         d["covariance_m2"] = np.asarray(self.covariance_m2, float).tolist()
-        return _json_safe(d)
+        return json_safe(d)
 
 
 @dataclass(frozen=True)
@@ -152,21 +154,6 @@ class SemanticsAt:
     easting: float
     northing: float
 
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _json_safe(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    return x
 
 
 # ------------------------------------------------------------------------------------------------
