@@ -612,9 +612,9 @@ def run_demo(
         "recall_table": table.splitlines(),
     }
     summary["files"] = sorted(set(_files(out)) | {SUMMARY_NAME})
-    from ..evaluation import _json_safe
+    from ..storage import json_safe
 
-    atomic_write_text(out / SUMMARY_NAME, json.dumps(_json_safe(summary), indent=1) + "\n")
+    atomic_write_text(out / SUMMARY_NAME, json.dumps(json_safe(summary), indent=1) + "\n")
     print(table, flush=True)
     if in_training:
         log(f"note: {100 * in_training:.0f} % of the query photos lie in blocks the model was trained on")
