@@ -128,6 +128,37 @@ def test_splits_are_disjoint_geographic_blocks(small_store):
     for s in range(3):
         for t in range(s + 1, 3):
             assert not blocks_of_split[s] & blocks_of_split[t]
+
+
+def test_training_on_several_stores_never_touches_their_held_out_areas(small_store, tmp_path):
+    """A second store of the same city that holds out one of this store's train blocks for test:
+    with it as holdout, exactly the pairs of that block leave the train set; a store in another
+    CRS is refused rather than silently ignored."""
+    import zarr
+
+    a = _read_all(small_store)
+    train = SceneDataset(small_store, "train")
+    train_blocks = [tuple(int(v) for v in a["block"][i]) for i in train.indices]
+    target = train_blocks[0]
+    other = tmp_path / "other.zarr"
+    shutil.copytree(small_store, other)
+    g = zarr.open_group(str(other), mode="r+")
+    layout = json.loads(g.attrs["split_blocks"])
+    layout[f"{target[0]},{target[1]}"] = "test"
+    g.attrs["split_blocks"] = json.dumps(layout)
+    zarr.consolidate_metadata(str(other))
+
+    kept = SceneDataset(small_store, "train", holdout=(other,))
+    expected = [i for i, b in zip(train.indices, train_blocks) if b != target]
+    assert kept.indices.tolist() == expected
+    assert kept.num_held_out == len(train) - len(expected) >= 1
+    # its own val/test areas are no loss to a store's train split
+    assert SceneDataset(small_store, "train", holdout=(small_store,)).indices.tolist() == train.indices.tolist()
+
+    g["spatial_ref"].attrs["crs_wkt"] = "LOCAL_CS[\"elsewhere\"]"
+    zarr.consolidate_metadata(str(other))
+    with pytest.raises(ValueError, match="another CRS"):
+        SceneDataset(small_store, "train", holdout=(other,))
     total = sum(len(SceneDataset(small_store, s)) for s in SPLIT_NAMES)
     assert total == NUM_PAIRS
 

@@ -4,8 +4,9 @@
 
 Copies `<run>/semantics_last.pt` (else `localization_last.pt`) to
 `neuralmaps/weights/snap-cpu-tiny.pt` and writes `snap-cpu-tiny.json` beside it: the sha256, the
-run's schedule (`runs.jsonl`), and the 150 m split blocks of the training pairs, so that tests can
-build held-out sets in areas the model never saw.
+run's schedule (`runs.jsonl`), and the 150 m split blocks of the training pairs (with those of the
+shipped weights it was warm-started from), so that tests can build held-out sets in areas the
+model never saw.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from neuralmaps.data import SceneDataset
 from neuralmaps.data.store import SPLIT_NAMES
 from neuralmaps.models import SNAP
 from neuralmaps.storage import atomic_write_bytes, atomic_write_text
@@ -27,7 +29,8 @@ from neuralmaps.storage import atomic_write_bytes, atomic_write_text
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
-    ap.add_argument("--data", required=True, help="the training store of the run")
+    ap.add_argument("--data", required=True, nargs="+", help="the training store(s) of the run")
+    ap.add_argument("--holdout", nargs="*", default=[], metavar="STORE", help="the run's --holdout stores")
     ap.add_argument("--name", default="snap-cpu-tiny")
     ap.add_argument("--max-mb", type=float, default=20.0)
     args = ap.parse_args(argv)
@@ -41,10 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {ckpt} is {len(data) / 2**20:.1f} MB, over {args.max_mb} MB", file=sys.stderr)
         return 2
     SNAP.load(ckpt)  # refuses anything that is not a loadable checkpoint
-    g = zarr.open_group(str(args.data), mode="r")
-    blocks, split, done = (np.asarray(g[k][:]) for k in ("block", "split", "pair_done"))
-    used = {s: sorted({tuple(int(v) for v in b) for b in blocks[(split == i) & done.astype(bool)]})
-            for i, s in enumerate(SPLIT_NAMES)}
+    used: dict[str, set] = {s: set() for s in SPLIT_NAMES}
+    num_pairs = dict.fromkeys(SPLIT_NAMES, 0)
+    for d in args.data:  # the blocks each split used, as training.train selects them (holdout applied)
+        blocks = np.asarray(zarr.open_group(str(d), mode="r")["block"][:])
+        for s in SPLIT_NAMES:
+            holdout = tuple(o for o in [*args.data, *args.holdout] if o != d) if s == "train" else ()
+            ds = SceneDataset(d, s, holdout=holdout)
+            used[s] |= {tuple(int(v) for v in blocks[i]) for i in ds.indices}
+            num_pairs[s] += len(ds)
     dest = SNAP.pretrained_path(args.name)
     runs = [json.loads(line) for line in (run / "runs.jsonl").read_text().splitlines() if line.strip()] \
         if (run / "runs.jsonl").is_file() else []
@@ -52,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         # Warm-started from the shipped weights: their schedule comes first (training accumulates).
         previous = json.loads(dest.with_suffix(".json").read_text())
         runs = [dict(r, shipped_as=previous.get("sha256", "")[:12]) for r in previous.get("runs", [])] + runs
+        used["train"] |= {tuple(b) for b in previous.get("training_blocks", [])}
     info = {
         "name": args.name, "sha256": hashlib.sha256(data).hexdigest(), "source": str(ckpt), "runs": runs,
-        "training_store": str(args.data), "num_pairs": {s: int(((split == i) & done.astype(bool)).sum())
-                                                       for i, s in enumerate(SPLIT_NAMES)},
-        "training_blocks": [list(b) for b in used["train"]],
-        "held_out_blocks": {s: [list(b) for b in used[s]] for s in ("val", "test")},
+        "training_store": " ".join(str(d) for d in args.data), "num_pairs": num_pairs,
+        "training_blocks": [list(b) for b in sorted(used["train"])],
+        "held_out_blocks": {s: [list(b) for b in sorted(used[s])] for s in ("val", "test")},
     }
     atomic_write_bytes(dest, data)
     atomic_write_text(dest.with_suffix(".json"), json.dumps(info, indent=1) + "\n")

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make `training` and `neuralmap
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from torch.utils.data import ConcatDataset  # noqa: E402
 
 from neuralmaps.config import Config, preset  # noqa: E402
 from neuralmaps.data import SceneDataset  # noqa: E402
@@ -51,7 +52,12 @@ def _commit() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="training-chunk store (neuralmaps synth --out)")
+    ap.add_argument("--data", required=True, nargs="+",
+                    help="training-chunk store(s) (neuralmaps synth --out); with several, training takes the "
+                         "train pairs of all of them, minus any pair in an area another one holds out for "
+                         "val or test; validation uses the first store's val split")
+    ap.add_argument("--holdout", nargs="*", default=[], metavar="STORE",
+                    help="more stores whose val/test areas training must not touch (e.g. the reference test store)")
     ap.add_argument("--preset", default="cpu-tiny", help="config preset: cpu-tiny or paper")
     ap.add_argument("--out", required=True, help="run folder (checkpoints, logs, metrics)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -77,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = build_config(args.preset, args.set, args.modalities)
-        train_set = SceneDataset(args.data, "train", config=cfg)
-        val_set = SceneDataset(args.data, "val", config=cfg)
+        parts = [SceneDataset(d, "train", config=cfg, holdout=tuple(o for o in [*args.data, *args.holdout] if o != d))
+                 for d in args.data]
+        train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+        val_set = SceneDataset(args.data[0], "val", config=cfg)
         if len(train_set) == 0:
             return fail(f"{args.data} holds no finished train pairs")
         model = SNAP(cfg)
@@ -94,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     steps = args.steps or cfg.train.steps
     sem_steps = cfg.train.semantic_steps if args.semantic_steps is None else args.semantic_steps
-    run = {"argv": sys.argv if argv is None else ["training.train", *argv], "data": str(args.data),
-           "train_pairs": len(train_set), "val_pairs": len(val_set), "seed": args.seed, "commit": _commit(),
+    run = {"argv": sys.argv if argv is None else ["training.train", *argv],
+           "data": " ".join(str(d) for d in args.data), "holdout": [str(h) for h in args.holdout],
+           "train_pairs": len(train_set), "train_pairs_dropped_as_held_out": sum(p.num_held_out for p in parts), "val_pairs": len(val_set), "seed": args.seed, "commit": _commit(),
            "steps": steps, "semantic_steps": sem_steps, "init": args.init, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(out / "runs.jsonl", "a") as f:  # one line per (re)start: the whole schedule of the run
         f.write(json.dumps(run) + "\n")

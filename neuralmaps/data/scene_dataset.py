@@ -21,7 +21,7 @@ from ..config import CLASS_NAMES, Config
 from ..grids import raster_to_grid
 from .store import ITEM_VARIABLES, SPLIT_NAMES, read_store_attrs
 
-__all__ = ["SceneDataset", "ITEM_KEYS"]
+__all__ = ["SceneDataset", "ITEM_KEYS", "heldout_blocks"]
 
 ITEM_KEYS = (
     "map_images",
@@ -43,6 +43,18 @@ def _image(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, -3))).float().div_(255.0)
 
 
+def heldout_blocks(path: str | os.PathLike) -> tuple[str, float, frozenset[tuple[int, int]]]:
+    """(CRS WKT, split block side in metres, the (bx, by) blocks of the val and test splits) of a
+    store: the areas that training on any store of the same CRS must not touch."""
+    import zarr
+
+    attrs = read_store_attrs(Path(path))
+    layout = json.loads(attrs["split_blocks"])
+    blocks = frozenset(tuple(int(v) for v in key.split(",")) for key, split in layout.items() if split != "train")
+    crs = str(zarr.open_group(str(path), mode="r")["spatial_ref"].attrs.get("crs_wkt", ""))
+    return crs, float(attrs["split_block_m"]), blocks
+
+
 class SceneDataset(Dataset):
     """Map-scene / query pairs of one split of a training-chunk store.
 
@@ -50,9 +62,14 @@ class SceneDataset(Dataset):
         path: the Zarr store written by `neuralmaps synth` / `write_training_chunks`.
         split: "train", "val" or "test".
         config: when given, its `scene` section must match the store's (else ValueError).
+        holdout: other stores whose val and test areas this dataset must not touch: pairs in a
+            split block that is val or test there are dropped (stores of another CRS or block
+            size cannot overlap block for block and are refused). Training on several stores of
+            one city thus never sees the areas any of them evaluates on.
     """
 
-    def __init__(self, path: str | os.PathLike, split: str, config: Config | None = None):
+    def __init__(self, path: str | os.PathLike, split: str, config: Config | None = None,
+                 holdout: tuple[str | os.PathLike, ...] = ()):
         import zarr
 
         self.path = Path(path)
@@ -74,8 +91,20 @@ class SceneDataset(Dataset):
         g = zarr.open_group(str(self.path), mode="r")
         done = np.asarray(g["pair_done"][:], dtype=bool)
         splits = np.asarray(g["split"][:])
-        self.indices = np.flatnonzero(done & (splits == SPLIT_NAMES.index(split)))
+        keep = done & (splits == SPLIT_NAMES.index(split))
         self.crs_wkt = str(g["spatial_ref"].attrs.get("crs_wkt", ""))
+        self.num_held_out = 0
+        for other in holdout:
+            crs, block_m, blocks = heldout_blocks(other)
+            if crs != self.crs_wkt or block_m != float(attrs["split_block_m"]):
+                raise ValueError(f"holdout store {other} is in another CRS or split-block size than {self.path}; "
+                                 "its areas cannot be matched block for block")
+            if blocks:
+                pair_blocks = np.asarray(g["block"][:])
+                hit = np.array([(int(bx), int(by)) in blocks for bx, by in pair_blocks]) & keep
+                self.num_held_out += int(hit.sum())
+                keep &= ~hit
+        self.indices = np.flatnonzero(keep)
         self._group: Any = None
         self._pid: int | None = None
 
