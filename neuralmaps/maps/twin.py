@@ -38,7 +38,8 @@ def capture_twin(
     """Simulate capture runs over the twin of `osm` (inside the WGS84 `bbox` = (W, S, E, N), or the
     whole extract) and write them to `out` as a capture set. Deterministic in `seed`.
 
-    The orthophoto is rendered at `aerial_resolution_m` (default: the config's map cell size).
+    The orthophoto is rendered at `aerial_resolution_m` (default: the config's map cell size); the
+    twin varies as `config.synth` says (building styles, tag dropout), as `neuralmaps synth` does.
     Returns `out`. Raises FileNotFoundError / ValueError (GeoInputError) on bad input.
     """
     from PIL import Image
@@ -59,7 +60,7 @@ def capture_twin(
     region = None
     if bbox is not None:
         region = Region.from_bbox(*[float(v) for v in bbox], resolution=0.1)
-    world = World.from_osm(str(osm), region=region, seed=seed, progress=progress)
+    world = World.from_osm(str(osm), region=region, seed=seed, progress=progress, variation=config.synth)
     runs = simulate_runs(world, num_map_runs, num_query_runs, seed, config=config, progress=progress,
                          map_run_length_m=map_run_length_m, query_run_length_m=query_run_length_m)
     images = out / "images"
