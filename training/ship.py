@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in args.data:  # the blocks each split used, as training.train selects them (holdout applied)
         blocks = np.asarray(zarr.open_group(str(d), mode="r")["block"][:])
         for s in SPLIT_NAMES:
-            holdout = tuple(o for o in [*args.data, *args.holdout] if o != d) if s == "train" else ()
-            ds = SceneDataset(d, s, holdout=holdout)
+            ds = SceneDataset(d, s, holdout=tuple(args.holdout) if s == "train" else ())
             used[s] |= {tuple(int(v) for v in blocks[i]) for i in ds.indices}
             num_pairs[s] += len(ds)
     dest = SNAP.pretrained_path(args.name)
@@ -65,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         "name": args.name, "sha256": hashlib.sha256(data).hexdigest(), "source": str(ckpt), "runs": runs,
         "training_store": " ".join(str(d) for d in args.data), "num_pairs": num_pairs,
         "training_blocks": [list(b) for b in sorted(used["train"])],
-        "held_out_blocks": {s: [list(b) for b in sorted(used[s])] for s in ("val", "test")},
+        # areas no training pair came from (another store's val/test block may be a train block here)
+        "held_out_blocks": {s: [list(b) for b in sorted(used[s] - used["train"])] for s in ("val", "test")},
     }
     atomic_write_bytes(dest, data)
     atomic_write_text(dest.with_suffix(".json"), json.dumps(info, indent=1) + "\n")

@@ -53,11 +53,11 @@ def _commit() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, nargs="+",
-                    help="training-chunk store(s) (neuralmaps synth --out); with several, training takes the "
-                         "train pairs of all of them, minus any pair in an area another one holds out for "
-                         "val or test; validation uses the first store's val split")
+                    help="training-chunk store(s) (neuralmaps synth --out); training takes the train pairs of "
+                         "all of them; validation uses the first store's val split")
     ap.add_argument("--holdout", nargs="*", default=[], metavar="STORE",
-                    help="more stores whose val/test areas training must not touch (e.g. the reference test store)")
+                    help="stores whose val/test areas no training pair may lie in: give the store you evaluate "
+                         "on when --data has other stores of the same city (their splits differ)")
     ap.add_argument("--preset", default="cpu-tiny", help="config preset: cpu-tiny or paper")
     ap.add_argument("--out", required=True, help="run folder (checkpoints, logs, metrics)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = build_config(args.preset, args.set, args.modalities)
-        parts = [SceneDataset(d, "train", config=cfg, holdout=tuple(o for o in [*args.data, *args.holdout] if o != d))
-                 for d in args.data]
+        parts = [SceneDataset(d, "train", config=cfg, holdout=tuple(args.holdout)) for d in args.data]
         train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         val_set = SceneDataset(args.data[0], "val", config=cfg)
         if len(train_set) == 0:
