@@ -197,6 +197,20 @@ def test_built_map_equals_the_training_map_of_the_same_views(work):
     np.testing.assert_allclose(got[:, valid], want[:, valid], atol=3e-4, rtol=0)
 
 
+def test_worker_strips_are_contiguous_and_cover_every_tile():
+    """Two workers get one contiguous serpentine strip of tiles each, walked in order (rank 0 first):
+    neighbouring tiles share their views, so a worker's encoding cache serves the next tile."""
+    tiles = [types.SimpleNamespace(tile_y=y, tile_x=x) for y in range(3) for x in range(4)]
+    plan = B._worker_strips(tiles, ["w0", "w1"])
+    strips = {w: sorted((r, (t.tile_y, t.tile_x)) for t, (ww, r) in zip(tiles, plan) if ww == w) for w in ("w0", "w1")}
+    assert [len(v) for v in strips.values()] == [6, 6]
+    for v in strips.values():
+        assert [r for r, _ in v] == list(range(6))
+        for (_, a), (_, b) in zip(v, v[1:]):  # each next tile is a neighbour of the last
+            assert abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1
+    assert B._worker_strips(tiles, ["w0"]) == [(None, i) for i in range(12)]
+
+
 def test_resume_after_sigkill_is_identical(work, reference):
     out = work["dir"] / "killed.zarr"
     cmd = [sys.executable, "-c",

@@ -854,11 +854,12 @@ def _run_tiles(todo, views, out, model, msha, aerial, layers, norm, semantics, c
         layers_f = c.scatter(layers, broadcast=True) if layers is not None else None
         token = hashlib.sha256(f"{out.resolve()}|{time.time_ns()}".encode()).hexdigest()[:10]
         futures = []
-        for t in todo:
+        for t, (addr, rank) in zip(todo, _worker_strips(todo, _worker_addresses(c) if resources is None else [])):
             job = TileJob(str(out), t, views[t.index], None if aerial is None else str(aerial), key,
                           model.camera_model, semantics, confidence, device, radius, max_views, norm)
+            where = {} if addr is None else {"workers": [addr], "allow_other_workers": True}
             futures.append(c.submit(_build_tile, job, layers_f, key=f"neuralmaps-tile-{t.tile_y}-{t.tile_x}-{token}",
-                                    retries=retries, resources=resources, pure=False))
+                                    retries=retries, resources=resources, pure=False, priority=-rank, **where))
         errors = []
         bar = tqdm(total=n_tiles, initial=n_tiles - len(todo), desc="tiles", unit="tile", disable=not progress)
         for f in as_completed(futures):
@@ -870,6 +871,33 @@ def _run_tiles(todo, views, out, model, msha, aerial, layers, norm, semantics, c
             k, e = errors[0]
             raise RuntimeError(f"{len(errors)} of {len(todo)} tiles failed after {retries} retries "
                                f"(first: {k}: {type(e).__name__}: {e}); rerun to resume the others")
+
+
+def _worker_addresses(client) -> list[str]:
+    try:
+        return sorted(client.scheduler_info(n_workers=-1)["workers"])
+    except TypeError:
+        return sorted(client.scheduler_info()["workers"])
+
+
+def _worker_strips(tiles: Sequence[Any], workers: Sequence[str]) -> list[tuple[str | None, int]]:
+    """(preferred worker, rank within its strip) of each tile, in `tiles`' order. The tiles, walked
+    row by row in a serpentine, are cut into one contiguous strip per worker, each walked in order
+    (dask priority = -rank): a worker then builds neighbouring tiles one after another and its
+    image-encoding cache serves them, where dask's round robin would hand neighbours to different
+    workers and encode each image on every one of them. Idle workers may still steal (or retry) any
+    tile; the result does not depend on which worker builds what (`_encoded_views`)."""
+    if len(workers) < 2:
+        return [(None, i) for i in range(len(tiles))]
+    order = sorted(range(len(tiles)), key=lambda i: (tiles[i].tile_y,
+                                                     tiles[i].tile_x if tiles[i].tile_y % 2 == 0 else -tiles[i].tile_x))
+    out: list[tuple[str | None, int]] = [(None, 0)] * len(tiles)
+    n = len(order)
+    for pos, i in enumerate(order):
+        w = min(pos * len(workers) // n, len(workers) - 1)
+        start = -(-w * n // len(workers))  # first position of strip w
+        out[i] = (workers[w], pos - start)
+    return out
 
 
 def torch_threads_default(client) -> bool:
