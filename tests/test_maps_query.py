@@ -155,6 +155,26 @@ def test_pose_recovered_from_known_features(synth, monkeypatch):
         assert res.crs == CRS and res.prior_source == "argument" and res.radius_m == 20
 
 
+def test_exported_matching_cog_localizes_like_the_store(synth, monkeypatch, tmp_path):
+    """`NeuralMap.open` of the exported `*_matching.tif` (its tags name the model): the same poses
+    as the store, bit for bit (both hold float16); everything but localization is refused clearly."""
+    nm, model, region = synth["nm"], synth["model"], synth["region"]
+    files = nm.export(tmp_path / "export", progress=False)
+    cog = NeuralMap.open(files["matching"])
+    assert cog.is_cog and cog.region == region and cog.attrs["model_sha256"] == nm.attrs["model_sha256"]
+    _with_features(monkeypatch, model, [_query_features(synth, *p) for p in POSES for _ in range(2)])
+    for e, n, h in POSES:
+        prior = _latlon(region, e + 9.0, n - 6.0)
+        a = nm.localize(IMAGE, CAM, prior=prior, radius_m=20, model=model)
+        b = cog.localize(IMAGE, CAM, prior=prior, radius_m=20, model=model)
+        assert (a.easting, a.northing, a.heading_deg, a.score) == (b.easting, b.northing, b.heading_deg, b.score)
+        assert _errors(b, e, n, h)[0] < 0.1
+    with pytest.raises(ValueError, match="matching COG: it serves localization only"):
+        cog.semantics_at(*_latlon(region, 5.0, 5.0))
+    with pytest.raises(ValueError, match="not a neuralmaps matching COG"):
+        NeuralMap.open(files["pca"])  # another layer of the export
+
+
 def test_heading_prior_limits_the_search(synth, monkeypatch):
     nm, model, region = synth["nm"], synth["model"], synth["region"]
     e, n, h = POSES[0]

@@ -61,10 +61,14 @@ __all__ = [
     "export_seconds_per_km2",
     "synthetic_map_dataset",
     "default_class_colors",
+    "TAG_PREFIX",
 ]
 
 WINDOW_MB = 64.0  # samples held per window (one layer at a time); bounds the export's memory
 GDAL_CACHE_MB = 64  # GDAL block cache while writing and copying to COG
+# Metadata of every layer: NEURALMAPS_LAYER (its key) and the map's attrs (model checksum, checkpoint,
+# ...), so that a matching COG alone is enough to localize (`NeuralMap.open`).
+TAG_PREFIX = "NEURALMAPS_"
 BLOCK_PX = 512  # COG tile size
 PCA_SAMPLE = 200_000  # at most this many pixels fit the PCA
 CLASS_NODATA = 255
@@ -109,6 +113,7 @@ class _Layer:
     chunks: tuple[int, int] | None = None  # (y, x) chunk of the source when dask-backed
     stats: list[tuple[float, float]] = field(default_factory=list)  # per band (min, max) of data
     path: Path | None = None
+    tags: dict[str, str] = field(default_factory=dict)  # GeoTIFF metadata (dataset domain)
 
 
 def _window_shape(bytes_per_px: int, chunks: tuple[int, int] | None) -> tuple[int, int]:
@@ -261,12 +266,16 @@ _GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": 
 
 
 def _vrt_with_overviews(base: str, ovrs: list[str], layer: _Layer, region: Region, dtype: str) -> str:
-    """A VRT of `base` that declares `ovrs` as its overviews, with the layer's nodata, band
-    descriptions, colour interpretation and colour table (the COG copies them from its source)."""
+    """A VRT of `base` that declares `ovrs` as its overviews, with the layer's metadata tags, nodata,
+    band descriptions, colour interpretation and colour table (the COG copies them from its source)."""
     root = ET.Element("VRTDataset", rasterXSize=str(region.width), rasterYSize=str(region.height))
     ET.SubElement(root, "SRS").text = region.crs.to_wkt()
     t = region.transform
     ET.SubElement(root, "GeoTransform").text = ", ".join(repr(float(v)) for v in (t.c, t.a, t.b, t.f, t.d, t.e))
+    if layer.tags:
+        md = ET.SubElement(root, "Metadata")
+        for k, v in layer.tags.items():
+            ET.SubElement(md, "MDI", key=k).text = v
     for b in range(1, layer.count + 1):
         band = ET.SubElement(root, "VRTRasterBand", dataType=_GDAL_TYPES[dtype], band=str(b))
         if layer.nodata is not None:
@@ -896,6 +905,10 @@ def _export(ds: xr.Dataset, out_dir: str | os.PathLike, name: str, class_names: 
     if "semantic_class" in ds and not names:
         raise GeoInputError("export_map: semantic_class needs class_names (argument or ds.attrs['class_names'])")
     layers = _build_layers(ds, names, colors)
+    for layer in layers:
+        layer.tags = {f"{TAG_PREFIX}LAYER": layer.key,
+                      **{f"{TAG_PREFIX}{k.upper()}": str(v) for k, v in (attrs or {}).items()
+                         if isinstance(v, (str, int, float)) and k != "created"}}
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -158,7 +158,7 @@ def add_localize(sub: argparse._SubParsersAction) -> None:
         "heading_std_deg, confident, message, candidates, ...",
     )
     p.add_argument("photo", metavar="PHOTO", help="the photo (JPEG/PNG)")
-    p.add_argument("--map", required=True, metavar="MAP", help="neural map store (map.zarr)")
+    p.add_argument("--map", required=True, metavar="MAP", help="neural map store (map.zarr), or its exported matching COG (*_matching.tif)")
     p.add_argument("--camera", default=None, metavar="CAM.JSON",
                    help="camera JSON: width, height, fx (or hfov_deg), [fy, cx, cy, k1, k2, camera_model, z, "
                         "pitch_deg, roll_deg]; default: from the EXIF 35 mm focal length")

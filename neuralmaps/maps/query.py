@@ -480,7 +480,7 @@ class MapWindow:
 
 def read_window(nm: "NeuralMap", centre_xy: tuple[float, float], half_m: float) -> MapWindow:
     """The window of cells within `half_m` (plus the cell holding the centre) of `centre_xy` (CRS),
-    read straight from the store's Zarr arrays (only the chunks it touches)."""
+    read straight from the store's Zarr arrays or the matching COG (only the blocks it touches)."""
     import torch
 
     from ..grids import raster_to_grid
@@ -493,15 +493,13 @@ def read_window(nm: "NeuralMap", centre_xy: tuple[float, float], half_m: float) 
     r0, r1, c0, c1 = r - h, r + h + 1, c - h, c + h + 1
     win = region.window(slice(r0, r1), slice(c0, c1))
     H, W = win.shape
-    g = nm.zarr_group
-    D = int(g["matching"].shape[0])
+    D = int(nm.attrs["bands"]) if nm.is_cog else int(nm.zarr_group["matching"].shape[0])
     match = np.zeros((D, H, W), np.float32)
     valid = np.zeros((H, W), bool)
     rr0, rr1, cc0, cc1 = max(r0, 0), min(r1, region.height), max(c0, 0), min(c1, region.width)
     if rr1 > rr0 and cc1 > cc0:
-        m = np.asarray(g["matching"][:, rr0:rr1, cc0:cc1], dtype=np.float32)
-        v = np.asarray(g["valid"][rr0:rr1, cc0:cc1], dtype=bool) & np.isfinite(m).all(0)
-        match[:, rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = np.where(v, m, 0.0)
+        m, v = nm.read_matching(slice(rr0, rr1), slice(cc0, cc1))
+        match[:, rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = m
         valid[rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = v
     xmin, ymin, _, _ = win.bounds
     return MapWindow(raster_to_grid(torch.from_numpy(match)).contiguous(),

@@ -105,27 +105,68 @@ class NeuralMap:
     `.localize_many`, `.localize_sequence`, `.semantics_at`, `.classes_in` query it
     (`neuralmaps.maps.query`)."""
 
-    def __init__(self, path: Path, ds: Any):
+    def __init__(self, path: Path, ds: Any, cog: dict[str, Any] | None = None):
         self.path = Path(path)
-        self.ds = ds
+        self._ds = ds
         self._group = None
+        self._cog = cog  # {"region", "attrs"} when opened from an exported matching COG
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "NeuralMap":
-        """Open a store written by `build_map`. Raises FileNotFoundError / ValueError."""
+        """Open a store written by `build_map`, or, for localization alone, the matching COG that
+        `export` writes (`<name>_matching.tif`: its tags carry the model checksum and checkpoint).
+        Raises FileNotFoundError / ValueError."""
         from ..geo import open_zarr
 
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"neural map not found: {path}")
+        if path.is_file():
+            return cls._open_matching_cog(path)
         if read_attrs(path) is None:
             raise ValueError(f"{path}: not a neural-map store (no attribute format={STORE_FORMAT!r})")
         return cls(path, open_zarr(path))
 
+    @classmethod
+    def _open_matching_cog(cls, path: Path) -> "NeuralMap":
+        import rasterio
+
+        from ..geo import Region
+        from ..geo.export import TAG_PREFIX
+
+        try:
+            with rasterio.open(path) as src:
+                tags = src.tags()
+                crs, transform, shape, count = src.crs, src.transform, (src.height, src.width), src.count
+        except rasterio.errors.RasterioIOError as e:
+            raise ValueError(f"{path}: neither a neural-map store nor a readable GeoTIFF ({e})") from None
+        attrs = {k[len(TAG_PREFIX):].lower(): v for k, v in tags.items() if k.startswith(TAG_PREFIX)}
+        if attrs.get("layer") != "matching":
+            raise ValueError(f"{path}: not a neuralmaps matching COG (no {TAG_PREFIX}LAYER=matching tag); "
+                             "open the map store, or the <name>_matching.tif that `neuralmaps export` writes")
+        if crs is None:
+            raise ValueError(f"{path}: the GeoTIFF has no CRS")
+        region = Region(crs, transform, shape)
+        attrs["bands"] = count
+        return cls(path, None, cog={"region": region, "attrs": attrs})
+
+    @property
+    def is_cog(self) -> bool:
+        """Opened from an exported matching COG (localization only)."""
+        return self._cog is not None
+
+    @property
+    def ds(self):
+        """The store as an xarray Dataset (ValueError for a map opened from a matching COG)."""
+        if self._cog is not None:
+            raise ValueError(f"{self.path.name} is a matching COG: it serves localization only; open the map store "
+                             "(map.zarr) for its other layers, semantics and export")
+        return self._ds
+
     # -- properties ------------------------------------------------------------------------------
     @property
     def attrs(self) -> dict[str, Any]:
-        return dict(self.ds.attrs)
+        return dict(self._cog["attrs"]) if self._cog is not None else dict(self.ds.attrs)
 
     @property
     def crs(self):
@@ -135,6 +176,8 @@ class NeuralMap:
     def region(self):
         from ..geo import Region
 
+        if self._cog is not None:
+            return self._cog["region"]
         return Region.from_dict(json.loads(self.ds.attrs["region"]))
 
     @property
@@ -150,11 +193,29 @@ class NeuralMap:
     @property
     def zarr_group(self):
         """The store's zarr group, read-only (opened once): windowed reads without xarray/Dask."""
+        self.ds  # noqa: B018 (a matching COG has no group: its clear error)
         if self._group is None:
             import zarr
 
             self._group = zarr.open_group(str(self.path), mode="r")
         return self._group
+
+    def read_matching(self, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Matching features (D, h, w) float32 (0 where invalid) and validity (h, w) bool of the
+        pixel window rows x cols (inside the map), from the store or the matching COG."""
+        if self._cog is not None:
+            import rasterio
+            from rasterio.windows import Window
+
+            with rasterio.open(self.path) as src:
+                m = src.read(window=Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start),
+                             out_dtype="float32")
+            v = np.isfinite(m).all(0)
+        else:
+            g = self.zarr_group
+            m = np.asarray(g["matching"][:, rows, cols], dtype=np.float32)
+            v = np.asarray(g["valid"][rows, cols], dtype=bool) & np.isfinite(m).all(0)
+        return np.where(v, m, 0.0).astype(np.float32), v
 
     @property
     def tile_done(self) -> np.ndarray:
@@ -166,6 +227,8 @@ class NeuralMap:
         return bool(self.tile_done.all())
 
     def __repr__(self) -> str:
+        if self._cog is not None:
+            return f"NeuralMap({str(self.path)!r}, {self.region!r}, matching COG: localization only)"
         d = self.tile_done
         return (f"NeuralMap({str(self.path)!r}, {self.region!r}, tiles {int(d.sum())}/{d.size} done, "
                 f"variables {sorted(v for v in self.ds.data_vars if not v.startswith('tile_'))})")
