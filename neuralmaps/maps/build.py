@@ -95,6 +95,25 @@ def model_sha256(model) -> str:
 _WORKER_MODELS: dict[str, Any] = {}  # per process: model key -> SNAP (tasks outside a plugin)
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed large buffers in the heap for the next tile instead of unmapping them
+    and faulting fresh zeroed pages in (mallopt M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB). Dask's
+    nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, and a tile's large temporaries were then
+    mapped afresh each time: 2 worker processes, 9 tiles: user 53 s + system 37 s, 77 s wall; with
+    this 40 + 4 s, 37 s wall. A worker's memory stays its largest tile's peak (bounded, not growing
+    with the region). No-op where there is no glibc; returns whether it applied."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) & bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
 class ModelPlugin(WorkerPlugin):
     """Dask WorkerPlugin: loads the model once per worker, on its device (`cuda` when the worker
     has a GPU and `device="auto"`)."""
@@ -105,6 +124,10 @@ class ModelPlugin(WorkerPlugin):
         self.key, self.payload, self.device, self.threads = key, payload, device, threads
 
     def setup(self, worker=None):  # noqa: D401 (distributed API)
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None:  # a spawned worker, not the user's process
+            keep_freed_memory()
         model = _model_from_bytes(self.payload, self.device, self.threads)
         models = getattr(worker, "_neuralmaps_models", None)
         if models is None:
