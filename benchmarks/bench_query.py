@@ -1,7 +1,7 @@
 """Query benchmark: localization latency and memory per photo with a 30 m prior, batch queries per
 second through Dask with 1 and 2 workers, and recall of single-image vs sequential localization.
 
-A tiny map is built first (once; reused from --work): `neuralmaps capture` of a small Helsinki box
+A tiny map is built first (once per shipped model; reused from --work): `neuralmaps capture` of a small Helsinki box
 (the contract's build box) with the digital twin, then `neuralmaps build` of that box with the
 shipped model (street view + the twin's orthophoto). The twin's query runs (pedestrian photos with ground-truth
 poses, queries.parquet) are the queries; each prior is the truth moved by a seeded random offset
@@ -26,6 +26,7 @@ prefixed aerial_rgb_, num_queries, num_sequences.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -110,7 +111,11 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    cap, store = work / "cap", work / "map.zarr"
+    from neuralmaps.models import SNAP
+
+    # One scratch map per shipped model: new weights build a new map instead of meeting the old one.
+    weights = hashlib.sha256(SNAP.pretrained_path().read_bytes()).hexdigest()[:12]
+    cap, store = work / "cap", work / f"map-{weights}.zarr"
     if not (cap / "queries.parquet").is_file():
         t = time.perf_counter()
         _cli("capture", "--osm", "helsinki", "--bbox", args.bbox, "--out", str(cap), "--seed", "1", "--quiet")
@@ -190,7 +195,9 @@ def main() -> None:
     from neuralmaps.testing import AerialRGBMatcher, aerial_rgb_store
 
     matcher = AerialRGBMatcher(preset("cpu-tiny"))
-    rgb_store = work / "aerial_rgb.zarr"
+    from neuralmaps.maps.build import model_sha256
+
+    rgb_store = work / f"aerial_rgb-{model_sha256(matcher)[:12]}.zarr"  # per matcher, as the map per model
     if not rgb_store.exists():
         aerial_rgb_store(cap / "aerial.tif", rgb_store, matcher, region=region)
     for name, nmap, model in (("", nm, None), ("aerial_rgb_", NeuralMap.open(rgb_store), matcher)):
