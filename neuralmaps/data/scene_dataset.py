@@ -94,16 +94,15 @@ class SceneDataset(Dataset):
         keep = done & (splits == SPLIT_NAMES.index(split))
         self.crs_wkt = str(g["spatial_ref"].attrs.get("crs_wkt", ""))
         self.num_held_out = 0
+        pair_blocks = [(int(bx), int(by)) for bx, by in np.asarray(g["block"][:])] if holdout else []
         for other in holdout:
             crs, block_m, blocks = heldout_blocks(other)
             if crs != self.crs_wkt or block_m != float(attrs["split_block_m"]):
                 raise ValueError(f"holdout store {other} is in another CRS or split-block size than {self.path}; "
                                  "its areas cannot be matched block for block")
-            if blocks:
-                pair_blocks = np.asarray(g["block"][:])
-                hit = np.array([(int(bx), int(by)) in blocks for bx, by in pair_blocks]) & keep
-                self.num_held_out += int(hit.sum())
-                keep &= ~hit
+            hit = np.array([b in blocks for b in pair_blocks], dtype=bool) & keep
+            self.num_held_out += int(hit.sum())
+            keep &= ~hit
         self.indices = np.flatnonzero(keep)
         self._group: Any = None
         self._pid: int | None = None

@@ -897,6 +897,8 @@ def _run_tiles(todo, views, out, model, msha, aerial, layers, norm, semantics, c
 
 
 def _worker_addresses(client) -> list[str]:
+    """The client's worker addresses, sorted (`n_workers=-1`: all of them, where distributed
+    lists only some by default)."""
     try:
         return sorted(client.scheduler_info(n_workers=-1)["workers"])
     except TypeError:
@@ -915,18 +917,15 @@ def _worker_strips(tiles: Sequence[Any], workers: Sequence[str]) -> list[tuple[s
     order = sorted(range(len(tiles)), key=lambda i: (tiles[i].tile_y,
                                                      tiles[i].tile_x if tiles[i].tile_y % 2 == 0 else -tiles[i].tile_x))
     out: list[tuple[str | None, int]] = [(None, 0)] * len(tiles)
-    n = len(order)
+    taken = dict.fromkeys(workers, 0)  # tiles given to each strip so far = the next tile's rank
     for pos, i in enumerate(order):
-        w = min(pos * len(workers) // n, len(workers) - 1)
-        start = -(-w * n // len(workers))  # first position of strip w
-        out[i] = (workers[w], pos - start)
+        w = workers[pos * len(workers) // len(order)]
+        out[i] = (w, taken[w])
+        taken[w] += 1
     return out
 
 
 def torch_threads_default(client) -> bool:
     """Whether workers may keep torch's default thread count: only when there is one worker
     (several workers on one machine would oversubscribe the cores)."""
-    try:
-        return len(client.scheduler_info(n_workers=-1)["workers"]) <= 1
-    except TypeError:
-        return len(client.scheduler_info()["workers"]) <= 1
+    return len(_worker_addresses(client)) <= 1

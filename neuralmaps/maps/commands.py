@@ -22,6 +22,13 @@ def _bbox(text: str | None) -> tuple[float, float, float, float] | None:
     return box  # type: ignore[return-value]
 
 
+def _add_twin_set(p: argparse.ArgumentParser) -> None:
+    """`--set` of the twin's config (capture, demo): read by `Config.with_overrides`."""
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field of the twin (repeatable), e.g. synth.tag_dropout=0 or "
+                        "'synth.building_styles=[]' (the original twin, without variation)")
+
+
 # -- capture --------------------------------------------------------------------------------------
 def run_capture(args: argparse.Namespace) -> int:
     from ..cli import resolve_osm
@@ -50,9 +57,7 @@ def add_capture(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--query-runs", type=int, default=2, help="query (pedestrian) runs (default 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--preset", default="cpu-tiny", choices=["cpu-tiny", "paper"], help="camera/image config preset")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config field of the twin (repeatable), e.g. synth.tag_dropout=0 or "
-                        "'synth.building_styles=[]' (the original twin, without variation)")
+    _add_twin_set(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_capture)
 
@@ -203,8 +208,6 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
                    help="localize at most N photos (default: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed (runs, GPS noise)")
     p.add_argument("--workers", type=int, default=1, help="local Dask workers for the build and the localization (default 1)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config field of the twin (repeatable), e.g. synth.tag_dropout=0 or "
-                        "'synth.building_styles=[]' (the original twin, without variation)")
+    _add_twin_set(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_demo_command)

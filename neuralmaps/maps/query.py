@@ -493,7 +493,7 @@ def read_window(nm: "NeuralMap", centre_xy: tuple[float, float], half_m: float) 
     r0, r1, c0, c1 = r - h, r + h + 1, c - h, c + h + 1
     win = region.window(slice(r0, r1), slice(c0, c1))
     H, W = win.shape
-    D = int(nm.attrs["bands"]) if nm.is_cog else int(nm.zarr_group["matching"].shape[0])
+    D = nm.num_matching_bands
     match = np.zeros((D, H, W), np.float32)
     valid = np.zeros((H, W), bool)
     rr0, rr1, cc0, cc1 = max(r0, 0), min(r1, region.height), max(c0, 0), min(c1, region.width)

@@ -109,7 +109,7 @@ class NeuralMap:
         self.path = Path(path)
         self._ds = ds
         self._group = None
-        self._cog = cog  # {"region", "attrs"} when opened from an exported matching COG
+        self._cog = cog  # {"region", "attrs", "bands"} when opened from an exported matching COG
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "NeuralMap":
@@ -146,9 +146,7 @@ class NeuralMap:
                              "open the map store, or the <name>_matching.tif that `neuralmaps export` writes")
         if crs is None:
             raise ValueError(f"{path}: the GeoTIFF has no CRS")
-        region = Region(crs, transform, shape)
-        attrs["bands"] = count
-        return cls(path, None, cog={"region": region, "attrs": attrs})
+        return cls(path, None, cog={"region": Region(crs, transform, shape), "attrs": attrs, "bands": count})
 
     @property
     def is_cog(self) -> bool:
@@ -199,6 +197,11 @@ class NeuralMap:
 
             self._group = zarr.open_group(str(self.path), mode="r")
         return self._group
+
+    @property
+    def num_matching_bands(self) -> int:
+        """Channels of the matching features (store or matching COG)."""
+        return int(self._cog["bands"]) if self._cog is not None else int(self.zarr_group["matching"].shape[0])
 
     def read_matching(self, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
         """Matching features (D, h, w) float32 (0 where invalid) and validity (h, w) bool of the
