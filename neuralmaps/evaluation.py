@@ -148,11 +148,23 @@ def open_eval_data(path: str | os.PathLike, split: str, config: Config | None = 
     return EvalData(path, split, dataset, parts[0].store_config, pair_split, pair_block, pair_query_type)
 
 
-def load_model(checkpoint: str | os.PathLike):
+def load_model(checkpoint: str | os.PathLike, overrides: Sequence[str] = ()):
     """`"pretrained"` (the shipped weights, offline) or a checkpoint path -> SNAP in eval mode.
-    Raises EvaluationError when it is missing or unreadable."""
+    overrides: `model.FIELD=VALUE` of knobs no weight depends on (`RUNTIME_FIELDS`: the localizer's
+    proposals, point scores, samples, refinement ...), to evaluate a variant of the same weights.
+    Raises EvaluationError when it is missing or unreadable, or an override is not such a knob."""
+    from .models.snap import RUNTIME_FIELDS
+
     try:
         model = SNAP.from_pretrained() if str(checkpoint) == "pretrained" else SNAP.load(checkpoint)
+        if overrides:
+            keys = [o.partition("=")[0].strip() for o in overrides]
+            bad = [k for k in keys if k not in RUNTIME_FIELDS]
+            if bad:
+                raise EvaluationError(f"--set {', '.join(bad)}: only knobs that no weight depends on can change "
+                                      f"(one of {', '.join(sorted(RUNTIME_FIELDS))})")
+            path = SNAP.pretrained_path() if str(checkpoint) == "pretrained" else checkpoint
+            model = SNAP.load(path, config=model.config.with_overrides(list(overrides)))
     except (FileNotFoundError, ValueError) as e:
         raise EvaluationError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     return model.eval()
@@ -815,9 +827,10 @@ def run_evaluation(
     semantics: bool = True,
     progress: bool = True,
     device: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate a checkpoint ("pretrained" or a path) or a baseline (`BASELINES`) on a store's split
-    and write the outputs (`write_outputs`). Returns the metrics dict."""
+    and write the outputs (`write_outputs`); `overrides` as in `load_model`. Returns the metrics dict."""
     if (checkpoint is None) == (baseline is None):
         raise EvaluationError("give either a checkpoint or a baseline")
     modes = MODES if mode == "both" else (mode,)
@@ -840,7 +853,7 @@ def run_evaluation(
         title = f"baseline {baseline} on {Path(data_path).name} ({split})"
     else:
         modalities = parse_modalities(modalities)
-        model = load_model(checkpoint)
+        model = load_model(checkpoint, overrides)
         data = open_eval_data(data_path, split, config=model.config)
         if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
             raise EvaluationError(f"--device {device}: CUDA is not available here")
@@ -848,6 +861,8 @@ def run_evaluation(
                              seed=seed, num_rotations=num_rotations, progress=progress, device=device)
         metrics = build_metrics(run, method="snap", modalities=modalities, modes=modes, data=data,
                                 checkpoint=str(checkpoint), seed=seed)
+        if overrides:
+            metrics["overrides"] = list(overrides)
         title = f"SNAP {'+'.join(modalities)} on {Path(data_path).name} ({split})"
     write_outputs(out_dir, metrics, run, title)
     return metrics

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -76,9 +76,11 @@ def make_loader(dataset: SceneDataset, batch_size: int, shuffle: bool, num_worke
 @torch.no_grad()
 def evaluate_localization(
     model: SNAP, dataset, batch_size: int = 4, max_batches: int | None = None, seed: int = 0,
+    modalities: Sequence[str] | None = None,
 ) -> LocalizationMetrics:
     """Localize every query of `dataset` against the map built from its own scene (eval mode,
-    the localizer's default RANSAC mode, as in `SNAP.loss`)."""
+    the localizer's default RANSAC mode, as in `SNAP.loss`), from `modalities` (None: all the
+    model and the batch have)."""
     was_training = model.training
     model.eval()
     metrics = LocalizationMetrics()
@@ -88,7 +90,7 @@ def evaluate_localization(
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            out = model.loss(batch, generator=g)
+            out = model.loss(batch, generator=g, modalities=modalities)
             metrics.add(out["err_xy_m"], out["err_yaw_deg"])
     finally:
         model.train(was_training)
@@ -97,7 +99,12 @@ def evaluate_localization(
 
 STAGES = ("localization", "semantics")
 LOG_FIELDS = ("stage", "step", "loss", "median_err_xy_m", "median_area_accuracy", "recall@3m", "lr", "elapsed_s",
-              "val/recall@1m", "val/recall@3m", "val/recall@5m", "val/median_err_xy_m", "val/median_err_yaw_deg")
+              "val/recall@1m", "val/recall@3m", "val/recall@5m", "val/median_err_xy_m", "val/median_err_yaw_deg",
+              "val_aerial/recall@3m", "val_aerial/median_err_xy_m")
+# Validation maps: street view + aerial, the modalities of the targets and of the product's maps
+# (the semantic raster is a training input, never one of a built map); and aerial alone, which is
+# all a map holds where no street-view image reached.
+VAL_MODALITIES = {"val": ("streetview", "aerial"), "val_aerial": ("aerial",)}
 
 
 def lr_factor(step: int, steps: int, constant_fraction: float = 0.5, warmup: int = 0) -> float:
@@ -117,6 +124,19 @@ def _subset(dataset, limit: int | None):
     # Evenly spread over the split, the same pairs at every evaluation.
     idx = torch.linspace(0, len(dataset) - 1, limit).round().long().tolist()
     return torch.utils.data.Subset(dataset, idx)
+
+
+def val_modalities(model: SNAP) -> dict[str, tuple[str, ...]]:
+    """`VAL_MODALITIES` restricted to the model's inputs; a set left empty or equal to "val" is skipped."""
+    flags = {"streetview": model.config.model.use_streetview, "aerial": model.config.model.use_aerial}
+    out = {name: tuple(m for m in mods if flags[m]) for name, mods in VAL_MODALITIES.items()}
+    return {name: mods for name, mods in out.items() if mods and (name == "val" or mods != out["val"])}
+
+
+def validate(model: SNAP, dataset, **kwargs) -> dict[str, dict]:
+    """`evaluate_localization` summaries per validation set of modalities (`val_modalities`)."""
+    return {name: evaluate_localization(model, dataset, modalities=mods, **kwargs).summary() | {"modalities": list(mods)}
+            for name, mods in val_modalities(model).items()}
 
 
 def _append_log(out: Path, rec: dict) -> None:
@@ -247,7 +267,9 @@ def train(
                 rec["recall@3m"] = sum(m <= 3.0 for m in values) / len(values)
             window = []
             if val_subset is not None and stage == "localization" and eval_every and ((step + 1) % eval_every == 0 or last):
-                rec |= {f"val/{k}": v for k, v in evaluate_localization(model, val_subset).summary().items()}
+                for name, summary in validate(model, val_subset).items():
+                    rec |= {f"{name}/{k}": v for k, v in summary.items()
+                            if k != "modalities" and (name == "val" or f"{name}/{k}" in LOG_FIELDS)}
             records.append(rec)
             post = {"loss": f"{rec['loss']:.3f}"}
             if "recall@3m" in rec:

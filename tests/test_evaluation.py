@@ -276,6 +276,27 @@ def test_cli_modalities_and_mode(store, checkpoint, tmp_path):
     assert m["modalities"] == ["aerial"] and list(m["modes"]) == ["voting"] and "semantic_miou" not in m
 
 
+def test_cli_set_evaluates_a_localizer_variant_of_the_same_weights(store, checkpoint, tmp_path, capsys):
+    from neuralmaps.evaluation import load_model
+    from training.evaluate import main
+
+    base, variant = load_model(checkpoint), load_model(checkpoint, ["model.proposals=softmax", "model.num_pose_samples=64"])
+    assert (variant.localizer.proposals, variant.localizer.num_pose_samples) == ("softmax", 64)
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), variant.state_dict().values()))
+    out = tmp_path / "softmax"
+    assert main(["--checkpoint", str(checkpoint), "--data", str(store), "--split", "all", "--out", str(out), "--limit", "2",
+                 "--mode", "ransac", "--no-semantics", "--quiet", "--set", "model.proposals=softmax"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    _check_metrics(m, 2)
+    assert m["overrides"] == ["model.proposals=softmax"]
+    capsys.readouterr()
+    # a field the weights depend on is refused, in one line
+    assert main(["--checkpoint", str(checkpoint), "--data", str(store), "--out", str(tmp_path / "x"),
+                 "--set", "model.feature_dim=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --set model.feature_dim: only knobs that no weight") and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("baseline", ["prior", "aerial-rgb"])
 def test_cli_baselines(store, tmp_path, baseline, capsys):
     from training.evaluate import main

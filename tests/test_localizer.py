@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from neuralmaps.config import ModelConfig
 from neuralmaps.geometry import Transform2D
@@ -261,3 +262,33 @@ def test_clear_errors_on_bad_input(problem):
         loc(*args[:3], torch.zeros_like(args[3]), *args[4:])
     with pytest.raises(ValueError, match="cell_m"):
         loc(*args[:5], 0.0)
+
+
+def _anti_aligned(pb, sl: slice):
+    """The problem with one more channel that points every map cell away from every query point
+    (cos(f, m) = (cos_before - 4) / 5 in [-1, -0.6]), yet still most similar at the true pose."""
+    m, q = pb.map_feats[sl], F.normalize(pb.query_feats[sl], dim=1)
+    m = F.normalize(torch.cat([m, torch.full_like(m[:, :1], -2.0)], 1), dim=1)
+    q = F.normalize(torch.cat([q, torch.full_like(q[:, :1], 2.0)], 1), dim=1)
+    return m, q
+
+
+@pytest.mark.parametrize("similarity", ["relu", "linear"])
+def test_linear_similarity_learns_and_localizes_where_relu_is_dead(problem, similarity):
+    # Run 4's aerial branch: every aerial feature pointed away from the query's (cos -0.9), so
+    # ReLU(f·m) = 0 everywhere, no gradient, chance recall. Linear similarities keep both.
+    loc = Localizer(ModelConfig(num_pose_samples=1024, num_pose_retries=8, similarity=similarity,
+                                point_scores="log_ratio", proposals="local_maxima"))
+    sl = slice(0, 25)
+    m, q = _anti_aligned(problem, sl)
+    m = m.requires_grad_(True)
+    out = loc(m, problem.map_valid[sl], q, problem.query_valid[sl], problem.query_xy, problem.cell_m,
+              mode="ransac", T_gt=problem.T_gt[sl], generator=torch.Generator().manual_seed(1))
+    out.loss.mean().backward()
+    dr, dt = pose_errors(out.T_map_query, problem.T_gt[sl], problem.cell_m)
+    recall = ((dr <= 1.0) & (dt <= 1.0)).float().mean().item()
+    # Measured (seed 1): relu 0 / 25 recalled, gradient exactly 0; linear 24 / 25, gradient 1.4e-4.
+    if similarity == "relu":
+        assert m.grad.abs().max() == 0 and recall <= 0.1, (m.grad.abs().max(), recall)
+    else:
+        assert m.grad.abs().max() > 0 and recall >= 0.9, (m.grad.abs().max(), recall)

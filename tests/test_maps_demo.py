@@ -67,6 +67,14 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     # a miss counts as a miss: recalls are over all photos, from the CSV's errors
     ok = (csv["error_m"] <= 3) & (csv["error_deg"] <= 3)
     assert j["recall_3m_3deg"] == pytest.approx(ok.mean())
+    # the split by distance to the nearest map image covers every photo, with the CSV's distances
+    d = j["by_distance_to_map_images"]
+    near = csv["nearest_map_image_m"] <= d["threshold_m"]
+    assert (csv["nearest_map_image_m"] >= 0).all() and d["median_distance_m"] == pytest.approx(csv["nearest_map_image_m"].median())
+    assert (d["near"]["num_queries"], d["far"]["num_queries"]) == (near.sum(), (~near).sum())
+    for part, rows in (("near", near), ("far", ~near)):
+        if rows.any():
+            assert d[part]["recall_3m_3deg"] == pytest.approx(ok[rows].mean())
     assert j["median_error_m"] is None or math.isclose(j["median_error_m"], csv["error_m"].median())
     # semantics against OSM over the cells the map holds
     assert j["semantics"]["num_cells"] > 0 and set(j["semantics"]["iou"]) == {"crosswalk", "sidewalk", "road",

@@ -304,3 +304,24 @@ def test_edge_cases_give_clear_errors_or_sane_maps(tmp_path):
         cfg2 = tiny_config()
         cfg2.model.use_streetview = cfg2.model.use_aerial = cfg2.model.use_semantic = False
         SNAP(cfg2)
+
+
+def test_a_neutral_field_added_later_keeps_old_checksums():
+    # `model.similarity` came after maps had been built with the shipped model: a checkpoint whose
+    # config lacks it reads back as "relu" and hashes as before, so those maps still open; "linear"
+    # is another model.
+    import hashlib
+    import json
+
+    from neuralmaps.config import Config
+    from neuralmaps.maps.build import model_sha256
+
+    old = tiny_config().to_dict()
+    del old["model"]["similarity"]
+    cfg = Config.from_dict(old)
+    assert cfg.model.similarity == "relu" and cfg.hash_dict() == old
+    assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    model = SNAP(cfg)
+    linear = SNAP(cfg.with_overrides({"model.similarity": "linear"}))
+    linear.load_state_dict(model.state_dict())
+    assert model_sha256(linear) != model_sha256(model)

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N], for the learned model")
     ap.add_argument("--seed", type=int, default=0, help="seed of RANSAC samples and the prior's headings")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--set", nargs="+", default=[], metavar="model.FIELD=VALUE",
+                    help="localizer knobs no weight depends on, e.g. model.proposals=softmax (a variant of the "
+                         "same weights)")
     return ap
 
 
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             data_path=args.data, split=args.split, out_dir=args.out, checkpoint=args.checkpoint,
             baseline=args.baseline, modalities=modalities, mode=args.mode, limit=args.limit, seed=args.seed,
             num_rotations=args.rotations, semantics=not args.no_semantics, progress=not args.quiet,
-            device=args.device,
+            device=args.device, overrides=args.set,
         )
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -30,7 +30,7 @@ from torch.utils.data import ConcatDataset  # noqa: E402
 from neuralmaps.config import Config, preset  # noqa: E402
 from neuralmaps.data import SceneDataset  # noqa: E402
 from neuralmaps.models import MODALITIES, SNAP, parse_modalities  # noqa: E402
-from neuralmaps.training import evaluate_localization, train  # noqa: E402
+from neuralmaps.training import train, validate  # noqa: E402
 
 
 def build_config(preset_name: str, overrides: list[str], modalities: str | None) -> Config:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         train(model, train_set, steps=sem_steps, stage="semantics", **common)
     metrics = {}
     if len(val_set):
-        metrics["val"] = evaluate_localization(model, val_set).summary()
+        metrics = validate(model, val_set)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics))
     return 0

@@ -84,7 +84,7 @@ def _checkpoint_bytes(model) -> bytes:
 
 def model_sha256(model) -> str:
     """sha256 of the weights (names, dtypes, shapes, bytes) and the config: stable across files."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(model.config.hash_dict(), sort_keys=True).encode())
     for k, v in sorted(model.state_dict().items()):
         t = v.detach().cpu().contiguous()
         h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())

@@ -56,6 +56,9 @@ DEFAULT_QUERY_RUNS = 2
 PRIOR_RADIUS_M = 30.0
 GPS_NOISE_M = 5.0  # standard deviation per axis of the simulated GPS fix
 SEQUENCE_LENGTH = 8  # photos per sequence (consecutive frames of one walk)
+# A photo this close to a map image has street view in its map window; farther ones rely more on the
+# orthophoto (the recall table splits the single photos there).
+NEAR_STREET_VIEW_M = 10.0
 MAP_MARGIN_M = 2.0  # around the cameras' extent, so that every photo lies inside the map
 MAX_AREA_M2 = 250_000.0  # the demo is sized for a few hundred metres; use capture/build beyond
 EXPORT_NAME = "map"
@@ -213,6 +216,15 @@ def _errors(res: Any, x: np.ndarray, y: np.ndarray, heading: np.ndarray) -> tupl
     return err_m, err_deg
 
 
+def _nearest_map_image_m(captures: Any, queries: Any) -> np.ndarray:
+    """Distance (m) from each query photo to the nearest map image (both in the captures' CRS)."""
+    from scipy.spatial import cKDTree
+
+    f, q = captures.frame, queries.to_crs(captures.crs).frame
+    tree = cKDTree(np.c_[f["x"].to_numpy(float), f["y"].to_numpy(float)])
+    return tree.query(np.c_[q["x"].to_numpy(float), q["y"].to_numpy(float)])[0]
+
+
 def _recalls(err_m: np.ndarray, err_deg: np.ndarray) -> dict[str, Any]:
     from ..evaluation import recall_summary
 
@@ -223,8 +235,8 @@ def _recalls(err_m: np.ndarray, err_deg: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def recall_table(columns: dict[str, dict[str, Any]], prior_median_m: float) -> str:
-    """A plain-text table of recalls (rows) per method (columns)."""
+def recall_table(columns: dict[str, dict[str, Any]], prior_median_m: float, note: str = "") -> str:
+    """A plain-text table of recalls (rows) per method (columns); `note` ends its last line."""
     names = list(columns)
     w = max(12, *(len(n) + 2 for n in names))
     lines = ["".ljust(16) + "".join(n.rjust(w) for n in names)]
@@ -242,7 +254,7 @@ def recall_table(columns: dict[str, dict[str, Any]], prior_median_m: float) -> s
     lines.append("median error".ljust(16) + "".join(med(columns[n]).rjust(w) for n in names))
     lines.append("failed".ljust(16) + "".join(str(columns[n]["failed"]).rjust(w) for n in names))
     lines.append("photos".ljust(16) + "".join(str(columns[n]["num_queries"]).rjust(w) for n in names))
-    lines.append(f"(the GPS prior alone: median position error {prior_median_m:.1f} m, heading unknown)")
+    lines.append(f"(the GPS prior alone: median position error {prior_median_m:.1f} m, heading unknown{note})")
     return "\n".join(lines)
 
 
@@ -560,10 +572,14 @@ def run_demo(
             seq = _localize_sequences(nm, q, lat, lon, radius_m, sequence_length, progress)
     err_m, err_deg = _errors(single, x, y, heading)
     s_err_m, s_err_deg = _errors(seq, x, y, heading)
-    columns = {"single photo": _recalls(err_m, err_deg), f"sequence of {sequence_length}": _recalls(s_err_m, s_err_deg)}
+    near_m = _nearest_map_image_m(captures, q)
+    near = near_m <= NEAR_STREET_VIEW_M
+    columns = {"single photo": _recalls(err_m, err_deg), f"sequence of {sequence_length}": _recalls(s_err_m, s_err_deg),
+               f"single, <= {NEAR_STREET_VIEW_M:g} m": _recalls(err_m[near], err_deg[near]),
+               f"single, > {NEAR_STREET_VIEW_M:g} m": _recalls(err_m[~near], err_deg[~near])}
     prior_err = np.hypot(px - x, py - y)
     per_photo = {"image": q.frame["image"], "run_id": q.frame["run_id"], "true_easting": x, "true_northing": y,
-                 "true_heading_deg": heading, "prior_lat": lat, "prior_lon": lon, "prior_error_m": prior_err,
+                 "true_heading_deg": heading, "nearest_map_image_m": near_m, "prior_lat": lat, "prior_lon": lon, "prior_error_m": prior_err,
                  **{k: single[k] for k in RESULT_COLUMNS}, "error_m": err_m, "error_deg": err_deg,
                  "message": single["message"].where(single["error"].isna(), single["error"]),
                  **{f"seq_{k}": seq[k] for k in ("easting", "northing", "heading_deg")}, "seq_error_m": s_err_m,
@@ -593,13 +609,18 @@ def run_demo(
 
         bx, by = block_of_xy(x, y)
         in_training = float(np.mean([(int(a), int(b)) in blocks for a, b in zip(bx, by)]))
-    table = recall_table(columns, float(np.median(prior_err)))  # printed last, also in the summary
+    table = recall_table(columns, float(np.median(prior_err)),  # printed last, also in the summary
+                         f"; '<= {NEAR_STREET_VIEW_M:g} m': single photos that close to a map image")
     summary = {
         **{k: columns["single photo"][k] for k in ("recall_1m_1deg", "recall_3m_3deg", "recall_5m_5deg",
                                                     "median_error_m", "median_error_deg", "num_queries")},
         "failed_queries": columns["single photo"]["failed"],
         "sequence": columns[f"sequence of {sequence_length}"] | {"length": sequence_length,
                                                                   "odometry": "perfect (from the true poses)"},
+        "by_distance_to_map_images": {
+            "threshold_m": NEAR_STREET_VIEW_M,
+            "near": columns[f"single, <= {NEAR_STREET_VIEW_M:g} m"], "far": columns[f"single, > {NEAR_STREET_VIEW_M:g} m"],
+            "median_distance_m": float(np.median(near_m))},
         "queries_outside_map": int(outside),
         "queries_in_training_blocks": in_training,
         "prior": {"radius_m": radius_m, "gps_noise_m": gps_noise_m, "median_error_m": float(np.median(prior_err)),

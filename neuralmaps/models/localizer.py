@@ -18,6 +18,8 @@ L2-normalised features f_n at query-frame points p_n; m(x) the L2-normalised map
     score(T) = (1/N) sum_n r_n(T p_n)                            bilinear, clamped to the map edge
 
 (`score_reduction="sum"` drops the 1/N: SNAP's score at N times the temperature; cpu-tiny uses it.
+`similarity="linear"` drops the ReLU, so that a map whose features all point away from the
+query's still gets a gradient; cpu-tiny uses it.
 `point_scores="log_ratio"` replaces r_n by the per-point log-likelihood ratio l_n below, 0 off the
 map; cpu-tiny uses it.)
 
@@ -201,6 +203,9 @@ class Localizer(nn.Module):
         if cfg.proposals not in ("softmax", "local_maxima", "mixed"):
             raise ValueError("ModelConfig.proposals must be 'softmax', 'local_maxima' or 'mixed', "
                              f"got {cfg.proposals!r}")
+        if cfg.similarity not in ("relu", "linear"):
+            raise ValueError(f"ModelConfig.similarity must be 'relu' or 'linear', got {cfg.similarity!r}")
+        self.clamp = cfg.similarity == "relu"
         self.point_scores = cfg.point_scores
         self.proposals = cfg.proposals
         self.num_matches = cfg.num_matches
@@ -255,9 +260,14 @@ class Localizer(nn.Module):
         return F.normalize(f, dim=-1), p, w
 
     def _relu_sims(self, f: Tensor, m: Tensor) -> Tensor:
-        """r_n(x) = tau · ReLU(f_n · m(x)): f (B, N, D), m (B, D, X, Y) -> (B, N, X, Y)."""
+        """r_n(x) = tau · ReLU(f_n · m(x)) (tau · f_n · m(x) with `similarity="linear"`): f (B, N, D),
+        m (B, D, X, Y) -> (B, N, X, Y)."""
         B, D, X, Y = m.shape
-        return torch.bmm(f * self.temperature, m.reshape(B, D, X * Y)).relu_().reshape(B, -1, X, Y)  # tau > 0
+        return self._act(torch.bmm(f * self.temperature, m.reshape(B, D, X * Y))).reshape(B, -1, X, Y)  # tau > 0
+
+    def _act(self, sims: Tensor) -> Tensor:
+        """The similarity's clamp (`ModelConfig.similarity`), in place."""
+        return sims.relu_() if self.clamp else sims
 
     # -- scoring -----------------------------------------------------------------------------
     def _score_maps(self, r: Tensor, p: Tensor, w: Tensor, angle: Tensor, t: Tensor, cell_m: float) -> Tensor:
@@ -303,7 +313,7 @@ class Localizer(nn.Module):
             v = v.reshape(B, Pc, N, -1)
             # cos(f_n, v); mul + sum is much faster than vector_norm over a short last dim.
             sq = (v * v).sum(-1).clamp_min(1e-12)
-            sims = ((v * f[:, None]).sum(-1) * torch.rsqrt(sq)).relu()
+            sims = self._act((v * f[:, None]).sum(-1) * torch.rsqrt(sq))
             ell = (sims * self.temperature - c[:, None]) * frac.reshape(B, Pc, N)
             out.append((ell * w[:, None]).sum(-1))
         return torch.cat(out, 1)
@@ -319,7 +329,7 @@ class Localizer(nn.Module):
         idx = torch.where(valid, key, key - 4294967291).topk(n, dim=1).indices  # (B, n)
         ok = valid.gather(1, idx).to(m.dtype)  # fewer valid cells than n: the rest masked
         cells = m.reshape(B, D, -1).gather(2, idx[:, None].expand(B, D, n))  # (B, D, n)
-        r = torch.bmm(f * self.temperature, cells).relu()  # (B, N, n)
+        r = self._act(torch.bmm(f * self.temperature, cells))  # (B, N, n)
         return _masked_log_mean_exp(r, ok[:, None])
 
     def _refine(self, score_fn, angle: Tensor, t: Tensor, centre: Tensor, step_t: float, step_r: float,

@@ -63,7 +63,7 @@ RUNTIME_FIELDS = frozenset({
     "model.area_frequencies", "model.object_frequencies", "model.num_query_points", "model.num_coarse_points",
     "model.coarse_cells", "model.num_candidates", "model.keep_candidates", "model.final_step_cells",
     "model.final_step_deg", "model.refine_range_m", "model.refine_range_deg", "model.score_reduction",
-    "model.point_scores", "model.proposals", "model.num_matches",
+    "model.point_scores", "model.proposals", "model.num_matches", "model.similarity",
 })
 # Scene fields that define what the weights mean (voxel size, column height).
 SCENE_ARCH_FIELDS = ("cell_m",)
@@ -215,11 +215,12 @@ class SNAP(nn.Module):
             mode=mode, T_gt=T_gt, prior=prior, num_rotations=num_rotations, generator=generator,
         )
 
-    def loss(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Localization training loss: map from the scene inputs, query BEV from the query view,
-        NLL of the ground-truth pose. Returns `total` (scalar), `nll` (B,), and detached pose
-        errors `err_xy_m`, `err_yaw_deg` (B,) of the estimate."""
-        neural_map = self.map(batch, generator)
+    def loss(self, batch: dict, generator: torch.Generator | None = None, *,
+             modalities: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Localization training loss: map from the scene inputs (`modalities`, as in `map`), query
+        BEV from the query view, NLL of the ground-truth pose. Returns `total` (scalar), `nll` (B,),
+        and detached pose errors `err_xy_m`, `err_yaw_deg` (B,) of the estimate."""
+        neural_map = self.map(batch, generator, modalities=modalities)
         out = self.localize(batch, neural_map, with_loss=True, generator=generator)
         T_gt = geometry.camera_pose_to_bev(geometry.Transform3D.from_matrix(batch["query_T_scene_cam"].float()))
         d_yaw, d_xy = (T_gt.inv() @ out.T_map_query.detach().to(T_gt.device)).magnitude()
