@@ -292,3 +292,23 @@ def test_linear_similarity_learns_and_localizes_where_relu_is_dead(problem, simi
         assert m.grad.abs().max() == 0 and recall <= 0.1, (m.grad.abs().max(), recall)
     else:
         assert m.grad.abs().max() > 0 and recall >= 0.9, (m.grad.abs().max(), recall)
+
+
+def test_heading_prior_votes_only_its_rotations_with_the_same_result(problem, monkeypatch):
+    # A compass prior of ±30° leaves 13 of 64 rotations; voting only those must give the result of
+    # voting all 64 and masking the rest.
+    import neuralmaps.models.localizer as L
+
+    loc = _localizer()
+    sl = slice(0, 1)
+    T = problem.T_gt[sl]
+    prior = PosePrior(xy=T.t + 2.0, radius_m=12.0, yaw=T.angle + 0.1, yaw_range=math.radians(30))
+    assert len(L._prior_rotations(prior, 64)) == 13
+    with torch.no_grad():
+        fast = _run(loc, problem, "voting", sl, prior=prior)
+        monkeypatch.setattr(L, "_prior_rotations", lambda prior, R, margin=1: None)
+        full = _run(loc, problem, "voting", sl, prior=prior)
+    assert torch.equal(fast.T_map_query.angle, full.T_map_query.angle) and torch.equal(fast.T_map_query.t, full.T_map_query.t)
+    assert torch.allclose(fast.prob_volume, full.prob_volume, atol=1e-7)
+    dr, dt = pose_errors(fast.T_map_query, T, problem.cell_m)
+    assert dr.item() <= 1.0 and dt.item() <= 1.0

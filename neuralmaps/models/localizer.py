@@ -151,6 +151,18 @@ def _in_prior(angle: Tensor, t: Tensor, prior: PosePrior | None) -> Tensor | Non
     return ok
 
 
+def _prior_rotations(prior: PosePrior | None, R: int, margin: int = 1) -> Tensor | None:
+    """Indices of the voting rotations 2πk/R a heading prior leaves, over the batch, with `margin`
+    rotations more on each side (the peak search compares neighbours); None when there is no heading
+    prior or it leaves every rotation."""
+    if prior is None or prior.yaw is None or prior.yaw_range is None:
+        return None
+    step = 2 * math.pi / R
+    ang = torch.arange(R, device=prior.yaw.device, dtype=torch.float32) * step
+    near = (wrap_angle(ang[None] - prior.yaw.float()[:, None]).abs() <= prior.yaw_range + margin * step + 1e-6).any(0)
+    return None if bool(near.all()) else near.nonzero()[:, 0]
+
+
 def _prior_volume_mask(prior: PosePrior, R: int, X: int, Y: int, cell_m: float, like: Tensor) -> Tensor:
     """`_in_prior` of every entry of a (B, R, X, Y) pose volume (angle 2πr/R, camera at cell (i, j)'s
     centre), from the distance on the (X, Y) cells and the angle on the R rotations (separable)."""
@@ -588,7 +600,11 @@ class Localizer(nn.Module):
         # its window holds a valid cell, and the constant is the log-mean-exp over valid cells.
         cvalid = _window_max(map_valid[:, None].to(r.dtype), s)  # (B, 1, Xc, Yc) in {0, 1}
         r = (r - _masked_log_mean_exp(r.flatten(2), cvalid.flatten(2))[..., None, None]) * cvalid
-        vol = _shift_sum(r, wc, pc - centre[:, None], R, s * cell_m)  # (B, R, Xc, Yc) centroid-indexed
+        # With a heading prior, only the rotations it leaves are voted (the others would be masked out).
+        ks = _prior_rotations(prior, R) if T_gt is None else None
+        vol = _shift_sum(r, wc, pc - centre[:, None], R, s * cell_m, ks)  # (B, R, Xc, Yc) centroid-indexed
+        if ks is not None:
+            vol = vol.new_full((B, R, Xc, Yc), -torch.inf).index_copy_(1, ks, vol)
 
         # Pose of each coarse cell: the query centroid lands on the cell centre.
         ang = torch.arange(R, device=m.device, dtype=m.dtype) * (2 * math.pi / R)
@@ -727,14 +743,18 @@ def _window_max(r: Tensor, s: int) -> Tensor:
     return F.max_pool2d(blocks, kernel_size=2, stride=1)
 
 
-def _shift_sum(r: Tensor, w: Tensor, p: Tensor, R: int, cell: float) -> Tensor:
+def _shift_sum(r: Tensor, w: Tensor, p: Tensor, R: int, cell: float, rotations: Tensor | None = None) -> Tensor:
     """Exhaustive voting on a grid: vol[b, k, u] = sum_n w_n r[b, n, u + round(R_k p_n / cell)].
 
     r: (B, N, X, Y) per-point score maps (0 = no evidence; off the grid counts 0);
     w: (B, N) point weights; p: (B, N, 2) metres relative to the rotation centre; R rotations of
-    2π/R CCW; cell: metres per cell of r. Returns (B, R, X, Y)."""
+    2π/R CCW (only the indices `rotations` (K,) when given); cell: metres per cell of r.
+    Returns (B, R, X, Y) (B, K, X, Y with `rotations`)."""
     B, N, X, Y = r.shape
     ang = torch.arange(R, device=r.device, dtype=p.dtype) * (2 * math.pi / R)
+    if rotations is not None:
+        ang = ang[rotations.to(r.device)]
+    R = ang.shape[0]
     zeros = torch.zeros(B, R, 2, dtype=p.dtype, device=p.device)
     d = torch.floor(transform_points(ang.expand(B, R), zeros, p) / cell + 0.5).long()  # (B, R, N, 2)
     pad = int(d.abs().max()) if d.numel() else 0
