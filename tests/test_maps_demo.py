@@ -67,6 +67,14 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     # a miss counts as a miss: recalls are over all photos, from the CSV's errors
     ok = (csv["error_m"] <= 3) & (csv["error_deg"] <= 3)
     assert j["recall_3m_3deg"] == pytest.approx(ok.mean())
+    # with a compass: every estimate within the heading prior around the simulated reading
+    c = j["compass"]
+    assert c["num_queries"] == 4 and c["heading_range_deg"] == 30
+    off = (csv["compass_heading_deg"] - csv["true_heading_deg"] + 180) % 360 - 180
+    assert (off.abs() <= c["heading_range_deg"]).all()
+    est = (csv["compass_estimate_heading_deg"] - csv["compass_heading_deg"] + 180) % 360 - 180
+    assert (est.abs() <= c["heading_range_deg"] + 1e-3).all(), est
+    assert c["recall_3m_3deg"] == pytest.approx(((csv["compass_error_m"] <= 3) & (csv["compass_error_deg"] <= 3)).mean())
     # the split by distance to the nearest map image covers every photo, with the CSV's distances
     d = j["by_distance_to_map_images"]
     near = csv["nearest_map_image_m"] <= d["threshold_m"]

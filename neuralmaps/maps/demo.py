@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..storage import StorageError, atomic_path, atomic_write_text, check_writable_parent
+from .query import DEFAULT_HEADING_RANGE_DEG
 
 __all__ = [
     "run_demo", "recall_table", "plot_localization", "preview_pca", "preview_semantics", "pca_rgba",
@@ -55,6 +56,7 @@ DEFAULT_MAP_RUNS = 4
 DEFAULT_QUERY_RUNS = 2
 PRIOR_RADIUS_M = 30.0
 GPS_NOISE_M = 5.0  # standard deviation per axis of the simulated GPS fix
+COMPASS_NOISE_DEG = 10.0  # standard deviation of the simulated phone compass (the "+ compass" column)
 SEQUENCE_LENGTH = 8  # photos per sequence (consecutive frames of one walk)
 # A photo this close to a map image has street view in its map window; farther ones rely more on the
 # orthophoto (the recall table splits the single photos there).
@@ -152,15 +154,28 @@ def _gps_priors(x: np.ndarray, y: np.ndarray, region: Any, noise_m: float, radiu
     return px, py
 
 
+def _compass(heading: np.ndarray, noise_deg: float, range_deg: float, seed: int) -> np.ndarray:
+    """Noisy compass readings (degrees clockwise from grid north) of the true headings: Gaussian
+    `noise_deg`, redrawn beyond `range_deg` (the heading prior must contain the answer)."""
+    rng = np.random.default_rng([seed, 0xC0A5])
+    e = rng.normal(0.0, noise_deg, len(heading))
+    while (bad := np.abs(e) > range_deg).any():
+        e[bad] = rng.normal(0.0, noise_deg, int(bad.sum()))
+    return (heading + e) % 360.0
+
+
 RESULT_COLUMNS = ("easting", "northing", "heading_deg", "ellipse_major_m", "ellipse_minor_m", "ellipse_azimuth_deg",
                   "confidence", "time_s")
 
 
 def _localize_single(nm: Any, q: Any, lat: np.ndarray, lon: np.ndarray, radius_m: float, client: Any,
-                     progress: bool) -> Any:
-    """`NeuralMap.localize_many` (a Dask job on `client`) of every photo with its GPS fix as prior:
-    a DataFrame in table order with `RESULT_COLUMNS` (NaN and `error` where a photo was refused)."""
+                     progress: bool, heading: np.ndarray | None = None) -> Any:
+    """`NeuralMap.localize_many` (a Dask job on `client`) of every photo with its GPS fix as prior
+    (and `heading` (degrees) as heading prior): a DataFrame in table order with `RESULT_COLUMNS`
+    (NaN and `error` where a photo was refused)."""
     table = q.frame.assign(prior_lat=lat, prior_lon=lon)
+    if heading is not None:
+        table = table.assign(heading_prior_deg=heading)
     res = nm.localize_many(table, client=client, image_root=q.root, radius_m=radius_m, progress=progress)
     return res.reindex(columns=[*RESULT_COLUMNS, "message", "error"])
 
@@ -569,20 +584,26 @@ def run_demo(
             px, py = _gps_priors(x, y, region, gps_noise_m, radius_m, seed)
             lon, lat = (np.asarray(v, float) for v in region.xy_to_lonlat(px, py))
             single = _localize_single(nm, q, lat, lon, radius_m, client, progress)
+            compass = _compass(heading, COMPASS_NOISE_DEG, DEFAULT_HEADING_RANGE_DEG, seed)
+            with_compass = _localize_single(nm, q, lat, lon, radius_m, client, progress, compass)
             seq = _localize_sequences(nm, q, lat, lon, radius_m, sequence_length, progress)
     err_m, err_deg = _errors(single, x, y, heading)
     s_err_m, s_err_deg = _errors(seq, x, y, heading)
+    c_err_m, c_err_deg = _errors(with_compass, x, y, heading)
     near_m = _nearest_map_image_m(captures, q)
     near = near_m <= NEAR_STREET_VIEW_M
     columns = {"single photo": _recalls(err_m, err_deg), f"sequence of {sequence_length}": _recalls(s_err_m, s_err_deg),
                f"single, <= {NEAR_STREET_VIEW_M:g} m": _recalls(err_m[near], err_deg[near]),
-               f"single, > {NEAR_STREET_VIEW_M:g} m": _recalls(err_m[~near], err_deg[~near])}
+               f"single, > {NEAR_STREET_VIEW_M:g} m": _recalls(err_m[~near], err_deg[~near]),
+               "single + compass": _recalls(c_err_m, c_err_deg)}
     prior_err = np.hypot(px - x, py - y)
     per_photo = {"image": q.frame["image"], "run_id": q.frame["run_id"], "true_easting": x, "true_northing": y,
                  "true_heading_deg": heading, "nearest_map_image_m": near_m, "prior_lat": lat, "prior_lon": lon, "prior_error_m": prior_err,
                  **{k: single[k] for k in RESULT_COLUMNS}, "error_m": err_m, "error_deg": err_deg,
                  "message": single["message"].where(single["error"].isna(), single["error"]),
                  **{f"seq_{k}": seq[k] for k in ("easting", "northing", "heading_deg")}, "seq_error_m": s_err_m,
+                 "compass_heading_deg": compass, "compass_estimate_heading_deg": with_compass["heading_deg"],
+                 "compass_error_m": c_err_m, "compass_error_deg": c_err_deg,
                  "seq_error_deg": s_err_deg, "seq_message": seq["message"].where(seq["error"].isna(), seq["error"])}
     buf = io.StringIO()
     pd.DataFrame(per_photo).to_csv(buf, index=False, float_format="%.10g")  # a miss: error_m inf, estimate empty
@@ -610,7 +631,9 @@ def run_demo(
         bx, by = block_of_xy(x, y)
         in_training = float(np.mean([(int(a), int(b)) in blocks for a, b in zip(bx, by)]))
     table = recall_table(columns, float(np.median(prior_err)),  # printed last, also in the summary
-                         f"; '<= {NEAR_STREET_VIEW_M:g} m': single photos that close to a map image")
+                         f"; '<= {NEAR_STREET_VIEW_M:g} m': single photos that close to a map image; '+ compass': "
+                         f"heading prior ±{DEFAULT_HEADING_RANGE_DEG:g} deg around a compass {COMPASS_NOISE_DEG:g} deg off "
+                         "(1 sigma)")
     summary = {
         **{k: columns["single photo"][k] for k in ("recall_1m_1deg", "recall_3m_3deg", "recall_5m_5deg",
                                                     "median_error_m", "median_error_deg", "num_queries")},
@@ -621,6 +644,8 @@ def run_demo(
             "threshold_m": NEAR_STREET_VIEW_M,
             "near": columns[f"single, <= {NEAR_STREET_VIEW_M:g} m"], "far": columns[f"single, > {NEAR_STREET_VIEW_M:g} m"],
             "median_distance_m": float(np.median(near_m))},
+        "compass": columns["single + compass"] | {"noise_deg": COMPASS_NOISE_DEG,
+                                                   "heading_range_deg": DEFAULT_HEADING_RANGE_DEG},
         "queries_outside_map": int(outside),
         "queries_in_training_blocks": in_training,
         "prior": {"radius_m": radius_m, "gps_noise_m": gps_noise_m, "median_error_m": float(np.median(prior_err)),
