@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from neuralmaps.cli import resolve_osm
+    from neuralmaps.geo.osm import resolve_osm
     from neuralmaps.config import preset
     from neuralmaps.synth import World, simulate_runs, write_training_chunks
     from neuralmaps.testing import benchmark_ortho, benchmark_render

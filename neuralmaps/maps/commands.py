@@ -31,7 +31,7 @@ def _add_twin_set(p: argparse.ArgumentParser) -> None:
 
 # -- capture --------------------------------------------------------------------------------------
 def run_capture(args: argparse.Namespace) -> int:
-    from ..cli import resolve_osm
+    from ..geo.osm import resolve_osm
     from ..config import preset
     from .twin import capture_twin
 

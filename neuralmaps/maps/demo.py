@@ -74,7 +74,7 @@ PREVIEWS = {"pca": "map_pca.png", "semantics": "map_semantics.png", "localizatio
 
 # -- inputs ----------------------------------------------------------------------------------------
 def _resolve_osm(osm: str | os.PathLike) -> Path:
-    from ..cli import resolve_osm
+    from ..geo.osm import resolve_osm
 
     return Path(resolve_osm(str(osm)))
 
