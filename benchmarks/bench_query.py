@@ -17,7 +17,8 @@ for the non-learned aerial-RGB matcher (`testing.AerialRGBMatcher`: the evaluati
 map of the orthophoto's colours), whose recall does not depend on training.
 
 Prints progress lines, then as its last line one JSON object with the keys localize_median_s,
-localize_p90_s, localize_cpu_median_s, localize_peak_rss_mb, localize_many_per_s (1 worker),
+localize_p90_s, localize_cpu_median_s, localize_compass_median_s (with a heading prior ±30° around a
+compass 10° off), localize_peak_rss_mb, localize_many_per_s (1 worker),
 localize_many_per_s_2workers, recall_1m_1deg / recall_3m_3deg / recall_5m_5deg (single, all
 queries, shipped model), single_recall_* and seq_recall_* (the sequences' last frames), the same
 prefixed aerial_rgb_, num_queries, num_sequences.
@@ -139,23 +140,30 @@ def main() -> None:
     print(f"map {region.shape} px, {n_q} query photos", flush=True)
 
     # 1. Latency, one query at a time (after a warm-up that loads the model).
-    def one(i: int):
+    def one(i: int, compass: bool = False):
         r = queries.iloc[i]
-        return nm.localize(str(cap / r["image"]), r, prior=_prior(region, r["x"], r["y"], args.seed, i), radius_m=RADIUS_M)
+        heading = float(r["heading_deg"] + np.random.default_rng([args.seed, i, 7]).normal(0.0, 10.0)) % 360 if compass else None
+        return nm.localize(str(cap / r["image"]), r, prior=_prior(region, r["x"], r["y"], args.seed, i), radius_m=RADIUS_M,
+                           heading_prior=heading)
 
     one(0)
-    walls, cpus = [], []
+    walls, cpus, compass_walls = [], [], []
     for i in np.linspace(0, n_q - 1, min(args.latency_n, n_q)).round().astype(int):
         t, c = time.perf_counter(), time.process_time()
         one(int(i))
         walls.append(time.perf_counter() - t)
         cpus.append(time.process_time() - c)
+        t = time.perf_counter()
+        one(int(i), compass=True)  # a phone compass 10 deg off (1 sigma): heading prior ±30 deg
+        compass_walls.append(time.perf_counter() - t)
+    res["localize_compass_median_s"] = round(float(np.median(compass_walls)), 3)
     res["localize_median_s"] = round(float(np.median(walls)), 3)
     res["localize_p90_s"] = round(float(np.percentile(walls, 90)), 3)
     res["localize_cpu_median_s"] = round(float(np.median(cpus)), 3)
     res["localize_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     print(f"localize: median {res['localize_median_s']} s wall ({res['localize_cpu_median_s']} s CPU), "
-          f"p90 {res['localize_p90_s']} s, peak RSS {res['localize_peak_rss_mb']} MB", flush=True)
+          f"p90 {res['localize_p90_s']} s, peak RSS {res['localize_peak_rss_mb']} MB; with a compass heading prior "
+          f"{res['localize_compass_median_s']} s", flush=True)
 
     # 2. Batches through Dask (warm clusters: the rate excludes start-up, reported apart).
     from neuralmaps.maps.build import _client
