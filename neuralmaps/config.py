@@ -257,7 +257,7 @@ def _hash_dict(obj: Any) -> dict[str, Any]:
         if is_dataclass(v):
             out[f.name] = _hash_dict(v)
         elif not (f.metadata.get("neutral") and _to_plain(v) == _to_plain(f.metadata["absent"])):
-            out[f.name] = _to_plain(dataclasses.asdict(v) if is_dataclass(v) else v)
+            out[f.name] = _to_plain(v)
     return out
 
 

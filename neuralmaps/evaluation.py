@@ -49,7 +49,7 @@ from . import geometry
 from .config import AREA_CLASSES, BINARY_CLASSES, CLASS_NAMES, OBJECT_CLASSES, Config
 from .data import SceneDataset
 from .data.store import SPLIT_NAMES, read_store_attrs
-from .models import MODALITIES, SEMANTIC_MODALITIES, SNAP, select_modalities
+from .models import MODALITIES, MODALITY_FLAGS, SEMANTIC_MODALITIES, SNAP, select_modalities
 from .models import parse_modalities as _parse_modalities
 from .storage import atomic_write_bytes, json_safe
 
@@ -68,7 +68,6 @@ BASELINES = ("prior", "aerial-rgb")
 POSITION_THRESHOLDS_M = (0.5, 1.0, 2.0, 5.0)
 HEADING_THRESHOLDS_DEG = (0.5, 1.0, 2.0, 5.0)
 JOINT_THRESHOLDS = ((1.0, 1.0), (3.0, 3.0), (5.0, 5.0))
-MODALITY_FLAGS = {"streetview": "use_streetview", "aerial": "use_aerial", "semantic": "use_semantic"}
 # Scale of the correlation scores in [-1, 1] (softmax sharpness). Swept on a 12-pair Helsinki crop
 # store (seed 0, split all, both modes): recall@5m 42 / 42 / 42 / 42 / 8 / 0 % (RANSAC) at
 # tau = 1 / 2 / 3 / 5 / 10 / 30; heading recall@5deg 75 % up to tau = 5.
@@ -163,8 +162,9 @@ def load_model(checkpoint: str | os.PathLike, overrides: Sequence[str] = ()):
             if bad:
                 raise EvaluationError(f"--set {', '.join(bad)}: only knobs that no weight depends on can change "
                                       f"(one of {', '.join(sorted(RUNTIME_FIELDS))})")
-            path = SNAP.pretrained_path() if str(checkpoint) == "pretrained" else checkpoint
-            model = SNAP.load(path, config=model.config.with_overrides(list(overrides)))
+            variant = SNAP(model.config.with_overrides(list(overrides)), camera_model=model.camera_model)
+            variant.load_state_dict(model.state_dict())
+            model = variant
     except (FileNotFoundError, ValueError) as e:
         raise EvaluationError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     return model.eval()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .storage import atomic_write_bytes, atomic_write_text
 from .data import SceneDataset
-from .models import SNAP
+from .models import MODALITY_FLAGS, SEMANTIC_MODALITIES, SNAP
 
 RECALL_THRESHOLDS_M = (1.0, 3.0, 5.0)
 
@@ -104,7 +104,7 @@ LOG_FIELDS = ("stage", "step", "loss", "median_err_xy_m", "median_area_accuracy"
 # Validation maps: street view + aerial, the modalities of the targets and of the product's maps
 # (the semantic raster is a training input, never one of a built map); and aerial alone, which is
 # all a map holds where no street-view image reached.
-VAL_MODALITIES = {"val": ("streetview", "aerial"), "val_aerial": ("aerial",)}
+VAL_MODALITIES = {"val": SEMANTIC_MODALITIES, "val_aerial": ("aerial",)}
 
 
 def lr_factor(step: int, steps: int, constant_fraction: float = 0.5, warmup: int = 0) -> float:
@@ -128,8 +128,8 @@ def _subset(dataset, limit: int | None):
 
 def val_modalities(model: SNAP) -> dict[str, tuple[str, ...]]:
     """`VAL_MODALITIES` restricted to the model's inputs; a set left empty or equal to "val" is skipped."""
-    flags = {"streetview": model.config.model.use_streetview, "aerial": model.config.model.use_aerial}
-    out = {name: tuple(m for m in mods if flags[m]) for name, mods in VAL_MODALITIES.items()}
+    out = {name: tuple(m for m in mods if getattr(model.config.model, MODALITY_FLAGS[m]))
+           for name, mods in VAL_MODALITIES.items()}
     return {name: mods for name, mods in out.items() if mods and (name == "val" or mods != out["val"])}
 
 

@@ -102,6 +102,7 @@ def resolve_osm(osm: str) -> str:
         raise FileNotFoundError(f"OSM file not found: {osm}")
     return osm
 
+
 @dataclass(frozen=True)
 class TagDropout:
     """Drop optional tags (OPTIONAL_TAGS) of each feature at `rate` on average, as in a sparsely

@@ -592,9 +592,9 @@ def run_demo(
     c_err_m, c_err_deg = _errors(with_compass, x, y, heading)
     near_m = _nearest_map_image_m(captures, q)
     near = near_m <= NEAR_STREET_VIEW_M
+    near_col, far_col = f"single, <= {NEAR_STREET_VIEW_M:g} m", f"single, > {NEAR_STREET_VIEW_M:g} m"
     columns = {"single photo": _recalls(err_m, err_deg), f"sequence of {sequence_length}": _recalls(s_err_m, s_err_deg),
-               f"single, <= {NEAR_STREET_VIEW_M:g} m": _recalls(err_m[near], err_deg[near]),
-               f"single, > {NEAR_STREET_VIEW_M:g} m": _recalls(err_m[~near], err_deg[~near]),
+               near_col: _recalls(err_m[near], err_deg[near]), far_col: _recalls(err_m[~near], err_deg[~near]),
                "single + compass": _recalls(c_err_m, c_err_deg)}
     prior_err = np.hypot(px - x, py - y)
     per_photo = {"image": q.frame["image"], "run_id": q.frame["run_id"], "true_easting": x, "true_northing": y,
@@ -642,7 +642,7 @@ def run_demo(
                                                                   "odometry": "perfect (from the true poses)"},
         "by_distance_to_map_images": {
             "threshold_m": NEAR_STREET_VIEW_M,
-            "near": columns[f"single, <= {NEAR_STREET_VIEW_M:g} m"], "far": columns[f"single, > {NEAR_STREET_VIEW_M:g} m"],
+            "near": columns[near_col], "far": columns[far_col],
             "median_distance_m": float(np.median(near_m))},
         "compass": columns["single + compass"] | {"noise_deg": COMPASS_NOISE_DEG,
                                                    "heading_range_deg": DEFAULT_HEADING_RANGE_DEG},

@@ -5,12 +5,13 @@ from .bev import BEVMapper, FeaturePlane, MatchingHead, VerticalPooling, fuse_mo
 from .encoders import ImageEncoder, SemanticRasterEncoder
 from .localizer import Localizer, LocalizerOutput, PosePrior
 from .semantic import SemanticNet
-from .snap import MODALITIES, SEMANTIC_MODALITIES, SNAP, NeuralMapTile, parse_modalities, select_modalities
+from .snap import MODALITIES, MODALITY_FLAGS, SEMANTIC_MODALITIES, SNAP, NeuralMapTile, parse_modalities, select_modalities
 from .streetview import StreetViewEncoder, lift_views_to_points
 
 __all__ = [
     "SNAP",
     "MODALITIES",
+    "MODALITY_FLAGS",
     "SEMANTIC_MODALITIES",
     "parse_modalities",
     "select_modalities",

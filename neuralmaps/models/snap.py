@@ -33,6 +33,8 @@ MODALITY_KEYS = {
     "aerial": ("aerial",),
     "semantic": ("semantic",),
 }
+# The ModelConfig flag that gives the model each modality's encoder.
+MODALITY_FLAGS = {"streetview": "use_streetview", "aerial": "use_aerial", "semantic": "use_semantic"}
 # Maps decoded into classes are built without the semantic raster (it is the target).
 SEMANTIC_MODALITIES = ("streetview", "aerial")
 
