@@ -145,6 +145,9 @@ class ModelConfig:
 BUILDING_STYLES = ("stucco", "brick", "panel", "glass", "wood", "industrial")
 
 
+QUERY_PLACEMENTS = ("ahead", "anywhere")  # SynthConfig.query_placement
+
+
 @dataclass
 class SynthConfig:
     """Digital-twin capture simulation, and how much the twin varies (docs/architecture.md,
@@ -166,10 +169,19 @@ class SynthConfig:
     # Side (m) of the CRS-aligned districts over which the style mix and the dropout rate vary
     # (rich and sparse districts, districts of one or two styles); 0: the same everywhere.
     district_m: float = _added_later(200.0, 0.0)
+    # Where a pair's scene lies around its query camera. "ahead": the scene centre a few metres in
+    # front of the camera, so every query looks into its scene (stores before this field): the
+    # scene's edges then tell the pose, which no map of a city does, and a model trained on it
+    # localizes at chance with a 15 m prior on a built map (docs/results.md). "anywhere": the
+    # camera uniform over the scene (1 m from its edges), its heading free. Neutral: old stores keep
+    # their fingerprints.
+    query_placement: str = _added_later("anywhere", "ahead", neutral=True)
 
     def __post_init__(self) -> None:  # one spelling per value, so that fingerprints agree
         self.building_styles = tuple(str(v) for v in self.building_styles)
         self.tag_dropout, self.district_m = float(self.tag_dropout), float(self.district_m)
+        if self.query_placement not in QUERY_PLACEMENTS:
+            raise ValueError(f"synth.query_placement must be one of {QUERY_PLACEMENTS}, got {self.query_placement!r}")
 
 
 @dataclass

@@ -75,6 +75,10 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     est = (csv["compass_estimate_heading_deg"] - csv["compass_heading_deg"] + 180) % 360 - 180
     assert (est.abs() <= c["heading_range_deg"] + 1e-3).all(), est
     assert c["recall_3m_3deg"] == pytest.approx(((csv["compass_error_m"] <= 3) & (csv["compass_error_deg"] <= 3)).mean())
+    # with the GPS fix's accuracy (the simulated noise) as the prior's std: its own column and errors
+    g = j["gps_accuracy"]
+    assert g["num_queries"] == 4 and g["prior_sigma_m"] == j["prior"]["gps_noise_m"] == 5.0
+    assert g["recall_3m_3deg"] == pytest.approx(((csv["gps_accuracy_error_m"] <= 3) & (csv["gps_accuracy_error_deg"] <= 3)).mean())
     # the split by distance to the nearest map image covers every photo, with the CSV's distances
     d = j["by_distance_to_map_images"]
     near = csv["nearest_map_image_m"] <= d["threshold_m"]

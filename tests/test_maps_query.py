@@ -197,6 +197,34 @@ def test_uninformative_query_says_low_confidence(synth, monkeypatch):
     assert 7.0 < res.uncertainty_m < 12.0 and res.confidence < 0.05 and res.heading_std_deg == 180.0
 
 
+def test_gps_accuracy_makes_the_prior_gaussian(synth, monkeypatch, tmp_path):
+    """`prior_sigma_m` (or the photo's EXIF GPSHPositioningError): positions are weighed by a
+    Gaussian of that std around the fix. A query that says nothing then stays at the fix with the
+    fix's own spread (the flat 20 m disc: ~10 m per axis); a clear match is not pulled off."""
+    from neuralmaps.maps.query import QueryError, read_exif
+
+    nm, model, region = synth["nm"], synth["model"], synth["region"]
+    e, n, h = POSES[0]
+    plane = _query_features(synth, e, n, h)
+    flat = FeaturePlane(torch.zeros_like(plane.features), plane.valid)
+    fix = _latlon(region, e + 2.0, n - 1.0)
+    photo = _jpeg_with_exif(tmp_path / "p.jpg", *fix, None, accuracy_m=3.0)
+    assert read_exif(photo).accuracy_m == 3.0
+    _with_features(monkeypatch, model, [flat, flat, plane])
+    res = nm.localize(photo, CAM, radius_m=20, model=model)  # prior and its accuracy from EXIF
+    assert res.prior_source == "exif" and res.prior_sigma_m == 3.0
+    # Measured: at the fix to 1e-9 m, 1-sigma 3.01 m (1.53 m with sigma 1.5: the 1 m posterior cells).
+    assert math.hypot(res.easting - (X0 + e + 2.0), res.northing - (Y0 + n - 1.0)) < 0.05
+    assert 2.85 < res.uncertainty_m < 3.15 and not res.confident
+    res = nm.localize(IMAGE, CAM, prior=fix, radius_m=20, prior_sigma_m=1.5, model=model)
+    assert res.prior_sigma_m == 1.5 and 1.4 < res.uncertainty_m < 1.65
+    res = nm.localize(IMAGE, CAM, prior=fix, radius_m=20, prior_sigma_m=3.0, model=model)  # a clear match
+    assert _errors(res, e, n, h)[0] < 0.1
+    for bad in (0.0, -1.0, float("nan"), "near"):
+        with pytest.raises(QueryError, match="prior_sigma_m"):
+            nm.localize(IMAGE, CAM, prior=fix, radius_m=20, prior_sigma_m=bad, model=model)
+
+
 def test_prob_tif(synth, monkeypatch, tmp_path):
     import rasterio
 
@@ -240,7 +268,7 @@ def test_sequence_recovers_an_uninformative_frame(synth, monkeypatch):
 
 
 # -- the real network (plumbing only) ---------------------------------------------------------------
-def _jpeg_with_exif(path: Path, lat: float, lon: float, heading: float | None) -> Path:
+def _jpeg_with_exif(path: Path, lat: float, lon: float, heading: float | None, accuracy_m: float | None = None) -> Path:
     from PIL import Image
 
     def dms(v: float) -> tuple[float, float, float]:
@@ -253,6 +281,8 @@ def _jpeg_with_exif(path: Path, lat: float, lon: float, heading: float | None) -
     gps[1], gps[2], gps[3], gps[4] = "N", dms(lat), "E", dms(lon)
     if heading is not None:
         gps[16], gps[17] = "T", heading
+    if accuracy_m is not None:
+        gps[31] = accuracy_m  # GPSHPositioningError
     rgb = (np.random.default_rng(0).random((128, 256, 3)) * 255).astype(np.uint8)
     Image.fromarray(rgb).save(path, exif=ex, quality=95)
     return path

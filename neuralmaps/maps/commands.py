@@ -144,7 +144,7 @@ def run_localize(args: argparse.Namespace) -> int:
     prior = _prior(args.prior)
     nm = NeuralMap.open(args.map)
     res = nm.localize(args.photo, args.camera, prior=prior, radius_m=args.radius, heading_prior=args.heading,
-                      prob_tif=args.prob_tif, checkpoint=args.checkpoint)
+                      prob_tif=args.prob_tif, checkpoint=args.checkpoint, prior_sigma_m=args.gps_accuracy)
     d = res.to_dict()
     if not args.candidates:
         d["candidates"] = d["candidates"][:1]
@@ -169,6 +169,9 @@ def add_localize(sub: argparse._SubParsersAction) -> None:
                         "pitch_deg, roll_deg]; default: from the EXIF 35 mm focal length")
     p.add_argument("--prior", default=None, metavar="LAT,LON", help="position prior (default: the photo's EXIF GPS)")
     p.add_argument("--radius", type=float, default=30.0, help="search radius around the prior, metres (default 30)")
+    p.add_argument("--gps-accuracy", type=float, default=None, metavar="M",
+                   help="the prior's accuracy (1-sigma, metres): positions are weighed by a Gaussian of that std "
+                        "(default: the EXIF GPSHPositioningError with an EXIF prior, else uniform in the radius)")
     p.add_argument("--heading", type=float, default=None, metavar="DEG",
                    help="heading prior, degrees clockwise from north (default: EXIF GPSImgDirection, else none)")
     p.add_argument("--prob-tif", default=None, metavar="TIF", help="write the position probability map here")

@@ -58,6 +58,7 @@ PRIOR_RADIUS_M = 30.0
 GPS_NOISE_M = 5.0  # standard deviation per axis of the simulated GPS fix
 COMPASS_NOISE_DEG = 10.0  # standard deviation of the simulated phone compass (the "+ compass" column)
 SEQUENCE_LENGTH = 8  # photos per sequence (consecutive frames of one walk)
+ACCURACY_COLUMN = "single + GPS accuracy"  # single photos, the prior weighed by the fix's accuracy
 # A photo this close to a map image has street view in its map window; farther ones rely more on the
 # orthophoto (the recall table splits the single photos there).
 NEAR_STREET_VIEW_M = 10.0
@@ -169,14 +170,15 @@ RESULT_COLUMNS = ("easting", "northing", "heading_deg", "ellipse_major_m", "elli
 
 
 def _localize_single(nm: Any, q: Any, lat: np.ndarray, lon: np.ndarray, radius_m: float, client: Any,
-                     progress: bool, heading: np.ndarray | None = None) -> Any:
+                     progress: bool, heading: np.ndarray | None = None, sigma_m: float | None = None) -> Any:
     """`NeuralMap.localize_many` (a Dask job on `client`) of every photo with its GPS fix as prior
-    (and `heading` (degrees) as heading prior): a DataFrame in table order with `RESULT_COLUMNS`
-    (NaN and `error` where a photo was refused)."""
+    (and `heading` (degrees) as heading prior; `sigma_m` the fix's accuracy): a DataFrame in table
+    order with `RESULT_COLUMNS` (NaN and `error` where a photo was refused)."""
     table = q.frame.assign(prior_lat=lat, prior_lon=lon)
     if heading is not None:
         table = table.assign(heading_prior_deg=heading)
-    res = nm.localize_many(table, client=client, image_root=q.root, radius_m=radius_m, progress=progress)
+    res = nm.localize_many(table, client=client, image_root=q.root, radius_m=radius_m, progress=progress,
+                           prior_sigma_m=sigma_m)
     return res.reindex(columns=[*RESULT_COLUMNS, "message", "error"])
 
 
@@ -586,16 +588,22 @@ def run_demo(
             single = _localize_single(nm, q, lat, lon, radius_m, client, progress)
             compass = _compass(heading, COMPASS_NOISE_DEG, DEFAULT_HEADING_RANGE_DEG, seed)
             with_compass = _localize_single(nm, q, lat, lon, radius_m, client, progress, compass)
+            # The GPS fix's accuracy as the prior's std (a phone reports it; EXIF GPSHPositioningError).
+            with_accuracy = _localize_single(nm, q, lat, lon, radius_m, client, progress,
+                                             sigma_m=gps_noise_m) if gps_noise_m > 0 else None
             seq = _localize_sequences(nm, q, lat, lon, radius_m, sequence_length, progress)
     err_m, err_deg = _errors(single, x, y, heading)
     s_err_m, s_err_deg = _errors(seq, x, y, heading)
     c_err_m, c_err_deg = _errors(with_compass, x, y, heading)
+    a_err_m, a_err_deg = _errors(with_accuracy, x, y, heading) if with_accuracy is not None else (None, None)
     near_m = _nearest_map_image_m(captures, q)
     near = near_m <= NEAR_STREET_VIEW_M
     near_col, far_col = f"single, <= {NEAR_STREET_VIEW_M:g} m", f"single, > {NEAR_STREET_VIEW_M:g} m"
     columns = {"single photo": _recalls(err_m, err_deg), f"sequence of {sequence_length}": _recalls(s_err_m, s_err_deg),
                near_col: _recalls(err_m[near], err_deg[near]), far_col: _recalls(err_m[~near], err_deg[~near]),
                "single + compass": _recalls(c_err_m, c_err_deg)}
+    if a_err_m is not None:
+        columns[ACCURACY_COLUMN] = _recalls(a_err_m, a_err_deg)
     prior_err = np.hypot(px - x, py - y)
     per_photo = {"image": q.frame["image"], "run_id": q.frame["run_id"], "true_easting": x, "true_northing": y,
                  "true_heading_deg": heading, "nearest_map_image_m": near_m, "prior_lat": lat, "prior_lon": lon, "prior_error_m": prior_err,
@@ -604,6 +612,7 @@ def run_demo(
                  **{f"seq_{k}": seq[k] for k in ("easting", "northing", "heading_deg")}, "seq_error_m": s_err_m,
                  "compass_heading_deg": compass, "compass_estimate_heading_deg": with_compass["heading_deg"],
                  "compass_error_m": c_err_m, "compass_error_deg": c_err_deg,
+                 **({"gps_accuracy_error_m": a_err_m, "gps_accuracy_error_deg": a_err_deg} if a_err_m is not None else {}),
                  "seq_error_deg": s_err_deg, "seq_message": seq["message"].where(seq["error"].isna(), seq["error"])}
     buf = io.StringIO()
     pd.DataFrame(per_photo).to_csv(buf, index=False, float_format="%.10g")  # a miss: error_m inf, estimate empty
@@ -633,7 +642,8 @@ def run_demo(
     table = recall_table(columns, float(np.median(prior_err)),  # printed last, also in the summary
                          f"; '<= {NEAR_STREET_VIEW_M:g} m': single photos that close to a map image; '+ compass': "
                          f"heading prior ±{DEFAULT_HEADING_RANGE_DEG:g} deg around a compass {COMPASS_NOISE_DEG:g} deg off "
-                         "(1 sigma)")
+                         "(1 sigma)" + (f"; '+ GPS accuracy': the prior weighed by a Gaussian of the fix's "
+                                        f"{gps_noise_m:g} m accuracy" if a_err_m is not None else ""))
     summary = {
         **{k: columns["single photo"][k] for k in ("recall_1m_1deg", "recall_3m_3deg", "recall_5m_5deg",
                                                     "median_error_m", "median_error_deg", "num_queries")},
@@ -646,6 +656,7 @@ def run_demo(
             "median_distance_m": float(np.median(near_m))},
         "compass": columns["single + compass"] | {"noise_deg": COMPASS_NOISE_DEG,
                                                    "heading_range_deg": DEFAULT_HEADING_RANGE_DEG},
+        **({"gps_accuracy": columns[ACCURACY_COLUMN] | {"prior_sigma_m": gps_noise_m}} if a_err_m is not None else {}),
         "queries_outside_map": int(outside),
         "queries_in_training_blocks": in_training,
         "prior": {"radius_m": radius_m, "gps_noise_m": gps_noise_m, "median_error_m": float(np.median(prior_err)),

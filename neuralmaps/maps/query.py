@@ -131,6 +131,7 @@ class LocalizationResult:
     radius_m: float
     prior_source: str  # "argument", "exif" or "table"
     heading_prior_deg: float | None = None
+    prior_sigma_m: float | None = None  # the Gaussian position prior's std (GPS accuracy), if one was used
     prob_tif: str | None = None
     time_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -286,6 +287,7 @@ class ExifInfo:
     heading_deg: float | None = None
     heading_ref: str | None = None
     focal_35mm: float | None = None
+    accuracy_m: float | None = None  # GPSHPositioningError: the fix's horizontal error (m)
 
 
 def _dms(v: Any) -> float:
@@ -295,8 +297,8 @@ def _dms(v: Any) -> float:
 
 
 def read_exif(path: str | os.PathLike) -> ExifInfo:
-    """The GPS position, GPSImgDirection and FocalLengthIn35mmFilm of a photo's EXIF (None where
-    absent or unreadable)."""
+    """The GPS position, GPSImgDirection, GPSHPositioningError and FocalLengthIn35mmFilm of a
+    photo's EXIF (None where absent or unreadable)."""
     from PIL import Image
 
     try:
@@ -321,7 +323,12 @@ def read_exif(path: str | os.PathLike) -> ExifInfo:
     except (TypeError, ValueError):
         f35 = None
     ref = str(gps.get(16)).upper()[:1] if 16 in gps else None
-    return ExifInfo(lat, lon, heading, ref, f35)
+    try:
+        acc = float(gps[31]) if 31 in gps else None
+        acc = acc if acc is not None and math.isfinite(acc) and acc > 0 else None
+    except (TypeError, ValueError, ZeroDivisionError):
+        acc = None
+    return ExifInfo(lat, lon, heading, ref, f35, acc)
 
 
 def _camera_from_exif(exif: ExifInfo, width: int, height: int) -> QueryCamera | None:
@@ -601,10 +608,11 @@ def _coarse_stride(win: MapWindow, posterior_cell_m: float) -> int:
 
 def _run_localizer(model: Any, win: MapWindow, bev: Any, prior_xy: tuple[float, float], radius: float,
                    yaw: float | None, yaw_range: float | None, posterior_cell_m: float, seed: int = 0,
-                   query_xy: Any = None, points: int = 1):
+                   query_xy: Any = None, points: int = 1, sigma_m: float | None = None):
     """The Localizer (voting) on the window with a PosePrior; the query points are drawn with a
     generator seeded by `seed` (results are reproducible). `query_xy`: the query cells' metres
-    (default the model's grid); `points`: multiplies the query points scored (sequences)."""
+    (default the model's grid); `points`: multiplies the query points scored (sequences);
+    `sigma_m`: std of a Gaussian position prior around `prior_xy` (None: uniform in the disc)."""
     import torch
 
     from ..models.localizer import PosePrior
@@ -612,7 +620,7 @@ def _run_localizer(model: Any, win: MapWindow, bev: Any, prior_xy: tuple[float, 
     dev = bev.features.device
     prior = PosePrior(xy=torch.tensor([prior_xy], dtype=torch.float32, device=dev), radius_m=float(radius),
                       yaw=None if yaw is None else torch.tensor([yaw], dtype=torch.float32, device=dev),
-                      yaw_range=yaw_range)
+                      yaw_range=yaw_range, sigma_m=sigma_m)
     s = _coarse_stride(win, posterior_cell_m)
     loc = model.localizer
     knobs = {"coarse_cells": math.ceil(max(win.valid.shape) / s), "num_candidates": min(loc.num_candidates, TOP_K)}
@@ -668,7 +676,8 @@ def _marginal_stats(p_xy: np.ndarray, p_r: np.ndarray, cell: float, est_xy: tupl
 
 
 def _result(nm: "NeuralMap", win: MapWindow, out: Any, stats: dict[str, Any], prior: tuple[float, float],
-            radius: float, source: str, heading_prior: float | None, t0: float, k: int = 0) -> LocalizationResult:
+            radius: float, source: str, heading_prior: float | None, t0: float, k: int = 0,
+            sigma_m: float | None = None) -> LocalizationResult:
     from ..geo.crs import yaw_to_heading
 
     region = nm.region
@@ -696,7 +705,7 @@ def _result(nm: "NeuralMap", win: MapWindow, out: Any, stats: dict[str, Any], pr
         ellipse_azimuth_deg=stats["azimuth"], heading_std_deg=stats["heading_std"], confidence=stats["mass"],
         confident=bool(confident), message=msg, candidates=cands, crs=crs, prior_lat=float(prior[0]),
         prior_lon=float(prior[1]), radius_m=float(radius), prior_source=source, heading_prior_deg=heading_prior,
-        time_s=time.perf_counter() - t0,
+        prior_sigma_m=sigma_m, time_s=time.perf_counter() - t0,
     )
 
 
@@ -743,13 +752,29 @@ def _resolve_prior(prior: Any, exif: ExifInfo | None) -> tuple[tuple[float, floa
     raise QueryError("no prior: pass prior=(lat, lon) (--prior LAT,LON), or a photo whose EXIF has a GPS position")
 
 
+def _prior_sigma(sigma_m: Any, exif: ExifInfo | None, source: str, radius_m: float) -> float | None:
+    """The Gaussian position prior's std (m): `sigma_m` if given, else the EXIF fix's
+    GPSHPositioningError when the prior is that fix; None (uniform in the disc) otherwise."""
+    if sigma_m is None:
+        return exif.accuracy_m if source == "exif" and exif is not None else None
+    try:
+        v = float(sigma_m)
+    except (TypeError, ValueError):
+        raise QueryError(f"prior_sigma_m must be metres (the GPS fix's accuracy), got {sigma_m!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise QueryError(f"prior_sigma_m must be a positive number of metres, got {sigma_m!r}")
+    return v
+
+
 def localize_bev(nm: "NeuralMap", model: Any, bev: Any, prior: Sequence[float], radius_m: float = DEFAULT_RADIUS_M,
                  heading_prior: float | None = None, *, heading_range_deg: float = DEFAULT_HEADING_RANGE_DEG,
                  prob_tif: str | os.PathLike | None = None, posterior_cell_m: float = POSTERIOR_CELL_M,
-                 prior_source: str = "argument", seed: int = 0, t0: float | None = None) -> LocalizationResult:
+                 prior_source: str = "argument", seed: int = 0, t0: float | None = None,
+                 prior_sigma_m: float | None = None) -> LocalizationResult:
     """Localize a query BEV (`query_bev`, or any `FeaturePlane` of the model's query grid) in the map
     around `prior` = (lat, lon) within `radius_m`; `heading_prior` (degrees clockwise from grid north)
-    limits the heading to ± `heading_range_deg`. The geometric core of `localize`."""
+    limits the heading to ± `heading_range_deg`; `prior_sigma_m` weighs positions by a Gaussian of
+    that std around the prior (a GPS fix's accuracy). The geometric core of `localize`."""
     from ..geo.crs import heading_to_yaw
 
     t0 = time.perf_counter() if t0 is None else t0
@@ -759,11 +784,13 @@ def localize_bev(nm: "NeuralMap", model: Any, bev: Any, prior: Sequence[float], 
     _check_coverage(win, centre, radius_m + _query_reach_m(model), nm)
     yaw = None if heading_prior is None else heading_to_yaw(float(heading_prior))
     yr = None if heading_prior is None else math.radians(heading_range_deg)
-    out = _run_localizer(model, win, bev, centre, radius_m, yaw, yr, posterior_cell_m, seed)
+    sigma = _prior_sigma(prior_sigma_m, None, prior_source, radius_m)
+    out = _run_localizer(model, win, bev, centre, radius_m, yaw, yr, posterior_cell_m, seed, sigma_m=sigma)
     prob = out.prob_volume[0].detach().cpu().double().numpy()
     est = out.T_map_query.t[0].detach().cpu().double().numpy()
     stats = _posterior_stats(prob, win.cell_m, (float(est[0]), float(est[1])))
-    res = _result(nm, win, out, stats, (float(prior[0]), float(prior[1])), radius_m, prior_source, heading_prior, t0)
+    res = _result(nm, win, out, stats, (float(prior[0]), float(prior[1])), radius_m, prior_source, heading_prior, t0,
+                  sigma_m=sigma)
     if prob_tif is not None:
         res.prob_tif = _write_prob_tif(win, stats["p_xy"], prob_tif)
     return res
@@ -773,7 +800,7 @@ def localize(nm: "NeuralMap", image: Any, camera: Any = None, prior: Sequence[fl
              radius_m: float = DEFAULT_RADIUS_M, heading_prior: float | None = None, *,
              heading_range_deg: float = DEFAULT_HEADING_RANGE_DEG, prob_tif: str | os.PathLike | None = None,
              model: Any = None, checkpoint: Any = None, posterior_cell_m: float = POSTERIOR_CELL_M,
-             seed: int = 0) -> LocalizationResult:
+             seed: int = 0, prior_sigma_m: float | None = None) -> LocalizationResult:
     """Where was this photo taken? See `NeuralMap.localize`."""
     t0 = time.perf_counter()
     exif = _exif_of(image)
@@ -782,9 +809,11 @@ def localize(nm: "NeuralMap", image: Any, camera: Any = None, prior: Sequence[fl
     a, cam = _prepared_query(model, image, camera, exif)
     px, py = _prior_xy(nm, prior, radius_m)  # fail fast, before the network runs
     heading, _ = _heading_prior(nm, heading_prior, exif, prior)
+    sigma = _prior_sigma(prior_sigma_m, exif, source, radius_m)
     bev = query_bev(model, a, cam)
     return localize_bev(nm, model, bev, prior, radius_m, heading, heading_range_deg=heading_range_deg,
-                        prob_tif=prob_tif, posterior_cell_m=posterior_cell_m, prior_source=source, seed=seed, t0=t0)
+                        prob_tif=prob_tif, posterior_cell_m=posterior_cell_m, prior_source=source, seed=seed, t0=t0,
+                        prior_sigma_m=sigma)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -875,7 +904,8 @@ def localize_sequence(nm: "NeuralMap", images: Sequence[Any], cameras: Any, rela
                       prior: Sequence[float] | None = None, radius_m: float = DEFAULT_RADIUS_M,
                       heading_prior: float | None = None, *, heading_range_deg: float = DEFAULT_HEADING_RANGE_DEG,
                       model: Any = None, checkpoint: Any = None, posterior_cell_m: float = POSTERIOR_CELL_M,
-                      max_points_factor: int = 4, seed: int = 0) -> list[LocalizationResult]:
+                      max_points_factor: int = 4, seed: int = 0,
+                      prior_sigma_m: float | None = None) -> list[LocalizationResult]:
     """Localize a sequence of photos jointly. See `NeuralMap.localize_sequence`.
 
     The frames' query BEVs, moved by their known motion into the first frame's BEV frame, form one
@@ -907,6 +937,7 @@ def localize_sequence(nm: "NeuralMap", images: Sequence[Any], cameras: Any, rela
     model = map_model(nm, model, checkpoint)
     px, py = _prior_xy(nm, prior, radius_m)
     heading, _ = _heading_prior(nm, heading_prior, exif, prior)
+    sigma = _prior_sigma(prior_sigma_m, exif, source, radius_m)
     feats, valid, xys = [], [], []
     q = model.query_xy
     for k in range(n):
@@ -927,7 +958,7 @@ def localize_sequence(nm: "NeuralMap", images: Sequence[Any], cameras: Any, rela
     yaw0 = None if heading is None else heading_to_yaw(heading)
     yr = None if heading is None else math.radians(heading_range_deg)
     out = _run_localizer(model, win, bev, centre, radius_m, yaw0, yr, posterior_cell_m, seed, query_xy=query_xy,
-                         points=max(1, min(n, int(max_points_factor))))
+                         points=max(1, min(n, int(max_points_factor))), sigma_m=sigma)
     post = out.prob_volume[0].detach().cpu().float()
     R = post.shape[0]
     p_r0 = post.sum((1, 2))
@@ -941,7 +972,8 @@ def localize_sequence(nm: "NeuralMap", images: Sequence[Any], cameras: Any, rela
         p_rk = _rotate_index(p_r0[:, None, None], -delta)[:, 0, 0].double().numpy()
         est = tk[0, 0].numpy()
         stats = _marginal_stats(p_k, p_rk, win.cell_m, (float(est[0]), float(est[1])))
-        res = _result(nm, win, out_k, stats, (float(prior[0]), float(prior[1])), radius_m, source, heading, t0)
+        res = _result(nm, win, out_k, stats, (float(prior[0]), float(prior[1])), radius_m, source, heading, t0,
+                      sigma_m=sigma)
         res.extra = {"sequence_index": k, "sequence_length": n}
         results.append(res)
     dt = time.perf_counter() - t0
@@ -1031,6 +1063,7 @@ def _plan_rows(nm: "NeuralMap", df: Any, root: Path, crs: Any, radius_m: float, 
     else:
         priors, source = None, "exif"
     heads = df["heading_prior_deg"].to_numpy(float) if "heading_prior_deg" in df.columns else None
+    sigmas = df["prior_sigma_m"].to_numpy(float) if "prior_sigma_m" in df.columns else None
     rows = []
     records = df.drop(columns=[c for c in ("geometry",) if c in df.columns]).to_dict("records")
     for i, rec in enumerate(records):
@@ -1046,6 +1079,7 @@ def _plan_rows(nm: "NeuralMap", df: Any, root: Path, crs: Any, radius_m: float, 
             "i": i, "image": str(img if img.is_absolute() else root / img), "camera": cam or None,
             "prior": None if priors is None else (float(priors[i, 0]), float(priors[i, 1])), "source": source,
             "heading_prior": None if heads is None or not math.isfinite(heads[i]) else float(heads[i]),
+            "prior_sigma_m": None if sigmas is None or not math.isfinite(sigmas[i]) else float(sigmas[i]),
         })
     return rows, truth
 
@@ -1063,7 +1097,9 @@ def _localize_rows(map_path: str, rows: list[dict[str, Any]], model_key: str, op
     for row in rows:
         t0 = time.perf_counter()
         try:
+            sigma = row.get("prior_sigma_m")
             res = localize(nm, row["image"], row["camera"], row["prior"], opts["radius_m"], row["heading_prior"],
+                           prior_sigma_m=opts["prior_sigma_m"] if sigma is None else sigma,
                            model=model, heading_range_deg=opts["heading_range_deg"],
                            posterior_cell_m=opts["posterior_cell_m"], seed=opts["seed"])
             d = res.to_dict()
@@ -1083,7 +1119,7 @@ def localize_many(nm: "NeuralMap", table: Any, *, client: Any = None, workers: i
                   heading_range_deg: float = DEFAULT_HEADING_RANGE_DEG, prior_noise_m: float = 10.0,
                   image_root: Any = None, model: Any = None, checkpoint: Any = None, device: str = "auto",
                   batch_size: int | None = None, posterior_cell_m: float = POSTERIOR_CELL_M, seed: int = 0,
-                  progress: bool = True):
+                  progress: bool = True, prior_sigma_m: float | None = None):
     """Localize every row of a query table as a Dask job. See `NeuralMap.localize_many`."""
     import geopandas as gpd
     import pandas as pd
@@ -1098,7 +1134,8 @@ def localize_many(nm: "NeuralMap", table: Any, *, client: Any = None, workers: i
     key = _sha_of(model)
     payload = _checkpoint_bytes(model)
     opts = {"radius_m": float(radius_m), "heading_range_deg": float(heading_range_deg),
-            "posterior_cell_m": float(posterior_cell_m), "seed": int(seed)}
+            "posterior_cell_m": float(posterior_cell_m), "seed": int(seed),
+            "prior_sigma_m": None if prior_sigma_m is None else float(prior_sigma_m)}
     nw = max(1, int(workers))
     bs = batch_size or max(1, min(16, math.ceil(len(rows) / (4 * nw))))
     results: list[dict] = []

@@ -273,7 +273,9 @@ class NeuralMap:
             `z`, `pitch_deg`, `roll_deg`); None: from the EXIF 35 mm focal length.
         prior: (lat, lon) WGS84; the search covers `radius_m` around it and reads only that window
             of the map (plus the query's 20 m reach). heading_prior: degrees clockwise from north,
-            searched ± `heading_range_deg` (default 30).
+            searched ± `heading_range_deg` (default 30). `prior_sigma_m=`: the GPS fix's accuracy
+            (m); positions are then weighed by a Gaussian of that std around the prior (default:
+            the EXIF GPSHPositioningError when the prior is the EXIF fix, else uniform in the disc).
         kwargs: `prob_tif=` path (the position probability map as a GeoTIFF), `model=` / `checkpoint=`
             (default: the map's own), `heading_range_deg`, `posterior_cell_m`, `seed`.
         Raises `query.QueryError` (a ValueError) for a prior outside the map, an image whose size
@@ -294,7 +296,8 @@ class NeuralMap:
             `roll_deg`) or a `camera` column (dict, JSON text or cam.json path); the prior as
             `prior_lat`, `prior_lon` (or `lat`, `lon`), else the truth `x`, `y` moved by a seeded
             random offset within `prior_noise_m` (default 10 m; a simulated GPS fix), else EXIF;
-            optional `heading_prior_deg`.
+            optional `heading_prior_deg` and `prior_sigma_m` (the fix's accuracy, m; or the keyword
+            `prior_sigma_m=` for every row).
         client: any `distributed.Client`; else `scheduler=` (address), else an embedded LocalCluster
             of `workers=` workers (default 1; the model is loaded once per worker). Other kwargs:
             `radius_m`, `heading_range_deg`, `batch_size`, `model`, `checkpoint`, `device`, `seed`,

@@ -87,6 +87,10 @@ class PosePrior:
     radius_m: float | Tensor  # scalar or (B,)
     yaw: Tensor | None = None  # (B,) radians CCW from +x
     yaw_range: float | None = None  # ± radians around `yaw`
+    # Standard deviation (m) of an isotropic Gaussian position prior around `xy` (a GPS fix's
+    # accuracy), scalar or (B,): its log density is added to every pose score (a posterior, not a
+    # likelihood); None: uniform within `radius_m`.
+    sigma_m: float | Tensor | None = None
 
 
 @dataclass
@@ -149,6 +153,22 @@ def _in_prior(angle: Tensor, t: Tensor, prior: PosePrior | None) -> Tensor | Non
     if prior.yaw is not None and prior.yaw_range is not None:
         ok = ok & (wrap_angle(angle - prior.yaw.to(angle)[:, None]).abs() <= prior.yaw_range)
     return ok
+
+
+def _log_prior(t: Tensor, prior: PosePrior | None) -> Tensor | None:
+    """Log density (up to a constant) of the Gaussian position prior at camera positions t (B, P, 2)
+    -> (B, P); None without a prior or without `sigma_m`."""
+    if prior is None or prior.sigma_m is None:
+        return None
+    sigma = torch.as_tensor(prior.sigma_m, dtype=t.dtype, device=t.device).reshape(-1, 1)
+    return -0.5 * ((t - prior.xy.to(t)[:, None]) ** 2).sum(-1) / sigma**2
+
+
+def _with_log_prior(score_fn, prior: PosePrior | None):
+    """`score_fn(angle (B, P), t (B, P, 2)) -> (B, P)` plus the prior's log density, if it has one."""
+    if prior is None or prior.sigma_m is None:
+        return score_fn
+    return lambda a, t: score_fn(a, t) + _log_prior(t, prior)
 
 
 def _prior_rotations(prior: PosePrior | None, R: int, margin: int = 1) -> Tensor | None:
@@ -444,13 +464,17 @@ class Localizer(nn.Module):
 
     # -- RANSAC ------------------------------------------------------------------------------
     def _ransac(self, m, map_valid, f, p, w, cell_m, T_gt, prior, generator) -> LocalizerOutput:
+        if prior is not None and prior.sigma_m is not None and not (
+                self.point_scores == "log_ratio" and self.score_reduction == "sum"):
+            raise ValueError("PosePrior.sigma_m needs log-likelihood pose scores: mode='voting', or RANSAC with "
+                             "point_scores='log_ratio' and score_reduction='sum'")
         B, D, X, Y = m.shape
         r = self._relu_sims(f, m)  # (B, N, X, Y), 0 on invalid map cells
         with torch.no_grad():
             angle, t = self._sample_poses(r.detach(), map_valid, p, w, cell_m, prior, generator)
         if self.point_scores == "log_ratio":
             r = _log_ratio(r, map_valid)
-        score_fn = lambda a, tt: self._score_maps(r, p, w, a, tt, cell_m)  # noqa: E731
+        score_fn = _with_log_prior(lambda a, tt: self._score_maps(r, p, w, a, tt, cell_m), prior)
         scores = score_fn(angle, t)
         ok = _in_prior(angle, t, prior)
         if ok is not None:
@@ -464,7 +488,7 @@ class Localizer(nn.Module):
         K = min(self.num_candidates, scores.shape[1])
         with torch.no_grad():
             r_ = r.detach()
-            score_fn = lambda a, tt: self._score_maps(r_, p, w, a, tt, cell_m)  # noqa: E731
+            score_fn = _with_log_prior(lambda a, tt: self._score_maps(r_, p, w, a, tt, cell_m), prior)
             top = scores.detach().topk(K, dim=1).indices
             a0, t0 = angle.gather(1, top), t.gather(1, top[..., None].expand(B, K, 2))
             centre = (p * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
@@ -611,6 +635,9 @@ class Localizer(nn.Module):
         cxy = _cell_centres(Xc, Yc, s * cell_m, m)  # (Xc, Yc, 2)
         rc = transform_points(ang[None], torch.zeros(1, R, 2, dtype=m.dtype, device=m.device), centre[:, None])[:, :, 0]
         t_cell = cxy[None, None] - rc[:, :, None, None]  # (B, R, Xc, Yc, 2) camera positions
+        log_prior = _log_prior(t_cell.reshape(B, -1, 2), prior)
+        if log_prior is not None:
+            vol = vol + log_prior.reshape(B, R, Xc, Yc)
         prob_volume, loss = self._volume_outputs(vol, centre, s, X, Y, cell_m, T_gt, prior)
 
         with torch.no_grad():
@@ -631,7 +658,7 @@ class Localizer(nn.Module):
             full_centre = (p * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
             c = self._point_constants(f, m, map_valid)
             vmask = None if bool(map_valid.all()) else map_valid[:, None].to(m.dtype)
-            score_fn = lambda a, tt: self._score_feats(m, vmask, f, c, p, w, a, tt, cell_m)  # noqa: E731
+            score_fn = _with_log_prior(lambda a, tt: self._score_feats(m, vmask, f, c, p, w, a, tt, cell_m), prior)
             a, t, sc = self._refine(score_fn, a0, t0, full_centre, step_t=s * cell_m / 2,
                                     step_r=math.pi / R, cell_m=cell_m, prior=prior)
         return self._output(a, t, sc, loss, prob_volume)

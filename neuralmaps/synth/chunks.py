@@ -52,6 +52,7 @@ MAX_ATTEMPTS_PER_PAIR = 400
 GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0  # low-discrepancy split sequence
 QUERY_RUN_FRACTION = 0.5  # share of queries drawn from pedestrian query runs (rest: other map runs)
 MIN_QUERY_OVERLAP = 0.3  # fraction of the query's BEV frustum that must lie inside the scene
+PLACEMENT_MARGIN_M = 1.0  # "anywhere" placement: the query camera at least this far inside its scene
 MAX_VIEW_DEPTH_M = 32.0  # scene points farther than this from a camera do not count as covered
 SOURCE_CHUNK = 1 << 20
 
@@ -463,8 +464,11 @@ def _sample_pair(i: int, seed: int, ctx: _Context) -> _PairPlan:
         Tq = V.T_world_cam[q]
         q_xy = Tq[:2, 3] + ctx.world_origin
         fwd = _forward_xy(Tq)
-        # Scene centre: a few metres ahead of the query, jittered; SW corner snapped to the cell lattice.
-        centre = q_xy + fwd * rng.uniform(2.0, 0.6 * cfg.scene.query_depth_m) + rng.normal(0.0, 3.0, 2)
+        if cfg.synth.query_placement == "ahead":  # the scene centre a few metres ahead of the query, jittered
+            centre = q_xy + fwd * rng.uniform(2.0, 0.6 * cfg.scene.query_depth_m) + rng.normal(0.0, 3.0, 2)
+        else:  # "anywhere": the camera uniform over the scene, PLACEMENT_MARGIN_M from its edges
+            centre = q_xy + rng.uniform(-1.0, 1.0, 2) * (np.array([sx, sy]) / 2 - PLACEMENT_MARGIN_M)
+        # SW corner snapped to the cell lattice.
         origin = np.round((centre - np.array([sx, sy]) / 2) / cell) * cell
         if origin[0] < x0 or origin[1] < y0 or origin[0] + sx > x1 or origin[1] + sy > y1:
             continue
