@@ -12,7 +12,8 @@
    whose true position lies in the map, from a noisy GPS position (Gaussian, `gps_noise_m` per axis,
    drawn inside the map and within the prior) with a `radius_m` prior and no heading prior, one photo
    at a time (`NeuralMap.localize_many`, a Dask job) and as sequences of consecutive photos of a walk
-   with their relative motion (`NeuralMap.localize_sequence`, perfect odometry). A photo the
+   with their relative motion (`NeuralMap.localize_sequence`, perfect odometry); also with a compass
+   (a heading prior) and with the fix's accuracy as a Gaussian position prior. A photo the
    localizer refuses counts as a miss (infinite error), never as skipped. Per-photo results go to
    `DIR/localization.csv`;
 5. **semantics and previews**: the map's area classes against the OSM-derived ones of the same grid

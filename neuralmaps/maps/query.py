@@ -752,7 +752,7 @@ def _resolve_prior(prior: Any, exif: ExifInfo | None) -> tuple[tuple[float, floa
     raise QueryError("no prior: pass prior=(lat, lon) (--prior LAT,LON), or a photo whose EXIF has a GPS position")
 
 
-def _prior_sigma(sigma_m: Any, exif: ExifInfo | None, source: str, radius_m: float) -> float | None:
+def _prior_sigma(sigma_m: Any, exif: ExifInfo | None, source: str) -> float | None:
     """The Gaussian position prior's std (m): `sigma_m` if given, else the EXIF fix's
     GPSHPositioningError when the prior is that fix; None (uniform in the disc) otherwise."""
     if sigma_m is None:
@@ -784,7 +784,7 @@ def localize_bev(nm: "NeuralMap", model: Any, bev: Any, prior: Sequence[float], 
     _check_coverage(win, centre, radius_m + _query_reach_m(model), nm)
     yaw = None if heading_prior is None else heading_to_yaw(float(heading_prior))
     yr = None if heading_prior is None else math.radians(heading_range_deg)
-    sigma = _prior_sigma(prior_sigma_m, None, prior_source, radius_m)
+    sigma = _prior_sigma(prior_sigma_m, None, prior_source)
     out = _run_localizer(model, win, bev, centre, radius_m, yaw, yr, posterior_cell_m, seed, sigma_m=sigma)
     prob = out.prob_volume[0].detach().cpu().double().numpy()
     est = out.T_map_query.t[0].detach().cpu().double().numpy()
@@ -809,7 +809,7 @@ def localize(nm: "NeuralMap", image: Any, camera: Any = None, prior: Sequence[fl
     a, cam = _prepared_query(model, image, camera, exif)
     px, py = _prior_xy(nm, prior, radius_m)  # fail fast, before the network runs
     heading, _ = _heading_prior(nm, heading_prior, exif, prior)
-    sigma = _prior_sigma(prior_sigma_m, exif, source, radius_m)
+    sigma = _prior_sigma(prior_sigma_m, exif, source)
     bev = query_bev(model, a, cam)
     return localize_bev(nm, model, bev, prior, radius_m, heading, heading_range_deg=heading_range_deg,
                         prob_tif=prob_tif, posterior_cell_m=posterior_cell_m, prior_source=source, seed=seed, t0=t0,
@@ -937,7 +937,7 @@ def localize_sequence(nm: "NeuralMap", images: Sequence[Any], cameras: Any, rela
     model = map_model(nm, model, checkpoint)
     px, py = _prior_xy(nm, prior, radius_m)
     heading, _ = _heading_prior(nm, heading_prior, exif, prior)
-    sigma = _prior_sigma(prior_sigma_m, exif, source, radius_m)
+    sigma = _prior_sigma(prior_sigma_m, exif, source)
     feats, valid, xys = [], [], []
     q = model.query_xy
     for k in range(n):
