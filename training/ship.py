@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if runs and runs[0].get("init") == "pretrained" and dest.with_suffix(".json").is_file():
         # Warm-started from the shipped weights: their schedule comes first (training accumulates).
         previous = json.loads(dest.with_suffix(".json").read_text())
-        runs = [dict(r, shipped_as=previous.get("sha256", "")[:12]) for r in previous.get("runs", [])] + runs
+        # A run keeps the weights it first shipped in; the previous ship's own runs get its sha.
+        runs = [{"shipped_as": previous.get("sha256", "")[:12], **r} for r in previous.get("runs", [])] + runs
         used["train"] |= {tuple(b) for b in previous.get("training_blocks", [])}
     info = {
         "name": args.name, "sha256": hashlib.sha256(data).hexdigest(), "source": str(ckpt), "runs": runs,
