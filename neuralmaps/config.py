@@ -201,6 +201,11 @@ class TrainConfig:
     ckpt_every: int = 100  # steps between checkpoints (what a kill can lose at most)
     eval_every: int = 500  # steps between validation evaluations
     val_limit: int | None = 64  # validation pairs evaluated during training (None: all)
+    # Training negatives from elsewhere (beyond SNAP): each query is localized in a row of its own
+    # scene and this many other scenes of the batch, `distractor_gap_m` of empty map between them,
+    # as a wide prior on a city map asks it to (SNAP: 0, the scene is the whole search area).
+    distractor_scenes: int = _added_later(0, 0, neutral=True)
+    distractor_gap_m: float = _added_later(8.0, 8.0, neutral=True)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -207,7 +208,7 @@ def train(
     eval_every = tc.eval_every if eval_every is None else eval_every
     torch.manual_seed(seed)
     if stage == "localization":
-        params, loss_fn, metric = list(model.parameters()), model.loss, "err_xy_m"
+        params, loss_fn, metric = list(model.parameters()), partial(model.loss, distractors=tc.distractor_scenes), "err_xy_m"
     else:
         params, loss_fn, metric = list(model.semantic_net.parameters()), model.semantic_loss, "area/accuracy"
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=1e-4)

@@ -318,6 +318,8 @@ def test_a_neutral_field_added_later_keeps_old_checksums():
 
     old = tiny_config().to_dict()
     del old["model"]["similarity"]
+    for name in ("distractor_scenes", "distractor_gap_m"):  # neutral training fields added later still
+        del old["train"][name]
     cfg = Config.from_dict(old)
     assert cfg.model.similarity == "relu" and cfg.hash_dict() == old
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
@@ -325,3 +327,74 @@ def test_a_neutral_field_added_later_keeps_old_checksums():
     linear = SNAP(cfg.with_overrides({"model.similarity": "linear"}))
     linear.load_state_dict(model.state_dict())
     assert model_sha256(linear) != model_sha256(model)
+
+
+
+def test_distractor_row_holds_each_scene_once_and_the_truth_where_its_scene_went():
+    """`with_distractor_scenes`: every item's row holds its own map at the returned offset, the
+    other scenes of the batch in the other slots, empty gaps between them, and a scene whose
+    origin lies near the item's own is left empty (it may show the same place)."""
+    from neuralmaps.models.snap import with_distractor_scenes
+
+    B, D, X, Y, cell, G = 3, 4, 6, 5, 0.5, 4  # G: a 2 m gap
+    feats = torch.randn(B, D, X, Y)
+    tile = NeuralMapTile(feats, F.normalize(feats, dim=1), torch.ones(B, X, Y, dtype=torch.bool),
+                         torch.rand(B, X, Y), cell)
+    origin = torch.tensor([[0.0, 0.0], [500.0, 0.0], [10.0, 20.0]], dtype=torch.float64)  # 2 is near 0
+    slots = set()
+    for seed in range(12):
+        row, dx = with_distractor_scenes(tile, origin, 2, 2.0, torch.Generator().manual_seed(seed))
+        assert row.matching.shape == (B, D, 3 * X + 2 * G, Y) and row.valid.shape == (B, 3 * X + 2 * G, Y)
+        for b in range(B):
+            found = {}
+            for s in range(3):
+                cells = slice(s * (X + G), s * (X + G) + X)
+                k = next(k for k in range(B) if torch.equal(row.features[b, :, cells], tile.features[k]))
+                found[k] = s
+                torch.testing.assert_close(row.matching[b, :, cells], tile.matching[k])
+                near = k != b and {b, k} == {0, 2}
+                assert bool(row.valid[b, cells].all()) is not near and bool(row.valid[b, cells].any()) is not near
+                if s < 2:  # the gap after it: no features, never valid
+                    gap = slice(s * (X + G) + X, (s + 1) * (X + G))
+                    assert not row.valid[b, gap].any() and not row.matching[b, :, gap].any()
+            assert sorted(found) == [0, 1, 2]  # each scene once
+            assert dx[b].item() == found[b] * (X + G) * cell  # the own scene's offset
+            slots.add(found[b])
+    assert slots == {0, 1, 2}  # the own scene is not always first
+    with pytest.raises(ValueError, match=r"count must be in \[1, B-1\] = \[1, 2\]"):
+        with_distractor_scenes(tile, origin, 3, 2.0)
+
+
+def test_loss_with_distractor_scenes_finds_the_truth_where_its_scene_went():
+    """A perfect map (each scene lifted from its own query image, as in the frames test): in a row
+    of its scene and another, the estimate lands on the ground truth moved with its scene (< 1 m),
+    not in the other scene. In training mode the loss is finite and reaches the mapper."""
+    from neuralmaps import geometry
+
+    cfg = tiny_config(norm="group")
+    cfg.scene.size_m = (16.0, 16.0, 4.0)
+    cfg.model.use_aerial = cfg.model.use_semantic = False
+    cfg.model.modality_dropout = 0.0
+    model = _model(cfg)
+    batch = tiny_batch(cfg, B=2)
+    T_bev = geometry.Transform2D(torch.tensor([0.3, 2.0]), torch.tensor([[5.0, 8.0], [9.0, 7.0]]))
+    T_scene_cam = geometry.bev_pose_to_camera(T_bev, 1.7, pitch=0.1).matrix()
+    batch |= {
+        "query_T_scene_cam": T_scene_cam,
+        "map_images": batch["query_image"][:, None],
+        "map_T_scene_view": T_scene_cam[:, None],
+        "map_cameras": batch["query_camera"][:, None],
+        "map_view_mask": torch.ones(2, 1, dtype=torch.bool),
+        "scene_origin": torch.tensor([[0.0, 0.0], [300.0, 0.0]], dtype=torch.float64),
+    }
+    model.eval()
+    for seed in range(3):
+        with torch.no_grad():
+            out = model.loss(batch, generator=torch.Generator().manual_seed(seed), distractors=1)
+        assert out["err_xy_m"].max() < 1.0 and out["err_yaw_deg"].max() < 2.0, (out["err_xy_m"], out["err_yaw_deg"])
+    model.train()
+    out = model.loss(batch, generator=torch.Generator().manual_seed(0), distractors=1)
+    assert torch.isfinite(out["total"]) and out["nll"].shape == (2,)
+    out["total"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n.startswith("mapper."))

@@ -90,6 +90,58 @@ class NeuralMapTile:
                              self.confidence.detach(), self.cell_m)
 
 
+# Distractor scenes (training only): other scenes are unrelated places only when their origins lie
+# at least this far apart (two 24 x 32 m scenes closer than their diagonals plus a query's 16 m reach
+# may show the same street).
+DISTRACTOR_MIN_SEPARATION_M = 64.0
+
+
+def with_distractor_scenes(
+    tile: NeuralMapTile, scene_origin: torch.Tensor | None, count: int, gap_m: float,
+    generator: torch.Generator | None = None,
+) -> tuple[NeuralMapTile, torch.Tensor]:
+    """Each item's map becomes a row along x of its own scene and `count` other scenes of the batch
+    (items b+1, ..., b+count mod B), `gap_m` of empty map between neighbours, its own scene at a
+    random slot. A query is then localized against places elsewhere in the city too, as a wide
+    prior on a city map makes it (beyond SNAP, whose scene is the whole search area).
+
+    tile: (B, *, X, Y) maps; scene_origin: (B, 2) CRS easting, northing of each scene, or None (the
+    scenes are then taken as unrelated); another scene closer than DISTRACTOR_MIN_SEPARATION_M is
+    left empty (invalid) in the row. Needs B > count.
+    Returns the row tile (B, *, (count+1)·X + count·G, Y), G = round(gap_m / cell_m) cells, and the
+    x offset (B,) in metres of each item's own scene in it."""
+    B, X = tile.valid.shape[0], tile.valid.shape[1]
+    if not 0 < count < B:
+        raise ValueError(f"with_distractor_scenes: count must be in [1, B-1] = [1, {B - 1}] for a batch of {B}, "
+                         f"got {count}")
+    G = round(gap_m / tile.cell_m)
+    slot = torch.randint(count + 1, (B,), generator=generator).to(tile.valid.device)  # own scene's slot
+    idx = torch.arange(B, device=tile.valid.device)
+    # others[b, j]: the j-th distractor of item b; order[b, s]: the scene at slot s.
+    others = (idx[:, None] + torch.arange(1, count + 1, device=idx.device)[None]) % B  # (B, count)
+    keep = torch.ones(B, count, dtype=torch.bool, device=idx.device)
+    if scene_origin is not None:
+        o = scene_origin.to(idx.device).double()
+        keep = (o[others] - o[:, None]).norm(dim=-1) >= DISTRACTOR_MIN_SEPARATION_M
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("features", "matching", "valid", "confidence")}
+    j = torch.zeros(B, dtype=torch.long, device=idx.device)  # next distractor of each item
+    for s in range(count + 1):
+        own = slot == s
+        src = torch.where(own, idx, others.gather(1, j.clamp(max=count - 1)[:, None])[:, 0])
+        ok = own | keep.gather(1, j.clamp(max=count - 1)[:, None])[:, 0]
+        j = j + (~own).long()
+        for k in parts:
+            v = getattr(tile, k)[src]
+            if k == "valid":
+                v = v & ok[:, None, None]
+            if s and G:
+                parts[k].append(v.new_zeros(*v.shape[:-2], G, v.shape[-1]))
+            parts[k].append(v)
+    row = NeuralMapTile(*(torch.cat(parts[k], dim=-2) for k in ("features", "matching", "valid", "confidence")),
+                        cell_m=tile.cell_m)
+    return row, slot.to(torch.float64) * (X + G) * tile.cell_m
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -218,11 +270,20 @@ class SNAP(nn.Module):
         )
 
     def loss(self, batch: dict, generator: torch.Generator | None = None, *,
-             modalities: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+             modalities: Sequence[str] | None = None, distractors: int = 0) -> dict[str, torch.Tensor]:
         """Localization training loss: map from the scene inputs (`modalities`, as in `map`), query
         BEV from the query view, NLL of the ground-truth pose. Returns `total` (scalar), `nll` (B,),
-        and detached pose errors `err_xy_m`, `err_yaw_deg` (B,) of the estimate."""
+        and detached pose errors `err_xy_m`, `err_yaw_deg` (B,) of the estimate.
+
+        distractors: localize each query in a row of its own scene and this many other scenes of
+        the batch (`with_distractor_scenes`; skipped when the batch is not larger)."""
         neural_map = self.map(batch, generator, modalities=modalities)
+        if distractors and batch["query_T_scene_cam"].shape[0] > distractors:
+            neural_map, dx = with_distractor_scenes(neural_map, batch.get("scene_origin"), distractors,
+                                                    self.config.train.distractor_gap_m, generator)
+            T = batch["query_T_scene_cam"].clone()
+            T[:, 0, 3] += dx.to(T)
+            batch = {**batch, "query_T_scene_cam": T}
         out = self.localize(batch, neural_map, with_loss=True, generator=generator)
         T_gt = geometry.camera_pose_to_bev(geometry.Transform3D.from_matrix(batch["query_T_scene_cam"].float()))
         d_yaw, d_xy = (T_gt.inv() @ out.T_map_query.detach().to(T_gt.device)).magnitude()
