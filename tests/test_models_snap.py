@@ -180,6 +180,22 @@ def test_modality_dropout_never_drops_everything():
     assert any(not torch.equal(kept[0], k) for k in kept[1:])
 
 
+
+def test_shared_modality_dropout_keeps_the_same_inputs_in_every_item():
+    """fuse_modalities(shared=True): every item of the batch keeps the same modalities (the scenes
+    of a distractor row are then alike, as a city map's are); per item they differ."""
+    from neuralmaps.models.bev import FeaturePlane, fuse_modalities
+
+    B = 64
+    planes = [FeaturePlane(torch.full((B, 1, 2, 2), float(k + 1)), torch.ones(B, 2, 2, dtype=torch.bool))
+              for k in range(3)]
+    g = torch.Generator().manual_seed(0)
+    for shared in (True, False):
+        fused = [fuse_modalities(planes, 0.5, g, shared=shared).features[:, 0, 0, 0] for _ in range(8)]
+        same = [bool((f == f[0]).all()) for f in fused]
+        assert all(same) if shared else not any(same)
+
+
 def test_presets_construct():
     tiny = SNAP(preset("cpu-tiny"))
     paper = SNAP(preset("paper"))
@@ -318,8 +334,8 @@ def test_a_neutral_field_added_later_keeps_old_checksums():
 
     old = tiny_config().to_dict()
     del old["model"]["similarity"]
-    for name in ("distractor_scenes", "distractor_gap_m"):  # neutral training fields added later still
-        del old["train"][name]
+    del old["train"]["distractor_scenes"]  # neutral fields added later still
+    del old["model"]["refined_negatives"]
     cfg = Config.from_dict(old)
     assert cfg.model.similarity == "relu" and cfg.hash_dict() == old
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
@@ -398,3 +414,22 @@ def test_loss_with_distractor_scenes_finds_the_truth_where_its_scene_went():
     out["total"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
                if n.startswith("mapper."))
+
+
+def test_refined_negatives_put_the_best_wrong_poses_into_the_partition():
+    """ModelConfig.refined_negatives: the NLL's partition also counts the refined candidates, with
+    gradients: the same search, an NLL never below the samples-only one and above it where a
+    refined pose adds mass, and the temperature learns from it."""
+    cfg = tiny_config(norm="group")
+    cfg.model.modality_dropout = 0.0
+    model = _model(cfg).train()
+    batch = tiny_batch(cfg, B=4, seed=3)
+    nll, score = {}, {}
+    for flag in (False, True):
+        model.localizer.refined_negatives = flag
+        out = model.localize(batch, model.map(batch), with_loss=True, generator=torch.Generator().manual_seed(0))
+        nll[flag], score[flag] = out.loss, out.score
+    torch.testing.assert_close(score[False], score[True])  # the same search
+    assert (nll[True] >= nll[False] - 1e-4).all() and (nll[True] > nll[False] + 1e-3).any()
+    nll[True].sum().backward()
+    assert model.localizer.log_temperature.grad.abs() > 0

@@ -82,16 +82,19 @@ class VerticalPooling(nn.Module):
 
 
 def fuse_modalities(
-    planes: list[FeaturePlane], dropout: float = 0.0, generator: torch.Generator | None = None
+    planes: list[FeaturePlane], dropout: float = 0.0, generator: torch.Generator | None = None,
+    shared: bool = False,
 ) -> FeaturePlane:
-    """Max over the available modalities; with `dropout` > 0 each modality of each batch item is
-    dropped with that probability, but never all of them (then all are kept, as SNAP)."""
+    """Max over the available modalities; with `dropout` > 0 each modality of each batch item (of
+    the whole batch when `shared`) is dropped with that probability, but never all of them (then
+    all are kept, as SNAP)."""
     if not planes:
         raise ValueError("no map modality to fuse")
     if dropout > 0 and len(planes) > 1:
         B = planes[0].valid.shape[0]
         device = planes[0].valid.device
-        keep = torch.rand((len(planes), B), generator=generator, device=generator.device if generator else None)
+        keep = torch.rand((len(planes), 1 if shared else B), generator=generator,
+                          device=generator.device if generator else None).expand(len(planes), B)
         keep = (keep >= dropout).to(device)
         keep = torch.where(keep.any(0, keepdim=True), keep, torch.ones_like(keep))
         planes = [FeaturePlane(p.features, p.valid & k[:, None, None]) for p, k in zip(planes, keep)]

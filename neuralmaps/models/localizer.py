@@ -241,6 +241,7 @@ class Localizer(nn.Module):
         self.point_scores = cfg.point_scores
         self.proposals = cfg.proposals
         self.num_matches = cfg.num_matches
+        self.refined_negatives = cfg.refined_negatives
         self.chunk = 1 << 19  # point samples per scoring chunk (bounds memory)
 
     @property
@@ -480,10 +481,9 @@ class Localizer(nn.Module):
         if ok is not None:
             scores = torch.where(ok, scores, torch.full_like(scores, -torch.inf))
 
-        loss = None
+        s_gt = None
         if T_gt is not None:
             s_gt = score_fn(T_gt.angle.to(t)[:, None], T_gt.t.to(t)[:, None])
-            loss = -(s_gt[:, 0] - torch.logsumexp(torch.cat([s_gt, scores], 1), 1))
 
         K = min(self.num_candidates, scores.shape[1])
         with torch.no_grad():
@@ -497,6 +497,13 @@ class Localizer(nn.Module):
                 a0, t0 = self._wide_search(score_fn, a0, t0, centre, cell_m, prior)
             a, tt, s = self._refine(score_fn, a0, t0, centre, step_t=cell_m / (2 if wide else 1),
                                     step_r=math.radians(0.5 if wide else 1.0), cell_m=cell_m, prior=prior)
+        loss = None
+        if s_gt is not None:
+            parts = [s_gt, scores]
+            if self.refined_negatives:  # the refined candidates' scores, with gradients
+                s_ref = _with_log_prior(lambda a_, t_: self._score_maps(r, p, w, a_, t_, cell_m), prior)(a, tt)
+                parts.append(s_ref.masked_fill(s <= -1e29, -torch.inf))
+            loss = -(s_gt[:, 0] - torch.logsumexp(torch.cat(parts, 1), 1))
         return self._output(a, tt, s, loss, None)
 
     def _sample_poses(self, r, map_valid, p, w, cell_m, prior, generator) -> tuple[Tensor, Tensor]:

@@ -65,7 +65,7 @@ RUNTIME_FIELDS = frozenset({
     "model.area_frequencies", "model.object_frequencies", "model.num_query_points", "model.num_coarse_points",
     "model.coarse_cells", "model.num_candidates", "model.keep_candidates", "model.final_step_cells",
     "model.final_step_deg", "model.refine_range_m", "model.refine_range_deg", "model.score_reduction",
-    "model.point_scores", "model.proposals", "model.num_matches", "model.similarity",
+    "model.point_scores", "model.proposals", "model.num_matches", "model.similarity", "model.refined_negatives",
 })
 # Scene fields that define what the weights mean (voxel size, column height).
 SCENE_ARCH_FIELDS = ("cell_m",)
@@ -190,6 +190,7 @@ class SNAP(nn.Module):
         *,
         modalities: Sequence[str] | None = None,
         dropout: float | None = None,
+        shared_dropout: bool = False,
     ) -> NeuralMapTile:
         """Neural map of a batch of scenes: street-view volumes pooled vertically, aerial and
         semantic planes, max-fused, plus the heads.
@@ -197,12 +198,13 @@ class SNAP(nn.Module):
         modalities: the inputs used, a subset of MODALITIES ("streetview", "aerial", "semantic");
             None: every input the model has and the batch holds. The inputs left out are never
             read, so nothing of them can reach the map.
-        dropout: modality-dropout probability; None: the config's while training, 0 in eval mode."""
+        dropout: modality-dropout probability; None: the config's while training, 0 in eval mode.
+        shared_dropout: drop the same modalities in every item of the batch."""
         batch = select_modalities(scene_batch, modalities)
         planes = self.mapper.map_planes(batch, self.camera_model)
         if dropout is None:
             dropout = self.config.model.modality_dropout if self.training else 0.0
-        plane = fuse_modalities(planes, dropout, generator)
+        plane = fuse_modalities(planes, dropout, generator, shared=shared_dropout)
         matching, confidence = self.mapper.heads(plane)
         return NeuralMapTile(plane.features, matching, plane.valid, confidence, self.config.scene.cell_m)
 
@@ -277,10 +279,13 @@ class SNAP(nn.Module):
 
         distractors: localize each query in a row of its own scene and this many other scenes of
         the batch (`with_distractor_scenes`; skipped when the batch is not larger)."""
-        neural_map = self.map(batch, generator, modalities=modalities)
-        if distractors and batch["query_T_scene_cam"].shape[0] > distractors:
+        rows = bool(distractors) and batch["query_T_scene_cam"].shape[0] > distractors
+        # In a row, the scenes share their modalities (as the scenes of a city map do).
+        neural_map = self.map(batch, generator, modalities=modalities, shared_dropout=rows)
+        if rows:
+            # Gaps as deep as a query sees: the truth's frustum never reaches another scene.
             neural_map, dx = with_distractor_scenes(neural_map, batch.get("scene_origin"), distractors,
-                                                    self.config.train.distractor_gap_m, generator)
+                                                    self.config.scene.query_depth_m, generator)
             T = batch["query_T_scene_cam"].clone()
             T[:, 0, 3] += dx.to(T)
             batch = {**batch, "query_T_scene_cam": T}
