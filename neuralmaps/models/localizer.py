@@ -486,9 +486,7 @@ class Localizer(nn.Module):
             s_gt = score_fn(T_gt.angle.to(t)[:, None], T_gt.t.to(t)[:, None])
 
         K = min(self.num_candidates, scores.shape[1])
-        with torch.no_grad():
-            r_ = r.detach()
-            score_fn = _with_log_prior(lambda a, tt: self._score_maps(r_, p, w, a, tt, cell_m), prior)
+        with torch.no_grad():  # the search: the same scores, no graph
             top = scores.detach().topk(K, dim=1).indices
             a0, t0 = angle.gather(1, top), t.gather(1, top[..., None].expand(B, K, 2))
             centre = (p * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
@@ -501,8 +499,7 @@ class Localizer(nn.Module):
         if s_gt is not None:
             parts = [s_gt, scores]
             if self.refined_negatives:  # the refined candidates' scores, with gradients
-                s_ref = _with_log_prior(lambda a_, t_: self._score_maps(r, p, w, a_, t_, cell_m), prior)(a, tt)
-                parts.append(s_ref.masked_fill(s <= -1e29, -torch.inf))
+                parts.append(score_fn(a, tt).masked_fill(s <= -1e29, -torch.inf))
             loss = -(s_gt[:, 0] - torch.logsumexp(torch.cat(parts, 1), 1))
         return self._output(a, tt, s, loss, None)
 
@@ -798,7 +795,7 @@ def _shift_sum(r: Tensor, w: Tensor, p: Tensor, R: int, cell: float, rotations: 
         # Inference: per point, index an as_strided view of its (2·pad+1)^2 shifted windows and
         # accumulate in place (1.8x faster than one gather of (B, R, N, X, Y) then a sum, at 64
         # points x 64 rotations x 101^2 cells; no index tensor, memory O(R·X·Y)).
-        sB, sN, sX, sY = rp.stride()
+        sX, sY = rp.stride()[-2:]
         dd = d + pad
         out = torch.zeros(B, R, X, Y, dtype=r.dtype, device=r.device)
         for b in range(B):

@@ -117,8 +117,7 @@ def with_distractor_scenes(
     G = round(gap_m / tile.cell_m)
     slot = torch.randint(count + 1, (B,), generator=generator).to(tile.valid.device)  # own scene's slot
     idx = torch.arange(B, device=tile.valid.device)
-    # others[b, j]: the j-th distractor of item b; order[b, s]: the scene at slot s.
-    others = (idx[:, None] + torch.arange(1, count + 1, device=idx.device)[None]) % B  # (B, count)
+    others = (idx[:, None] + torch.arange(1, count + 1, device=idx.device)[None]) % B  # (B, count): j-th distractor
     keep = torch.ones(B, count, dtype=torch.bool, device=idx.device)
     if scene_origin is not None:
         o = scene_origin.to(idx.device).double()
@@ -127,8 +126,9 @@ def with_distractor_scenes(
     j = torch.zeros(B, dtype=torch.long, device=idx.device)  # next distractor of each item
     for s in range(count + 1):
         own = slot == s
-        src = torch.where(own, idx, others.gather(1, j.clamp(max=count - 1)[:, None])[:, 0])
-        ok = own | keep.gather(1, j.clamp(max=count - 1)[:, None])[:, 0]
+        jj = j.clamp(max=count - 1)[:, None]  # items whose own scene is here take no distractor
+        src = torch.where(own, idx, others.gather(1, jj)[:, 0])
+        ok = own | keep.gather(1, jj)[:, 0]
         j = j + (~own).long()
         for k in parts:
             v = getattr(tile, k)[src]
