@@ -139,6 +139,10 @@ class ModelConfig:
     semantic_decoder: str = "mlp"
     semantic_dim: int = 128
     semantic_layers: int = 2
+    # The "resnet" decoder's normalisation: "encoder" (as image_encoder.norm), "batch" or "none".
+    # GroupNorm statistics span the whole decoded grid, so a tiled build's classes would depend on
+    # where tiles fall; batch norm at inference (running statistics) and "none" are local.
+    semantic_norm: str = _added_later("encoder", "encoder", neutral=True)
     # Class frequencies for the loss weights (SNAP's, from its cities): AREA_CLASSES order, and
     # OBJECT_CLASSES + BINARY_CLASSES + void. `neuralmaps.models.semantic.class_frequencies`
     # measures them on a training set.
@@ -365,6 +369,11 @@ def _cpu_tiny() -> Config:
             # run 5 on, linear similarities (a no-op wherever f·m > 0, as on every street-view cell).
             similarity="linear",
             proposals="local_maxima",
+            # 3x3 context instead of SNAP's per-cell MLP: on the held-out "anywhere" pairs (demo area,
+            # blocks B; run-9 maps, 400 decoder steps) area mIoU 47.5 % (MLP, ~2000 steps over runs) ->
+            # 66.2 % (GroupNorm) -> 68.4 % (batch norm, which is also local: tiled builds stay exact).
+            semantic_decoder="resnet",
+            semantic_norm="batch",
             semantic_dim=64,
         ),
         train=TrainConfig(batch_size=4, lr=1e-3, steps=3000, num_workers=1, warmup_steps=50,

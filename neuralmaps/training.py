@@ -140,6 +140,25 @@ def validate(model: SNAP, dataset, **kwargs) -> dict[str, dict]:
             for name, mods in val_modalities(model).items()}
 
 
+def warm_start(model: SNAP, init: SNAP | dict) -> str:
+    """Copy `init`'s weights (a SNAP or its state dict) into `model`: a warm start across runs. Every
+    weight must fit, except the semantic decoder's, which is trained last on the frozen map: when the
+    config changes it (`model.semantic_decoder`, `semantic_dim`, `semantic_layers`) it keeps its fresh
+    initialisation. Returns "" or a short description of the decoder weights left fresh; ValueError
+    for any other misfit."""
+    own, theirs = model.state_dict(), init if isinstance(init, dict) else init.state_dict()
+    fits = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    off = sorted((set(own) | set(theirs)) - set(fits))
+    core = [k for k in off if not k.startswith("semantic_net.")]
+    if core:
+        raise ValueError(f"the warm-start weights do not fit the config: {core[:5]}"
+                         f"{' ...' if len(core) > 5 else ''} (missing, unexpected or of another shape)")
+    if off:  # the decoder is replaced whole: no mix of old and new layers
+        fits = {k: v for k, v in fits.items() if not k.startswith("semantic_net.")}
+    model.load_state_dict(fits, strict=False)
+    return f"{len(off)} semantic_net tensors differ" if off else ""
+
+
 def _append_log(out: Path, rec: dict) -> None:
     """One record to log.jsonl (all keys) and log.csv (LOG_FIELDS), flushed at once."""
     with open(out / "log.jsonl", "a") as f:
@@ -221,9 +240,15 @@ def train(
         cfg.save_yaml(out / "config.yaml")
         if state_path.is_file():
             state = torch.load(state_path, weights_only=True)
+            start = int(state["step"])
+            if start >= steps:  # a finished stage: only its weights
+                if stage == "localization":  # the decoder, trained next, may have changed since
+                    warm_start(model, state["model"])
+                else:
+                    model.load_state_dict(state["model"])
+                return []
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            start = int(state["step"])
             g.set_state(state["generator"])
             _truncate_logs(out, stage, start)
     if start == 0:

@@ -234,3 +234,34 @@ def test_resnet_semantic_decoder_uses_context():
     assert (net(feats, valid)["areas"][0, :, :3] == 0).all()
     with pytest.raises(ValueError, match="semantic_decoder"):
         SemanticNet(ModelConfig(semantic_decoder="transformer"))
+
+
+@pytest.mark.parametrize("norm", ["batch", "none", "group"])
+def test_resnet_semantic_decoder_reads_only_its_reach(norm):
+    # A tiled build decodes each tile with `reach_cells` of context: the tile's classes must equal the
+    # whole grid's. With batch norm (running statistics) or none, they do; GroupNorm's statistics span
+    # the grid, so they do not (why cpu-tiny's decoder uses batch norm).
+    cfg = ModelConfig(feature_dim=8, semantic_decoder="resnet", semantic_dim=8, semantic_layers=2, semantic_norm=norm)
+    torch.manual_seed(0)
+    net = SemanticNet(cfg)
+    for m in net.modules():  # non-trivial running statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    assert net.reach_cells == 4
+    feats = torch.randn(1, 8, 40, 40)
+    valid = torch.ones(1, 40, 40, dtype=torch.bool)
+    k = net.reach_cells
+    with torch.no_grad():
+        whole = net(feats, valid)["areas"][0, :, 10:30, 10:30]
+        tile = net(feats[..., 10 - k:30 + k, 10 - k:30 + k], valid[:, 10 - k:30 + k, 10 - k:30 + k])["areas"][0, :, k:-k, k:-k]
+        short = net(feats[..., 10 - k + 1:30 + k - 1, 10 - k + 1:30 + k - 1],
+                    valid[:, 10 - k + 1:30 + k - 1, 10 - k + 1:30 + k - 1])["areas"][0, :, k - 1:-(k - 1), k - 1:-(k - 1)]
+    err = (whole - tile).abs().max().item()
+    if norm == "group":
+        assert err > 1e-3, err
+    else:
+        assert err < 1e-5, err
+        assert (whole - short).abs().amax(0)[0].max() > 1e-4  # one cell less of context: the edge differs
+    with pytest.raises(ValueError, match="semantic_norm"):
+        SemanticNet(ModelConfig(semantic_decoder="resnet", semantic_norm="layer"))

@@ -109,3 +109,57 @@ def test_training_resumes_after_sigkill_at_a_random_moment(tmp_path):
     assert torch.load(state, weights_only=True)["step"] == steps
     assert len((out / "runs.jsonl").read_text().splitlines()) == 2
     SNAP.load(out / "localization_last.pt")  # a complete, loadable checkpoint
+
+
+def test_warm_start_keeps_every_weight_and_lets_only_a_new_semantic_decoder_start_fresh():
+    from neuralmaps.training import warm_start
+
+    cfg = preset("cpu-tiny")
+    cfg.model.semantic_decoder = "mlp"  # as the weights shipped before run 10
+    torch.manual_seed(1)
+    init = SNAP(cfg)
+    same = SNAP(cfg)
+    assert warm_start(same, init) == ""
+    for (name, x), y in zip(same.state_dict().items(), init.state_dict().values()):
+        assert torch.equal(x, y), name
+
+    cfg.model.semantic_decoder = "resnet"  # another decoder (cpu-tiny's now): only its weights stay fresh
+    torch.manual_seed(2)
+    resnet = SNAP(cfg)
+    fresh = {k: v.clone() for k, v in resnet.state_dict().items() if k.startswith("semantic_net.")}
+    assert "semantic_net" in warm_start(resnet, init)
+    theirs = init.state_dict()
+    for name, x in resnet.state_dict().items():
+        assert torch.equal(x, fresh[name] if name.startswith("semantic_net.") else theirs[name]), name
+
+    cfg = preset("cpu-tiny")
+    cfg.model.matching_dim = 8  # a core weight of another shape: refused, nothing half-loaded
+    other = SNAP(cfg)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="do not fit"):
+        warm_start(other, init)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_train_cli_gives_a_warm_start_a_new_semantic_decoder_only_with_semantic_steps(tmp_path, tmp_path_factory, capsys):
+    from test_chunks import small_store_path
+
+    from training.train import main
+
+    store = small_store_path(tmp_path_factory)
+    cfg = preset("cpu-tiny")
+    cfg.model.semantic_decoder = "mlp"
+    torch.manual_seed(3)
+    old = SNAP(cfg)
+    old.save(tmp_path / "mlp.pt")
+    args = ["--data", str(store), "--init", str(tmp_path / "mlp.pt"), "--steps", "0", "--threads", "1", "--quiet",
+            "--set", "train.batch_size=1", "train.val_limit=1"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--semantic-steps", "0"]) == 2
+    assert "needs --semantic-steps > 0" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--semantic-steps", "2"]) == 0
+    new = SNAP.load(tmp_path / "b" / "semantics_last.pt")
+    assert new.config.model.semantic_decoder == "resnet"
+    theirs = old.state_dict()
+    for name, x in new.state_dict().items():
+        if not name.startswith("semantic_net."):
+            assert torch.equal(x, theirs[name]), name  # --steps 0: the localization weights as given

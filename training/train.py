@@ -30,7 +30,7 @@ from torch.utils.data import ConcatDataset  # noqa: E402
 from neuralmaps.config import Config, preset  # noqa: E402
 from neuralmaps.data import SceneDataset  # noqa: E402
 from neuralmaps.models import MODALITIES, SNAP, parse_modalities  # noqa: E402
-from neuralmaps.training import train, validate  # noqa: E402
+from neuralmaps.training import warm_start, train, validate  # noqa: E402
 
 
 def build_config(preset_name: str, overrides: list[str], modalities: str | None) -> Config:
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = build_config(args.preset, args.set, args.modalities)
+        steps = cfg.train.steps if args.steps is None else args.steps
+        sem_steps = cfg.train.semantic_steps if args.semantic_steps is None else args.semantic_steps
         parts = [SceneDataset(d, "train", config=cfg, holdout=tuple(args.holdout)) for d in args.data]
         train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         val_set = SceneDataset(args.data[0], "val", config=cfg)
@@ -91,16 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         model = SNAP(cfg)
         if args.init:
             init = SNAP.from_pretrained() if args.init == "pretrained" else SNAP.load(args.init)
-            missing = model.load_state_dict(init.state_dict(), strict=False)
-            if missing.unexpected_keys or missing.missing_keys:
-                return fail(f"--init {args.init}: weights do not fit the config "
-                            f"(missing {missing.missing_keys[:5]}, unexpected {missing.unexpected_keys[:5]})")
+            fresh = warm_start(model, init)
+            if fresh and not sem_steps:
+                return fail(f"--init {args.init}: its semantic decoder does not fit the config ({fresh}); "
+                            "a new one needs --semantic-steps > 0")
+            if fresh:
+                print(f"--init {args.init}: semantic decoder from scratch ({fresh})", file=sys.stderr)
     except (FileNotFoundError, ValueError, KeyError) as e:
         return fail(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = args.steps or cfg.train.steps
-    sem_steps = cfg.train.semantic_steps if args.semantic_steps is None else args.semantic_steps
     run = {"argv": sys.argv if argv is None else ["training.train", *argv],
            "data": " ".join(str(d) for d in args.data), "holdout": [str(h) for h in args.holdout],
            "train_pairs": len(train_set), "train_pairs_dropped_as_held_out": sum(p.num_held_out for p in parts), "val_pairs": len(val_set), "seed": args.seed, "commit": _commit(),

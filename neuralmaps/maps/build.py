@@ -431,9 +431,9 @@ def map_tile(model, job: TileJob, osm_layers: Any = None) -> dict[str, np.ndarra
     with torch.no_grad():
         v = job.views
         if cfg.model.use_streetview and len(v.paths):
-            # Voxels are independent: lift only the inner tile unless a CNN decoder needs the halo.
-            full = cfg.model.semantic_decoder != "mlp"
-            area = (0, H, 0, W) if full else (rows.start, rows.stop, cols.start, cols.stop)
+            # Voxels are independent: lift only the inner tile and the cells a CNN decoder reads around it.
+            m = getattr(getattr(model, "semantic_net", None), "reach_cells", 0)
+            area = (max(0, rows.start - m), min(H, rows.stop + m), max(0, cols.start - m), min(W, cols.stop + m))
             # Global pixel index of the compute grid's row/col 0: blocks sit on CRS multiples of their size.
             offset = (int(round(-region.bounds[3] / c)), int(round(xmin / c)))
             plane, obs = _streetview_blocks(model, job, xy, (xmin, ymin), area, offset, H)

@@ -39,7 +39,7 @@ class StdConv2d(nn.Conv2d):
 
 def _conv(norm: str, cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
     cls = StdConv2d if norm == "group" else nn.Conv2d
-    return cls(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+    return cls(cin, cout, k, stride=stride, padding=k // 2, bias=norm == "none")
 
 
 def _norm(norm: str, channels: int) -> nn.Module:
@@ -47,6 +47,8 @@ def _norm(norm: str, channels: int) -> nn.Module:
         return nn.GroupNorm(math.gcd(32, channels), channels)
     if norm == "batch":
         return nn.BatchNorm2d(channels)
+    if norm == "none":
+        return nn.Identity()
     raise ValueError(f"EncoderConfig.norm must be 'group' or 'batch', got {norm!r}")
 
 

@@ -119,7 +119,7 @@ class SemanticNet(nn.Module):
 
     decoder "mlp": `semantic_layers` 1x1 conv + ReLU layers of `semantic_dim`, then the logits;
     "resnet": a 1x1 projection, a stage of `semantic_layers` pre-activation basic blocks (3x3
-    context), then the logits. forward(features (B, D, X, Y), valid (B, X, Y)) -> dict of logits
+    context; `semantic_norm`), then the logits. forward(features (B, D, X, Y), valid (B, X, Y)) -> dict of logits
     `areas` (B, 5, X, Y), `objects` (B, 4, X, Y) (last = void), `binary` (B, 3, X, Y); zero where
     invalid.
     """
@@ -136,13 +136,19 @@ class SemanticNet(nn.Module):
                 cin = dim
             layers.append(nn.Conv2d(cin, num_out, 1))
         elif cfg.semantic_decoder == "resnet":
-            norm = cfg.image_encoder.norm
+            norm = cfg.image_encoder.norm if cfg.semantic_norm == "encoder" else cfg.semantic_norm
+            if norm not in ("group", "batch", "none"):
+                raise ValueError(f"ModelConfig.semantic_norm must be 'encoder', 'group', 'batch' or 'none', "
+                                 f"got {cfg.semantic_norm!r}")
             layers = [nn.Conv2d(D, dim, 1)]
             layers += [PreActBasic(norm, dim, dim, 1) for _ in range(n)]
             layers += [_norm(norm, dim), nn.ReLU(), nn.Conv2d(dim, num_out, 1)]
         else:
             raise ValueError(f"ModelConfig.semantic_decoder must be 'mlp' or 'resnet', got {cfg.semantic_decoder!r}")
         self.decoder = nn.Sequential(*layers)
+        # Cells each side of a decoded cell that its output reads (two 3x3 convs per basic block):
+        # a tiled build lifts street view this far past a tile so that the tile's classes are exact.
+        self.reach_cells = 0 if cfg.semantic_decoder == "mlp" else 2 * n
         if len(cfg.area_frequencies) != NUM_AREA or len(cfg.object_frequencies) != NUM_OBJECT + NUM_BINARY + 1:
             raise ValueError(
                 f"ModelConfig.area_frequencies needs {NUM_AREA} values {AREA_CLASSES} and object_frequencies "
