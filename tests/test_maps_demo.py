@@ -79,6 +79,10 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     g = j["gps_accuracy"]
     assert g["num_queries"] == 4 and g["prior_sigma_m"] == j["prior"]["gps_noise_m"] == 5.0
     assert g["recall_3m_3deg"] == pytest.approx(((csv["gps_accuracy_error_m"] <= 3) & (csv["gps_accuracy_error_deg"] <= 3)).mean())
+    b = j["compass_and_gps_accuracy"]  # both priors, as a phone photo's EXIF gives them
+    assert b["num_queries"] == 4 and b["prior_sigma_m"] == 5.0 and b["noise_deg"] == c["noise_deg"]
+    assert b["recall_3m_3deg"] == pytest.approx(((csv["compass_gps_accuracy_error_m"] <= 3)
+                                                 & (csv["compass_gps_accuracy_error_deg"] <= 3)).mean())
     # the split by distance to the nearest map image covers every photo, with the CSV's distances
     d = j["by_distance_to_map_images"]
     near = csv["nearest_map_image_m"] <= d["threshold_m"]

@@ -13,7 +13,8 @@
    drawn inside the map and within the prior) with a `radius_m` prior and no heading prior, one photo
    at a time (`NeuralMap.localize_many`, a Dask job) and as sequences of consecutive photos of a walk
    with their relative motion (`NeuralMap.localize_sequence`, perfect odometry); also with a compass
-   (a heading prior) and with the fix's accuracy as a Gaussian position prior. A photo the
+   (a heading prior), with the fix's accuracy as a Gaussian position prior, and with both (what a
+   phone photo's EXIF gives). A photo the
    localizer refuses counts as a miss (infinite error), never as skipped. Per-photo results go to
    `DIR/localization.csv`;
 5. **semantics and previews**: the map's area classes against the OSM-derived ones of the same grid
@@ -60,6 +61,7 @@ GPS_NOISE_M = 5.0  # standard deviation per axis of the simulated GPS fix
 COMPASS_NOISE_DEG = 10.0  # standard deviation of the simulated phone compass (the "+ compass" column)
 SEQUENCE_LENGTH = 8  # photos per sequence (consecutive frames of one walk)
 ACCURACY_COLUMN = "single + GPS accuracy"  # single photos, the prior weighed by the fix's accuracy
+PHONE_COLUMN = "single + compass + GPS accuracy"  # what a phone photo's EXIF holds: both priors
 # A photo this close to a map image has street view in its map window; farther ones rely more on the
 # orthophoto (the recall table splits the single photos there).
 NEAR_STREET_VIEW_M = 10.0
@@ -592,11 +594,15 @@ def run_demo(
             # The GPS fix's accuracy as the prior's std (a phone reports it; EXIF GPSHPositioningError).
             with_accuracy = _localize_single(nm, q, lat, lon, radius_m, client, progress,
                                              sigma_m=gps_noise_m) if gps_noise_m > 0 else None
+            # Both, as a phone writes them (EXIF GPSImgDirection and GPSHPositioningError).
+            with_both = _localize_single(nm, q, lat, lon, radius_m, client, progress, compass,
+                                         sigma_m=gps_noise_m) if gps_noise_m > 0 else None
             seq = _localize_sequences(nm, q, lat, lon, radius_m, sequence_length, progress)
     err_m, err_deg = _errors(single, x, y, heading)
     s_err_m, s_err_deg = _errors(seq, x, y, heading)
     c_err_m, c_err_deg = _errors(with_compass, x, y, heading)
     a_err_m, a_err_deg = _errors(with_accuracy, x, y, heading) if with_accuracy is not None else (None, None)
+    b_err_m, b_err_deg = _errors(with_both, x, y, heading) if with_both is not None else (None, None)
     near_m = _nearest_map_image_m(captures, q)
     near = near_m <= NEAR_STREET_VIEW_M
     near_col, far_col = f"single, <= {NEAR_STREET_VIEW_M:g} m", f"single, > {NEAR_STREET_VIEW_M:g} m"
@@ -605,6 +611,7 @@ def run_demo(
                "single + compass": _recalls(c_err_m, c_err_deg)}
     if a_err_m is not None:
         columns[ACCURACY_COLUMN] = _recalls(a_err_m, a_err_deg)
+        columns[PHONE_COLUMN] = _recalls(b_err_m, b_err_deg)
     prior_err = np.hypot(px - x, py - y)
     per_photo = {"image": q.frame["image"], "run_id": q.frame["run_id"], "true_easting": x, "true_northing": y,
                  "true_heading_deg": heading, "nearest_map_image_m": near_m, "prior_lat": lat, "prior_lon": lon, "prior_error_m": prior_err,
@@ -613,7 +620,9 @@ def run_demo(
                  **{f"seq_{k}": seq[k] for k in ("easting", "northing", "heading_deg")}, "seq_error_m": s_err_m,
                  "compass_heading_deg": compass, "compass_estimate_heading_deg": with_compass["heading_deg"],
                  "compass_error_m": c_err_m, "compass_error_deg": c_err_deg,
-                 **({"gps_accuracy_error_m": a_err_m, "gps_accuracy_error_deg": a_err_deg} if a_err_m is not None else {}),
+                 **({"gps_accuracy_error_m": a_err_m, "gps_accuracy_error_deg": a_err_deg,
+                     "compass_gps_accuracy_error_m": b_err_m, "compass_gps_accuracy_error_deg": b_err_deg}
+                    if a_err_m is not None else {}),
                  "seq_error_deg": s_err_deg, "seq_message": seq["message"].where(seq["error"].isna(), seq["error"])}
     buf = io.StringIO()
     pd.DataFrame(per_photo).to_csv(buf, index=False, float_format="%.10g")  # a miss: error_m inf, estimate empty
@@ -644,7 +653,8 @@ def run_demo(
                          f"; '<= {NEAR_STREET_VIEW_M:g} m': single photos that close to a map image; '+ compass': "
                          f"heading prior ±{DEFAULT_HEADING_RANGE_DEG:g} deg around a compass {COMPASS_NOISE_DEG:g} deg off "
                          "(1 sigma)" + (f"; '+ GPS accuracy': the prior weighed by a Gaussian of the fix's "
-                                        f"{gps_noise_m:g} m accuracy" if a_err_m is not None else ""))
+                                        f"{gps_noise_m:g} m accuracy; '+ compass + GPS accuracy': both, as a "
+                                        "phone's EXIF holds them" if a_err_m is not None else ""))
     summary = {
         **{k: columns["single photo"][k] for k in ("recall_1m_1deg", "recall_3m_3deg", "recall_5m_5deg",
                                                     "median_error_m", "median_error_deg", "num_queries")},
@@ -657,7 +667,10 @@ def run_demo(
             "median_distance_m": float(np.median(near_m))},
         "compass": columns["single + compass"] | {"noise_deg": COMPASS_NOISE_DEG,
                                                    "heading_range_deg": DEFAULT_HEADING_RANGE_DEG},
-        **({"gps_accuracy": columns[ACCURACY_COLUMN] | {"prior_sigma_m": gps_noise_m}} if a_err_m is not None else {}),
+        **({"gps_accuracy": columns[ACCURACY_COLUMN] | {"prior_sigma_m": gps_noise_m},
+            "compass_and_gps_accuracy": columns[PHONE_COLUMN] | {"prior_sigma_m": gps_noise_m,
+                                                                 "noise_deg": COMPASS_NOISE_DEG}}
+           if a_err_m is not None else {}),
         "queries_outside_map": int(outside),
         "queries_in_training_blocks": in_training,
         "prior": {"radius_m": radius_m, "gps_noise_m": gps_noise_m, "median_error_m": float(np.median(prior_err)),
