@@ -442,3 +442,32 @@ def _assert_same(a: np.ndarray, ref: np.ndarray, name: str) -> None:
     np.testing.assert_array_equal(np.isnan(a), np.isnan(ref), err_msg=name)
     tol = 1e-3 if a.dtype == np.float16 else 1e-5
     np.testing.assert_allclose(a, ref, rtol=tol, atol=tol, equal_nan=True, err_msg=name)
+
+
+def test_class_map_overrides_use_probabilities_with_the_class_balancing_undone():
+    # The decoder's losses are class-balanced: at their optimum its logits are the true ones plus
+    # log_balance (weighted CE: q_c ∝ w_c p_c). A sign with true p = 0.3 then reads q ≈ 1 and painted
+    # most of the demo map as "traffic_sign"; the class map must decide on the true p.
+    from neuralmaps.config import AREA_CLASSES, OBJECT_CLASSES, ModelConfig
+    from neuralmaps.models.semantic import SemanticNet
+
+    net = SemanticNet(ModelConfig(feature_dim=8))
+    lb = net.log_balance()
+    na, no = len(AREA_CLASSES), len(OBJECT_CLASSES)
+    p_sign = torch.tensor([0.3, 0.7, 0.02, 0.02])  # four cells; binary classes: sign, light, street light
+    p_tree = torch.tensor([0.0, 0.0, 0.4, 0.6])  # objects: fence, pole, tree, void
+    true_obj = torch.stack([torch.zeros(4), torch.zeros(4), p_tree, 1 - p_tree], 0).clamp(1e-6, 1)
+    logits = {
+        "areas": torch.zeros(1, na, 4, 1).index_fill_(1, torch.tensor([2]), 1.0),  # road everywhere
+        "objects": (true_obj.log() + lb["objects"][:, None])[None, ..., None],
+        "binary": torch.stack([torch.logit(p_sign), torch.full((4,), -9.0), torch.full((4,), -9.0)])[None, ..., None]
+        + lb["binary"][None, :, None, None],
+    }
+    sem = SemanticNet.predict(logits, torch.ones(1, 4, 1, dtype=torch.bool))
+    assert (sem["binary_prob"][0, 0, :2, 0] > 0.99).all()  # as trained: both cells "signs"
+    naive, _ = B.composite_classes(sem)
+    cls, prob = B.composite_classes(sem, lb)
+    road, tree, sign = 2, na + 2, na + no
+    assert naive[0, :, 0].tolist() == [sign] * 4  # even p = 0.02 reads 0.95
+    assert cls[0, :, 0].tolist() == [road, sign, road, tree]
+    assert torch.equal(prob, B.composite_classes(sem)[1])  # the stored probabilities stay the decoder's

@@ -469,7 +469,7 @@ def map_tile(model, job: TileJob, osm_layers: Any = None) -> dict[str, np.ndarra
             out["confidence"] = np.where(valid, inner(confidence[0]), np.nan).astype(np.float32)
         if job.semantics:
             sem = model.semantics(NeuralMapTile(plane.features, matching, plane.valid, confidence, c))
-            cls, prob = composite_classes(sem)
+            cls, prob = composite_classes(sem, model.semantic_net.log_balance())
             out["semantic_class"] = np.where(valid, inner(cls[0]), 255).astype(np.uint8)
             out["semantic_prob"] = np.where(valid, inner(prob[0]), np.nan).astype(np.float16)
     return out
@@ -536,11 +536,15 @@ def norm_statistics(model, region, aerial: str | None, osm_layers: Any = None) -
     return out
 
 
-def composite_classes(sem: dict) -> tuple[Any, Any]:
+def composite_classes(sem: dict, log_balance: dict | None = None) -> tuple[Any, Any]:
     """One class per cell and per-class probabilities (B, K, X, Y) in CLASS_NAMES order.
 
     The class is the area argmax, overridden by the object argmax where it is not void, overridden by
-    the most probable binary class where one has p > 0.5 (the rasterizer's "objects on top")."""
+    the most probable binary class where one has p > 0.5 (the rasterizer's "objects on top"). The
+    decoder's losses are class-balanced, so its object and binary probabilities overstate rare classes
+    (a sign everywhere p > 0.5); with `log_balance` (`SemanticNet.log_balance()`) the overrides use them
+    with the balancing undone (the training frequencies as priors). The probabilities returned are the
+    decoder's, as trained."""
     import torch
 
     from ..config import AREA_CLASSES, OBJECT_CLASSES
@@ -548,6 +552,10 @@ def composite_classes(sem: dict) -> tuple[Any, Any]:
     na, no = len(AREA_CLASSES), len(OBJECT_CLASSES)
     pa, po, pb = sem["areas_prob"], sem["objects_prob"], sem["binary_prob"]
     prob = torch.cat([pa, po[:, :no], pb], 1).float()
+    if log_balance is not None:
+        lb = {k: v.to(sem["objects"].device)[None, :, None, None] for k, v in log_balance.items()}
+        po = torch.softmax(sem["objects"].float() - lb["objects"], 1)
+        pb = torch.sigmoid(sem["binary"].float() - lb["binary"])
     cls = pa.argmax(1)
     oc = po.argmax(1)
     cls = torch.where(oc < no, na + oc, cls)

@@ -171,6 +171,12 @@ class SemanticNet(nn.Module):
         areas, objects, binary = logits.split([NUM_AREA, NUM_OBJECT + 1, NUM_BINARY], 1)
         return {"areas": areas, "objects": objects, "binary": binary}
 
+    def log_balance(self) -> dict[str, torch.Tensor]:
+        """What the class-balanced losses add to the logits at their optimum: log w_c of the exclusive
+        objects + void (4,) and log(w_pos / w_neg) of the binary classes (3,). Subtracting them gives
+        probabilities under the training frequencies (weighted CE is minimised by q_c ∝ w_c p_c)."""
+        return {"objects": self.w_objects.log(), "binary": (self.w_binary_pos / self.w_binary_neg).log()}
+
     @staticmethod
     def predict(logits: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, torch.Tensor]:
         """Probabilities and class maps per group: `{group}_prob` and `{group}_class` (uint8, 255 =
