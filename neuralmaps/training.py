@@ -143,7 +143,7 @@ def validate(model: SNAP, dataset, **kwargs) -> dict[str, dict]:
 def warm_start(model: SNAP, init: SNAP | dict) -> str:
     """Copy `init`'s weights (a SNAP or its state dict) into `model`: a warm start across runs. Every
     weight must fit, except the semantic decoder's, which is trained last on the frozen map: when the
-    config changes it (`model.semantic_decoder`, `semantic_dim`, `semantic_layers`) it keeps its fresh
+    config changes it (`model.semantic_decoder`, `semantic_norm`, `semantic_dim`, `semantic_layers`) it keeps its fresh
     initialisation. Returns "" or a short description of the decoder weights left fresh; ValueError
     for any other misfit."""
     own, theirs = model.state_dict(), init if isinstance(init, dict) else init.state_dict()

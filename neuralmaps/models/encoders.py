@@ -49,7 +49,7 @@ def _norm(norm: str, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if norm == "none":
         return nn.Identity()
-    raise ValueError(f"EncoderConfig.norm must be 'group' or 'batch', got {norm!r}")
+    raise ValueError(f"EncoderConfig.norm must be 'group' or 'batch' ('none': the semantic decoder only), got {norm!r}")
 
 
 class PreActBasic(nn.Module):
