@@ -6,6 +6,8 @@ with the rotated query template; the baseline). Every query is an exact-recovery
 (`neuralmaps.testing.make_exact_recovery_problem`): a query cut from a random smooth map
 at a random pose; recall counts poses within 1 cell and 1 degree, measured on the timed runs.
 Per-query time is one query (B = 1) localized end to end, after one untimed warm-up query.
+RANSAC runs SNAP's settings (`paper`: every one of the ~16,600 valid query cells, 20000 x 8 samples
+from the full softmax over 256² cells): ~40 s and ~5 GB a query here, so it times `--ransac-queries`.
 
 Each (method, rotations, dim) runs in its own subprocess so that its peak RSS is its own.
 The naive baseline is slow (~25 s a query on this machine at D=8, 64 rotations): it runs on
@@ -13,7 +15,7 @@ The naive baseline is slow (~25 s a query on this machine at D=8, 64 rotations):
 the first `--naive-chunk` rotations and scaled linearly to all of them (its cost is exactly
 linear in the rotations), which the run marks with `"extrapolated": true` and recall null.
 
-    python benchmarks/bench_localizer.py [--queries 20] [--naive-queries 2] [--quick]
+    python benchmarks/bench_localizer.py [--queries 20] [--naive-queries 2] [--ransac-queries 3] [--quick]
 
 Progress goes to stderr; the LAST stdout line is one JSON object.
 """
@@ -192,6 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=20, help="timed queries per run of ours")
     ap.add_argument("--naive-queries", type=int, default=2, help="timed queries of the naive baseline")
+    ap.add_argument("--ransac-queries", type=int, default=3, help="timed queries of RANSAC (slow at this size)")
     ap.add_argument("--naive-chunk", type=int, default=16, help="rotations timed for extrapolated naive runs")
     ap.add_argument("--quick", action="store_true", help="D=8 and 64 rotations only, 5 queries")
     ap.add_argument("--worker", nargs=4, metavar=("METHOD", "ROT", "DIM", "N"), help=argparse.SUPPRESS)
@@ -205,7 +208,7 @@ def main() -> None:
     rot_list, dim_list, queries = ([64], [8], 5) if args.quick else ([64, 256], [8, 32], args.queries)
     plan = []
     for dim in dim_list:
-        plan.append(("ransac", rot_list[0], dim, queries))
+        plan.append(("ransac", rot_list[0], dim, min(queries, args.ransac_queries)))
         for rot in rot_list:
             plan.append(("voting", rot, dim, queries))
             plan.append(("naive", rot, dim, args.naive_queries if (rot, dim) == (64, 8) else 1))

@@ -187,3 +187,27 @@ def test_semantic_stage_map_is_deterministic_in_train_mode():
     a = model.semantic_loss(batch)["total"].item()
     b = model.semantic_loss(batch)["total"].item()
     assert a == b
+
+
+def test_softmax_matches_follow_snaps_joint_distribution():
+    # SNAP draws (point, cell) from softmax_x(r_n)(x) / N over valid points. The sampler draws only
+    # the drawn points' rows; its frequencies must still match that joint law, with a per-point
+    # allowed mask (a prior's reach), an invalid point, and a point with no allowed cell.
+    loc = Localizer(ModelConfig())
+    g = torch.Generator().manual_seed(5)
+    B, N, X, Y = 2, 4, 3, 5
+    r = torch.rand(B, N, X, Y, generator=g) * 3
+    allowed = torch.rand(B, N, X, Y, generator=g) > 0.3
+    allowed[1, 2] = False  # item 1, point 2: nothing reachable, never drawn
+    w = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])  # item 0, point 2: invalid
+    count = 200_000
+    n, cell = loc._matches_softmax(r, allowed, w, count, torch.Generator().manual_seed(0))
+    assert n.shape == cell.shape == (B, count)
+    for b in range(B):
+        prob = torch.softmax(r[b].reshape(N, -1).masked_fill(~allowed[b].reshape(N, -1), -torch.inf), -1)
+        keep = (w[b] > 0) & allowed[b].reshape(N, -1).any(-1)
+        joint = (prob.nan_to_num(0.0) * keep[:, None] / keep.sum()).reshape(-1)
+        freq = torch.bincount(n[b] * X * Y + cell[b], minlength=N * X * Y).double() / count
+        assert freq[joint == 0].sum() == 0  # never a masked cell, an invalid point or an empty one
+        sd = (joint * (1 - joint) / count).sqrt()
+        assert ((freq - joint).abs() <= 5 * sd + 1e-9).all(), (freq - joint).abs().max()
