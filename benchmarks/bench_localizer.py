@@ -15,7 +15,7 @@ The naive baseline is slow (~25 s a query on this machine at D=8, 64 rotations):
 the first `--naive-chunk` rotations and scaled linearly to all of them (its cost is exactly
 linear in the rotations), which the run marks with `"extrapolated": true` and recall null.
 
-    python benchmarks/bench_localizer.py [--queries 20] [--naive-queries 2] [--ransac-queries 3] [--quick]
+    python benchmarks/bench_localizer.py [--queries 20] [--naive-queries 2] [--ransac-queries 2] [--quick]
 
 Progress goes to stderr; the LAST stdout line is one JSON object.
 """
@@ -194,7 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=20, help="timed queries per run of ours")
     ap.add_argument("--naive-queries", type=int, default=2, help="timed queries of the naive baseline")
-    ap.add_argument("--ransac-queries", type=int, default=3, help="timed queries of RANSAC (slow at this size)")
+    ap.add_argument("--ransac-queries", type=int, default=2, help="timed queries of RANSAC (slow at this size)")
     ap.add_argument("--naive-chunk", type=int, default=16, help="rotations timed for extrapolated naive runs")
     ap.add_argument("--quick", action="store_true", help="D=8 and 64 rotations only, 5 queries")
     ap.add_argument("--worker", nargs=4, metavar=("METHOD", "ROT", "DIM", "N"), help=argparse.SUPPRESS)

@@ -175,6 +175,34 @@ def test_exported_matching_cog_localizes_like_the_store(synth, monkeypatch, tmp_
         NeuralMap.open(files["pca"])  # another layer of the export
 
 
+def test_ransac_method_recovers_the_pose_inside_the_priors(synth, monkeypatch):
+    """method="ransac": SNAP's sampler and wide search give the estimate, voting's posterior the
+    uncertainty; a heading prior still bounds it; an unknown method is one clear error."""
+    nm, model, region = synth["nm"], synth["model"], synth["region"]
+    _with_features(monkeypatch, model, [_query_features(synth, *p) for p in POSES]
+                   + [_query_features(synth, *POSES[0])])
+    modes, forward = [], type(model.localizer).forward
+
+    def spy(self, *args, **kwargs):
+        modes.append(kwargs["mode"])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.localizer), "forward", spy)
+    for e, n, h in POSES:
+        res = nm.localize(IMAGE, CAM, prior=_latlon(region, e + 9.0, n - 6.0), radius_m=20, model=model,
+                          method="ransac")
+        d_m, d_deg = _errors(res, e, n, h)
+        assert d_m < 0.1 and d_deg < 0.2, (e, n, h, d_m, d_deg)
+        assert res.confident and res.uncertainty_m < 1.5  # from the voting posterior
+    e, n, h = POSES[0]
+    res = nm.localize(IMAGE, CAM, prior=_latlon(region, e, n), radius_m=10, heading_prior=h + 90,
+                      heading_range_deg=20, model=model, method="ransac")
+    assert abs((res.heading_deg - (h + 90) + 180) % 360 - 180) <= 20.0 + 1e-3
+    assert modes == ["voting", "ransac"] * 4
+    with pytest.raises(QueryError, match="method must be one of 'voting', 'ransac'"):
+        nm.localize(IMAGE, CAM, prior=_latlon(region, e, n), model=model, method="exhaustive")
+
+
 def test_heading_prior_limits_the_search(synth, monkeypatch):
     nm, model, region = synth["nm"], synth["model"], synth["region"]
     e, n, h = POSES[0]
@@ -369,6 +397,10 @@ def test_cli_localize(synth, tmp_path, capsys):
     for k in ("lat", "lon", "heading_deg", "score", "uncertainty_m", "easting", "northing", "confident"):
         assert k in j
     assert len(j["candidates"]) == 1
+    code = main(["localize", str(photo), "--map", str(synth["path"]), "--camera", str(cam), "--prior",
+                 f"{lat},{lon}", "--radius", "8", "--method", "ransac"])
+    r = json.loads(capsys.readouterr().out.strip())
+    assert code == 0 and set(j) == set(r)  # the same JSON object, from RANSAC's estimate
     code = main(["localize", str(photo), "--map", str(synth["path"]), "--camera", str(cam), "--prior", "1,2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("neuralmaps localize: error:") and "outside the map" in err[0]

@@ -144,7 +144,8 @@ def run_localize(args: argparse.Namespace) -> int:
     prior = _prior(args.prior)
     nm = NeuralMap.open(args.map)
     res = nm.localize(args.photo, args.camera, prior=prior, radius_m=args.radius, heading_prior=args.heading,
-                      prob_tif=args.prob_tif, checkpoint=args.checkpoint, prior_sigma_m=args.gps_accuracy)
+                      prob_tif=args.prob_tif, checkpoint=args.checkpoint, prior_sigma_m=args.gps_accuracy,
+                      method=args.method)
     d = res.to_dict()
     if not args.candidates:
         d["candidates"] = d["candidates"][:1]
@@ -175,6 +176,9 @@ def add_localize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heading", type=float, default=None, metavar="DEG",
                    help="heading prior, degrees clockwise from north (default: EXIF GPSImgDirection, else none)")
     p.add_argument("--prob-tif", default=None, metavar="TIF", help="write the position probability map here")
+    p.add_argument("--method", default="voting", choices=("voting", "ransac"),
+                   help="voting (default) or ransac: SNAP's sampler for the estimate, ~2x the time (the "
+                        "uncertainty still comes from voting's posterior)")
     p.add_argument("--checkpoint", default=None, help="model checkpoint (default: the one that built the map)")
     p.add_argument("--candidates", action="store_true", help="list every top-k candidate (default: the best only)")
     p.set_defaults(func=run_localize)

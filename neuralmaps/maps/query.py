@@ -71,6 +71,10 @@ POSTERIOR_CELL_M = 1.0  # resolution of the pose posterior (voting's coarse leve
 # finds a third of the poses (aerial-RGB matcher on the twin's queries: 8 % vs 25 % at (3 m, 3 deg))
 MAX_COARSE_CELLS = 128  # ... coarser on large windows, to bound time and memory
 TOP_K = 4  # candidates refined and returned (8: +8 % CPU, same poses)
+# "voting" (exhaustive; its posterior gives the uncertainty) or "ransac" (SNAP's sampler and wide
+# search for the estimate, the voting posterior kept for the uncertainty: ~2x the time; on
+# bench_query's 70 twin photos, run-10 weights, 11.4 % vs 2.9 % at (3 m, 3 deg); docs/results.md).
+METHODS = ("voting", "ransac")
 CONFIDENT_RADIUS_M = 3.0
 CONFIDENT_MASS = 0.5
 MIN_VALID_FRACTION = 0.05  # "no map here" below this share of valid cells in the searched disc
@@ -608,11 +612,14 @@ def _coarse_stride(win: MapWindow, posterior_cell_m: float) -> int:
 
 def _run_localizer(model: Any, win: MapWindow, bev: Any, prior_xy: tuple[float, float], radius: float,
                    yaw: float | None, yaw_range: float | None, posterior_cell_m: float, seed: int = 0,
-                   query_xy: Any = None, points: int = 1, sigma_m: float | None = None):
+                   query_xy: Any = None, points: int = 1, sigma_m: float | None = None, method: str = "voting"):
     """The Localizer (voting) on the window with a PosePrior; the query points are drawn with a
     generator seeded by `seed` (results are reproducible). `query_xy`: the query cells' metres
     (default the model's grid); `points`: multiplies the query points scored (sequences);
-    `sigma_m`: std of a Gaussian position prior around `prior_xy` (None: uniform in the disc)."""
+    `sigma_m`: std of a Gaussian position prior around `prior_xy` (None: uniform in the disc).
+    `method="ransac"`: the estimate and candidates from RANSAC, the posterior still from voting."""
+    import dataclasses
+
     import torch
 
     from ..models.localizer import PosePrior
@@ -631,13 +638,21 @@ def _run_localizer(model: Any, win: MapWindow, bev: Any, prior_xy: tuple[float, 
     g = torch.Generator(device=dev).manual_seed(seed)
     with _localizer_knobs(loc, **knobs), torch.no_grad():
         try:
-            return loc(win.matching[None].to(dev), win.valid[None].to(dev), bev.features.float(), bev.valid,
-                       model.query_xy if query_xy is None else query_xy, win.cell_m, mode="voting", prior=prior,
-                       num_rotations=NUM_ROTATIONS, generator=g)
+            args = (win.matching[None].to(dev), win.valid[None].to(dev), bev.features.float(), bev.valid,
+                    model.query_xy if query_xy is None else query_xy, win.cell_m)
+            out = loc(*args, mode="voting", prior=prior, num_rotations=NUM_ROTATIONS, generator=g)
+            if method == "ransac":
+                est = loc(*args, mode="ransac", prior=prior, generator=g)
+                out = dataclasses.replace(est, prob_volume=out.prob_volume)
+            return out
         except ValueError as e:
             if "no valid query cell" in str(e):
                 raise QueryError("the photo sees no ground in front of the camera (no valid query BEV cell); "
                                  "check the camera's pitch and height") from None
+            if "sigma_m needs" in str(e):
+                raise QueryError(f"method='ransac' with a GPS accuracy (prior_sigma_m) needs a model with log-ratio, "
+                                 f"summed point scores (cpu-tiny); this model's are {loc.point_scores!r}, "
+                                 f"{loc.score_reduction!r}: use method='voting'") from None
             raise
 
 
@@ -770,14 +785,16 @@ def localize_bev(nm: "NeuralMap", model: Any, bev: Any, prior: Sequence[float], 
                  heading_prior: float | None = None, *, heading_range_deg: float = DEFAULT_HEADING_RANGE_DEG,
                  prob_tif: str | os.PathLike | None = None, posterior_cell_m: float = POSTERIOR_CELL_M,
                  prior_source: str = "argument", seed: int = 0, t0: float | None = None,
-                 prior_sigma_m: float | None = None) -> LocalizationResult:
+                 prior_sigma_m: float | None = None, method: str = "voting") -> LocalizationResult:
     """Localize a query BEV (`query_bev`, or any `FeaturePlane` of the model's query grid) in the map
     around `prior` = (lat, lon) within `radius_m`; `heading_prior` (degrees clockwise from grid north)
     limits the heading to ± `heading_range_deg`; `prior_sigma_m` weighs positions by a Gaussian of
-    that std around the prior (a GPS fix's accuracy). The geometric core of `localize`."""
+    that std around the prior (a GPS fix's accuracy); `method`: one of `METHODS`. The geometric
+    core of `localize`."""
     from ..geo.crs import heading_to_yaw
 
     t0 = time.perf_counter() if t0 is None else t0
+    _check_method(method)
     px, py = _prior_xy(nm, prior, radius_m)
     win = read_window(nm, (px, py), radius_m + _query_reach_m(model))
     centre = win.to_window(px, py)
@@ -785,7 +802,8 @@ def localize_bev(nm: "NeuralMap", model: Any, bev: Any, prior: Sequence[float], 
     yaw = None if heading_prior is None else heading_to_yaw(float(heading_prior))
     yr = None if heading_prior is None else math.radians(heading_range_deg)
     sigma = _prior_sigma(prior_sigma_m, None, prior_source)
-    out = _run_localizer(model, win, bev, centre, radius_m, yaw, yr, posterior_cell_m, seed, sigma_m=sigma)
+    out = _run_localizer(model, win, bev, centre, radius_m, yaw, yr, posterior_cell_m, seed, sigma_m=sigma,
+                         method=method)
     prob = out.prob_volume[0].detach().cpu().double().numpy()
     est = out.T_map_query.t[0].detach().cpu().double().numpy()
     stats = _posterior_stats(prob, win.cell_m, (float(est[0]), float(est[1])))
@@ -800,9 +818,10 @@ def localize(nm: "NeuralMap", image: Any, camera: Any = None, prior: Sequence[fl
              radius_m: float = DEFAULT_RADIUS_M, heading_prior: float | None = None, *,
              heading_range_deg: float = DEFAULT_HEADING_RANGE_DEG, prob_tif: str | os.PathLike | None = None,
              model: Any = None, checkpoint: Any = None, posterior_cell_m: float = POSTERIOR_CELL_M,
-             seed: int = 0, prior_sigma_m: float | None = None) -> LocalizationResult:
+             seed: int = 0, prior_sigma_m: float | None = None, method: str = "voting") -> LocalizationResult:
     """Where was this photo taken? See `NeuralMap.localize`."""
     t0 = time.perf_counter()
+    _check_method(method)
     exif = _exif_of(image)
     prior, source = _resolve_prior(prior, exif)
     model = map_model(nm, model, checkpoint)
@@ -813,7 +832,12 @@ def localize(nm: "NeuralMap", image: Any, camera: Any = None, prior: Sequence[fl
     bev = query_bev(model, a, cam)
     return localize_bev(nm, model, bev, prior, radius_m, heading, heading_range_deg=heading_range_deg,
                         prob_tif=prob_tif, posterior_cell_m=posterior_cell_m, prior_source=source, seed=seed, t0=t0,
-                        prior_sigma_m=sigma)
+                        prior_sigma_m=sigma, method=method)
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise QueryError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1101,7 +1125,8 @@ def _localize_rows(map_path: str, rows: list[dict[str, Any]], model_key: str, op
             res = localize(nm, row["image"], row["camera"], row["prior"], opts["radius_m"], row["heading_prior"],
                            prior_sigma_m=opts["prior_sigma_m"] if sigma is None else sigma,
                            model=model, heading_range_deg=opts["heading_range_deg"],
-                           posterior_cell_m=opts["posterior_cell_m"], seed=opts["seed"])
+                           posterior_cell_m=opts["posterior_cell_m"], seed=opts["seed"],
+                           method=opts.get("method", "voting"))
             d = res.to_dict()
             d.pop("candidates", None)
             d.pop("extra", None)
@@ -1119,7 +1144,7 @@ def localize_many(nm: "NeuralMap", table: Any, *, client: Any = None, workers: i
                   heading_range_deg: float = DEFAULT_HEADING_RANGE_DEG, prior_noise_m: float = 10.0,
                   image_root: Any = None, model: Any = None, checkpoint: Any = None, device: str = "auto",
                   batch_size: int | None = None, posterior_cell_m: float = POSTERIOR_CELL_M, seed: int = 0,
-                  progress: bool = True, prior_sigma_m: float | None = None):
+                  progress: bool = True, prior_sigma_m: float | None = None, method: str = "voting"):
     """Localize every row of a query table as a Dask job. See `NeuralMap.localize_many`."""
     import geopandas as gpd
     import pandas as pd
@@ -1128,6 +1153,7 @@ def localize_many(nm: "NeuralMap", table: Any, *, client: Any = None, workers: i
 
     from .build import ModelPlugin, _checkpoint_bytes, _client, torch_threads_default
 
+    _check_method(method)
     df, root, crs = _read_table(table, image_root)
     rows, truth = _plan_rows(nm, df, root, crs, radius_m, prior_noise_m, seed)
     model = map_model(nm, model, checkpoint)
@@ -1135,7 +1161,7 @@ def localize_many(nm: "NeuralMap", table: Any, *, client: Any = None, workers: i
     payload = _checkpoint_bytes(model)
     opts = {"radius_m": float(radius_m), "heading_range_deg": float(heading_range_deg),
             "posterior_cell_m": float(posterior_cell_m), "seed": int(seed),
-            "prior_sigma_m": None if prior_sigma_m is None else float(prior_sigma_m)}
+            "prior_sigma_m": None if prior_sigma_m is None else float(prior_sigma_m), "method": method}
     nw = max(1, int(workers))
     bs = batch_size or max(1, min(16, math.ceil(len(rows) / (4 * nw))))
     results: list[dict] = []

@@ -277,7 +277,8 @@ class NeuralMap:
             (m); positions are then weighed by a Gaussian of that std around the prior (default:
             the EXIF GPSHPositioningError when the prior is the EXIF fix, else uniform in the disc).
         kwargs: `prob_tif=` path (the position probability map as a GeoTIFF), `model=` / `checkpoint=`
-            (default: the map's own), `heading_range_deg`, `posterior_cell_m`, `seed`.
+            (default: the map's own), `heading_range_deg`, `posterior_cell_m`, `seed`, `method=` ("voting",
+            the default, or "ransac": SNAP's sampler for the estimate, ~2x the time; `query.METHODS`).
         Raises `query.QueryError` (a ValueError) for a prior outside the map, an image whose size
         disagrees with its camera, nonsense intrinsics, or "no map here"."""
         from .query import localize
