@@ -67,6 +67,10 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     # a miss counts as a miss: recalls are over all photos, from the CSV's errors
     ok = (csv["error_m"] <= 3) & (csv["error_deg"] <= 3)
     assert j["recall_3m_3deg"] == pytest.approx(ok.mean())
+    # RANSAC instead of voting: its own column and errors
+    r = j["ransac"]
+    assert r["num_queries"] == 4 and r["recall_3m_3deg"] == pytest.approx(((csv["ransac_error_m"] <= 3)
+                                                                         & (csv["ransac_error_deg"] <= 3)).mean())
     # with a compass: every estimate within the heading prior around the simulated reading
     c = j["compass"]
     assert c["num_queries"] == 4 and c["heading_range_deg"] == 30

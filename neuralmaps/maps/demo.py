@@ -62,6 +62,7 @@ COMPASS_NOISE_DEG = 10.0  # standard deviation of the simulated phone compass (t
 SEQUENCE_LENGTH = 8  # photos per sequence (consecutive frames of one walk)
 ACCURACY_COLUMN = "single + GPS accuracy"  # single photos, the prior weighed by the fix's accuracy
 PHONE_COLUMN = "single + compass + GPS accuracy"  # what a phone photo's EXIF holds: both priors
+RANSAC_COLUMN = "single, RANSAC"  # single photos, localize(method="ransac")
 # A photo this close to a map image has street view in its map window; farther ones rely more on the
 # orthophoto (the recall table splits the single photos there).
 NEAR_STREET_VIEW_M = 10.0
@@ -173,15 +174,17 @@ RESULT_COLUMNS = ("easting", "northing", "heading_deg", "ellipse_major_m", "elli
 
 
 def _localize_single(nm: Any, q: Any, lat: np.ndarray, lon: np.ndarray, radius_m: float, client: Any,
-                     progress: bool, heading: np.ndarray | None = None, sigma_m: float | None = None) -> Any:
+                     progress: bool, heading: np.ndarray | None = None, sigma_m: float | None = None,
+                     method: str = "voting") -> Any:
     """`NeuralMap.localize_many` (a Dask job on `client`) of every photo with its GPS fix as prior
-    (and `heading` (degrees) as heading prior; `sigma_m` the fix's accuracy): a DataFrame in table
-    order with `RESULT_COLUMNS` (NaN and `error` where a photo was refused)."""
+    (and `heading` (degrees) as heading prior; `sigma_m` the fix's accuracy; `method` the
+    localizer's): a DataFrame in table order with `RESULT_COLUMNS` (NaN and `error` where a photo
+    was refused)."""
     table = q.frame.assign(prior_lat=lat, prior_lon=lon)
     if heading is not None:
         table = table.assign(heading_prior_deg=heading)
     res = nm.localize_many(table, client=client, image_root=q.root, radius_m=radius_m, progress=progress,
-                           prior_sigma_m=sigma_m)
+                           prior_sigma_m=sigma_m, method=method)
     return res.reindex(columns=[*RESULT_COLUMNS, "message", "error"])
 
 
@@ -589,6 +592,7 @@ def run_demo(
             px, py = _gps_priors(x, y, region, gps_noise_m, radius_m, seed)
             lon, lat = (np.asarray(v, float) for v in region.xy_to_lonlat(px, py))
             single = _localize_single(nm, q, lat, lon, radius_m, client, progress)
+            with_ransac = _localize_single(nm, q, lat, lon, radius_m, client, progress, method="ransac")
             compass = _compass(heading, COMPASS_NOISE_DEG, DEFAULT_HEADING_RANGE_DEG, seed)
             with_compass = _localize_single(nm, q, lat, lon, radius_m, client, progress, compass)
             # The GPS fix's accuracy as the prior's std (a phone reports it; EXIF GPSHPositioningError).
@@ -601,6 +605,7 @@ def run_demo(
     err_m, err_deg = _errors(single, x, y, heading)
     s_err_m, s_err_deg = _errors(seq, x, y, heading)
     c_err_m, c_err_deg = _errors(with_compass, x, y, heading)
+    r_err_m, r_err_deg = _errors(with_ransac, x, y, heading)
     a_err_m, a_err_deg = _errors(with_accuracy, x, y, heading) if with_accuracy is not None else (None, None)
     b_err_m, b_err_deg = _errors(with_both, x, y, heading) if with_both is not None else (None, None)
     near_m = _nearest_map_image_m(captures, q)
@@ -608,7 +613,7 @@ def run_demo(
     near_col, far_col = f"single, <= {NEAR_STREET_VIEW_M:g} m", f"single, > {NEAR_STREET_VIEW_M:g} m"
     columns = {"single photo": _recalls(err_m, err_deg), f"sequence of {sequence_length}": _recalls(s_err_m, s_err_deg),
                near_col: _recalls(err_m[near], err_deg[near]), far_col: _recalls(err_m[~near], err_deg[~near]),
-               "single + compass": _recalls(c_err_m, c_err_deg)}
+               RANSAC_COLUMN: _recalls(r_err_m, r_err_deg), "single + compass": _recalls(c_err_m, c_err_deg)}
     if a_err_m is not None:
         columns[ACCURACY_COLUMN] = _recalls(a_err_m, a_err_deg)
         columns[PHONE_COLUMN] = _recalls(b_err_m, b_err_deg)
@@ -620,6 +625,7 @@ def run_demo(
                  **{f"seq_{k}": seq[k] for k in ("easting", "northing", "heading_deg")}, "seq_error_m": s_err_m,
                  "compass_heading_deg": compass, "compass_estimate_heading_deg": with_compass["heading_deg"],
                  "compass_error_m": c_err_m, "compass_error_deg": c_err_deg,
+                 "ransac_error_m": r_err_m, "ransac_error_deg": r_err_deg,
                  **({"gps_accuracy_error_m": a_err_m, "gps_accuracy_error_deg": a_err_deg,
                      "compass_gps_accuracy_error_m": b_err_m, "compass_gps_accuracy_error_deg": b_err_deg}
                     if a_err_m is not None else {}),
@@ -650,7 +656,8 @@ def run_demo(
         bx, by = block_of_xy(x, y)
         in_training = float(np.mean([(int(a), int(b)) in blocks for a, b in zip(bx, by)]))
     table = recall_table(columns, float(np.median(prior_err)),  # printed last, also in the summary
-                         f"; '<= {NEAR_STREET_VIEW_M:g} m': single photos that close to a map image; '+ compass': "
+                         f"; '<= {NEAR_STREET_VIEW_M:g} m': single photos that close to a map image; 'RANSAC': "
+                         "the estimate from SNAP's RANSAC instead of voting; '+ compass': "
                          f"heading prior ±{DEFAULT_HEADING_RANGE_DEG:g} deg around a compass {COMPASS_NOISE_DEG:g} deg off "
                          "(1 sigma)" + (f"; '+ GPS accuracy': the prior weighed by a Gaussian of the fix's "
                                         f"{gps_noise_m:g} m accuracy; '+ compass + GPS accuracy': both, as a "
@@ -665,6 +672,7 @@ def run_demo(
             "threshold_m": NEAR_STREET_VIEW_M,
             "near": columns[near_col], "far": columns[far_col],
             "median_distance_m": float(np.median(near_m))},
+        "ransac": columns[RANSAC_COLUMN] | {"method": "ransac"},
         "compass": columns["single + compass"] | {"noise_deg": COMPASS_NOISE_DEG,
                                                    "heading_range_deg": DEFAULT_HEADING_RANGE_DEG},
         **({"gps_accuracy": columns[ACCURACY_COLUMN] | {"prior_sigma_m": gps_noise_m},
