@@ -163,6 +163,21 @@ def test_training_on_several_stores_never_touches_their_held_out_areas(small_sto
     assert total == NUM_PAIRS
 
 
+def test_a_warm_start_keeps_to_the_blocks_its_weights_trained_on(small_store):
+    """`only_blocks` (training.train --init pretrained: the shipped model's `training_blocks`):
+    pairs of any other block leave the train set, counted as held out. In session 9 a store of a
+    new seed dealt a block of the demo area (held out until then) to train: run 11 trained on it."""
+    a = _read_all(small_store)
+    train = SceneDataset(small_store, "train")
+    blocks = [tuple(int(v) for v in a["block"][i]) for i in train.indices]
+    assert len(train) >= 2
+    same = SceneDataset(small_store, "train", only_blocks=frozenset(blocks) | {(0, 0)})
+    assert same.indices.tolist() == train.indices.tolist() and same.num_held_out == 0
+    other = SceneDataset(small_store, "train", only_blocks=frozenset({(blocks[0][0] + 1, blocks[0][1])}))
+    expected = [i for i, b in zip(train.indices, blocks) if b == (blocks[0][0] + 1, blocks[0][1])]
+    assert other.indices.tolist() == expected and other.num_held_out == len(train) - len(expected)
+
+
 def test_assign_splits_gives_each_split_its_share_of_the_weight():
     from neuralmaps.synth.chunks import assign_splits
 

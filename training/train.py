@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modalities", default=None,
                     help="map inputs trained with, any of streetview,aerial,semantic (default: the preset's)")
     ap.add_argument("--init", default=None, help="warm start: 'pretrained' (the shipped model) or a checkpoint path")
+    ap.add_argument("--new-areas", action="store_true",
+                    help="with --init pretrained: also train on split blocks the shipped model never trained on "
+                         "(default: only its training_blocks, so that the areas it was evaluated on stay held out)")
     ap.add_argument("--steps", type=int, default=None, help="localization steps (default: train.steps)")
     ap.add_argument("--semantic-steps", type=int, default=None, help="semantic steps (default: train.semantic_steps)")
     ap.add_argument("--batch-size", type=int, default=None)
@@ -85,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(args.preset, args.set, args.modalities)
         steps = cfg.train.steps if args.steps is None else args.steps
         sem_steps = cfg.train.semantic_steps if args.semantic_steps is None else args.semantic_steps
-        parts = [SceneDataset(d, "train", config=cfg, holdout=tuple(args.holdout)) for d in args.data]
+        only = None
+        if args.init == "pretrained" and not args.new_areas:  # keep the shipped model's held-out areas unseen
+            info = json.loads(SNAP.pretrained_path().with_suffix(".json").read_text())
+            only = frozenset(tuple(int(v) for v in b) for b in info.get("training_blocks", []))
+        parts = [SceneDataset(d, "train", config=cfg, holdout=tuple(args.holdout), only_blocks=only) for d in args.data]
         train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         val_set = SceneDataset(args.data[0], "val", config=cfg)
         if len(train_set) == 0:
@@ -105,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run = {"argv": sys.argv if argv is None else ["training.train", *argv],
            "data": " ".join(str(d) for d in args.data), "holdout": [str(h) for h in args.holdout],
-           "train_pairs": len(train_set), "train_pairs_dropped_as_held_out": sum(p.num_held_out for p in parts), "val_pairs": len(val_set), "seed": args.seed, "commit": _commit(),
+           "train_pairs": len(train_set), "train_pairs_dropped_as_held_out": sum(p.num_held_out for p in parts),
+           "only_shipped_training_blocks": only is not None, "val_pairs": len(val_set), "seed": args.seed, "commit": _commit(),
            "steps": steps, "semantic_steps": sem_steps, "init": args.init, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(out / "runs.jsonl", "a") as f:  # one line per (re)start: the whole schedule of the run
         f.write(json.dumps(run) + "\n")

@@ -66,10 +66,15 @@ class SceneDataset(Dataset):
             split block that is val or test there are dropped (stores of another CRS or block
             size cannot overlap block for block and are refused). Training on several stores of
             one city thus never sees the areas any of them evaluates on.
+        only_blocks: when given, pairs outside these (bx, by) split blocks are dropped too (counted
+            in `num_held_out`): a warm start keeps to the blocks its weights already trained on, so
+            that every area they were evaluated on stays unseen (another store's split layout,
+            which depends on its run counts, may deal those areas to train).
     """
 
     def __init__(self, path: str | os.PathLike, split: str, config: Config | None = None,
-                 holdout: tuple[str | os.PathLike, ...] = ()):
+                 holdout: tuple[str | os.PathLike, ...] = (),
+                 only_blocks: frozenset[tuple[int, int]] | None = None):
         import zarr
 
         self.path = Path(path)
@@ -94,7 +99,8 @@ class SceneDataset(Dataset):
         keep = done & (splits == SPLIT_NAMES.index(split))
         self.crs_wkt = str(g["spatial_ref"].attrs.get("crs_wkt", ""))
         self.num_held_out = 0
-        pair_blocks = [(int(bx), int(by)) for bx, by in np.asarray(g["block"][:])] if holdout else []
+        pair_blocks = [(int(bx), int(by)) for bx, by in np.asarray(g["block"][:])] \
+            if holdout or only_blocks is not None else []
         for other in holdout:
             crs, block_m, blocks = heldout_blocks(other)
             if crs != self.crs_wkt or block_m != float(attrs["split_block_m"]):
@@ -103,6 +109,10 @@ class SceneDataset(Dataset):
             hit = np.array([b in blocks for b in pair_blocks], dtype=bool) & keep
             self.num_held_out += int(hit.sum())
             keep &= ~hit
+        if only_blocks is not None:
+            out = np.array([b not in only_blocks for b in pair_blocks], dtype=bool) & keep
+            self.num_held_out += int(out.sum())
+            keep &= ~out
         self.indices = np.flatnonzero(keep)
         self._group: Any = None
         self._pid: int | None = None
