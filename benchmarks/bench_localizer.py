@@ -7,7 +7,7 @@ with the rotated query template; the baseline). Every query is an exact-recovery
 at a random pose; recall counts poses within 1 cell and 1 degree, measured on the timed runs.
 Per-query time is one query (B = 1) localized end to end, after one untimed warm-up query.
 RANSAC runs SNAP's settings (`paper`: every one of the ~16,600 valid query cells, 20000 x 8 samples
-from the full softmax over 256² cells): ~40 s and ~5 GB a query here, so it times `--ransac-queries`.
+from the full softmax over 256² cells): ~40 s and ~5 GB a query here, so it times `--ransac-queries`. Voting refines on 512 of the query cells (`Localizer.max_refine_points`).
 
 Each (method, rotations, dim) runs in its own subprocess so that its peak RSS is its own.
 The naive baseline is slow (~25 s a query on this machine at D=8, 64 rotations): it runs on

@@ -367,14 +367,15 @@ def test_gaussian_prior_needs_log_likelihood_scores(problem):
 
 def test_voting_refines_a_large_query_from_a_subset_of_its_cells():
     # A 97² query (~9,400 valid cells) with num_query_points None: the refinement scores at most
-    # `max_refine_points` of them and still recovers the exact pose (the full set cost 2.8 of
+    # `max_refine_points` (512) of them and still recovers the exact pose (the full set cost 2.8 of
     # 3.4 s a query at 129² x 256² cells).
     pb = make_exact_recovery_problem(2, 8, 128, 97, cell_m=0.5, generator=torch.Generator().manual_seed(4))
     loc = Localizer(ModelConfig())
-    assert loc.num_points is None and int(pb.query_valid[0].sum()) > 4 * loc.max_refine_points
+    assert loc.num_points is None and int(pb.query_valid[0].sum()) > 8 * loc.max_refine_points
     with torch.no_grad():
         out = loc(pb.map_feats, pb.map_valid, pb.query_feats, pb.query_valid, pb.query_xy, 0.5, mode="voting",
                   generator=torch.Generator().manual_seed(0))
     dr, dc = pose_errors(out.T_map_query, pb.T_gt, 0.5)
-    # Measured: 0.036 / 0.052 deg, 0.020 / 0.030 cells (all cells: the same angles, 0.025 / 0.037 cells).
-    assert (dr <= 0.1).all() and (dc <= 0.1).all(), (dr, dc)
+    # Measured: 0.036 / 0.052 deg, 0.094 / 0.093 cells (all cells: the same angles, 0.025 / 0.037 cells;
+    # 1024 cells 0.020 / 0.030): within half the final 0.25-cell grid step.
+    assert (dr <= 0.1).all() and (dc <= 0.125).all(), (dr, dc)

@@ -207,7 +207,7 @@ class Localizer(nn.Module):
 
     The knobs come from ModelConfig (`num_query_points`, `num_coarse_points`, `coarse_cells`,
     `num_candidates`, `keep_candidates`, `final_step_cells`, `final_step_deg`, `refine_range_m`,
-    `refine_range_deg`, see there; voting refines with at most `max_refine_points` = 1024 query cells
+    `refine_range_deg`, see there; voting refines with at most `max_refine_points` = 512 query cells
     when `num_query_points` is None); they are copied to attributes that may be changed after
     construction (tests and benchmarks do).
     """
@@ -246,7 +246,7 @@ class Localizer(nn.Module):
         self.chunk = 1 << 19  # point samples per scoring chunk (bounds memory)
         # Voting refines with at most this many query points when `num_points` is None (all cells):
         # a local grid's argmax needs no 16,000 points (129² query: 2.8 s of a 3.4 s query).
-        self.max_refine_points = 1024
+        self.max_refine_points = 512
 
     @property
     def temperature(self) -> Tensor:
