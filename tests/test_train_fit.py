@@ -164,3 +164,30 @@ def test_train_cli_gives_a_warm_start_a_new_semantic_decoder_only_with_semantic_
     for name, x in new.state_dict().items():
         if not name.startswith("semantic_net."):
             assert torch.equal(x, theirs[name]), name  # --steps 0: the localization weights as given
+
+
+def test_train_cli_warm_start_keeps_to_the_shipped_training_blocks(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    # --init pretrained trains only where the shipped weights trained (their held-out areas stay
+    # unseen); a store wholly elsewhere is one clear error naming --new-areas, which lifts it.
+    import json
+    import shutil
+
+    from test_chunks import small_store_path
+
+    from training.train import main
+
+    store = small_store_path(tmp_path_factory)
+    shipped = tmp_path / "weights" / "snap-cpu-tiny.pt"
+    shipped.parent.mkdir()
+    shutil.copy(SNAP.pretrained_path(), shipped)
+    info = json.loads(SNAP.pretrained_path().with_suffix(".json").read_text())
+    shipped.with_suffix(".json").write_text(json.dumps(info | {"training_blocks": [[0, 0]]}))
+    monkeypatch.setattr(SNAP, "pretrained_path", classmethod(lambda cls, name="snap-cpu-tiny": shipped))
+    args = ["--data", str(store), "--init", "pretrained", "--steps", "0", "--semantic-steps", "0", "--threads", "1",
+            "--quiet", "--set", "train.batch_size=1", "train.val_limit=1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--new-areas" in err and "no train pair there" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--out", str(tmp_path / "b"), "--new-areas"]) == 0
+    run = json.loads((tmp_path / "b" / "runs.jsonl").read_text().splitlines()[-1])
+    assert run["train_pairs"] > 0 and run["only_shipped_training_blocks"] is False

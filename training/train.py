@@ -95,8 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         parts = [SceneDataset(d, "train", config=cfg, holdout=tuple(args.holdout), only_blocks=only) for d in args.data]
         train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         val_set = SceneDataset(args.data[0], "val", config=cfg)
+        if len(train_set) == 0 and only is not None and sum(p.num_held_out for p in parts):
+            return fail(f"--init pretrained trains only on the split blocks the shipped model trained on (so that "
+                        f"its held-out areas stay unseen), and {args.data} has no train pair there (another city?): "
+                        "add --new-areas to train on new areas")
         if len(train_set) == 0:
             return fail(f"{args.data} holds no finished train pairs")
+        if only is not None and sum(p.num_held_out for p in parts):
+            print(f"--init pretrained: {sum(p.num_held_out for p in parts)} train pairs outside the shipped model's "
+                  "training blocks or in a --holdout area left out (--new-areas keeps the former)", file=sys.stderr)
         model = SNAP(cfg)
         if args.init:
             init = SNAP.from_pretrained() if args.init == "pretrained" else SNAP.load(args.init)
