@@ -90,19 +90,19 @@ def main(argv: list[str] | None = None) -> int:
         sem_steps = cfg.train.semantic_steps if args.semantic_steps is None else args.semantic_steps
         only = None
         if args.init == "pretrained" and not args.new_areas:  # keep the shipped model's held-out areas unseen
-            info = json.loads(SNAP.pretrained_path().with_suffix(".json").read_text())
-            only = frozenset(tuple(int(v) for v in b) for b in info.get("training_blocks", []))
+            only = SNAP.pretrained_training_blocks() or frozenset()  # a card that does not say: nothing is known seen
         parts = [SceneDataset(d, "train", config=cfg, holdout=tuple(args.holdout), only_blocks=only) for d in args.data]
         train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         val_set = SceneDataset(args.data[0], "val", config=cfg)
-        if len(train_set) == 0 and only is not None and sum(p.num_held_out for p in parts):
+        dropped = sum(p.num_held_out for p in parts)
+        if len(train_set) == 0 and only is not None and dropped:
             return fail(f"--init pretrained trains only on the split blocks the shipped model trained on (so that "
                         f"its held-out areas stay unseen), and {args.data} has no train pair there (another city?): "
                         "add --new-areas to train on new areas")
         if len(train_set) == 0:
             return fail(f"{args.data} holds no finished train pairs")
-        if only is not None and sum(p.num_held_out for p in parts):
-            print(f"--init pretrained: {sum(p.num_held_out for p in parts)} train pairs outside the shipped model's "
+        if only is not None and dropped:
+            print(f"--init pretrained: {dropped} train pairs outside the shipped model's "
                   "training blocks or in a --holdout area left out (--new-areas keeps the former)", file=sys.stderr)
         model = SNAP(cfg)
         if args.init:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run = {"argv": sys.argv if argv is None else ["training.train", *argv],
            "data": " ".join(str(d) for d in args.data), "holdout": [str(h) for h in args.holdout],
-           "train_pairs": len(train_set), "train_pairs_dropped_as_held_out": sum(p.num_held_out for p in parts),
+           "train_pairs": len(train_set), "train_pairs_dropped_as_held_out": dropped,
            "only_shipped_training_blocks": only is not None, "val_pairs": len(val_set), "seed": args.seed, "commit": _commit(),
            "steps": steps, "semantic_steps": sem_steps, "init": args.init, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(out / "runs.jsonl", "a") as f:  # one line per (re)start: the whole schedule of the run

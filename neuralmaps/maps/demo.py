@@ -287,11 +287,8 @@ def _training_blocks(checkpoint: Any) -> set[tuple[int, int]] | None:
         return None
     from ..models import SNAP
 
-    card = SNAP.pretrained_path().with_suffix(".json")
-    try:
-        return {(int(b[0]), int(b[1])) for b in json.loads(card.read_text())["training_blocks"]}
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return None
+    blocks = SNAP.pretrained_training_blocks()
+    return None if blocks is None else set(blocks)
 
 
 # -- step 5: semantics and previews ------------------------------------------------------------------

@@ -1126,7 +1126,7 @@ def _localize_rows(map_path: str, rows: list[dict[str, Any]], model_key: str, op
                            prior_sigma_m=opts["prior_sigma_m"] if sigma is None else sigma,
                            model=model, heading_range_deg=opts["heading_range_deg"],
                            posterior_cell_m=opts["posterior_cell_m"], seed=opts["seed"],
-                           method=opts.get("method", "voting"))
+                           method=opts["method"])
             d = res.to_dict()
             d.pop("candidates", None)
             d.pop("extra", None)

@@ -340,6 +340,18 @@ class SNAP(nn.Module):
         return Path(__file__).resolve().parent.parent / "weights" / f"{name}.pt"
 
     @classmethod
+    def pretrained_training_blocks(cls, name: str = PRETRAINED_NAME) -> frozenset[tuple[int, int]] | None:
+        """The (bx, by) 150 m split blocks a shipped checkpoint was trained on (its card,
+        `<name>.json`, written by `training.ship`), or None when the card does not say."""
+        import json
+
+        try:
+            card = json.loads(cls.pretrained_path(name).with_suffix(".json").read_text())
+            return frozenset((int(b[0]), int(b[1])) for b in card["training_blocks"])
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None
+
+    @classmethod
     def from_pretrained(cls, name: str = PRETRAINED_NAME, map_location: Any = "cpu") -> "SNAP":
         """The model shipped with the package (no network): `snap-cpu-tiny`, trained on the
         Helsinki digital twin (see MODEL_CARD.md), with its localization and semantic heads."""
