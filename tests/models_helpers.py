@@ -26,7 +26,7 @@ def tiny_config(norm: str = "batch", pooling: str = "max"):
     m.feature_dim, m.matching_dim, m.num_depth_bins = 16, 8, 8
     m.semantic_dim = 16
     m.pooling = pooling
-    m.num_pose_samples, m.num_pose_retries = 256, 1
+    m.num_pose_samples, m.num_pose_retries, m.train_pose_samples = 256, 1, None
     return cfg
 
 

@@ -379,3 +379,61 @@ def test_voting_refines_a_large_query_from_a_subset_of_its_cells():
     # Measured: 0.036 / 0.052 deg, 0.094 / 0.093 cells (all cells: the same angles, 0.025 / 0.037 cells;
     # 1024 cells 0.020 / 0.030): within half the final 0.25-cell grid step.
     assert (dr <= 0.1).all() and (dc <= 0.125).all(), (dr, dc)
+
+
+def test_training_scores_train_query_points_and_evaluation_every_valid_cell(problem):
+    # cpu-tiny trains on a random 256 of the query's valid cells (cost) and, as SNAP, evaluates on
+    # all of them. A config saved before `train_query_points` existed keeps num_query_points in both.
+    from neuralmaps.config import Config, preset
+
+    cfg = preset("cpu-tiny")
+    assert cfg.model.num_query_points is None and cfg.model.train_query_points == 256
+    loc = Localizer(cfg.model)
+    sl = slice(0, 2)
+    valid = problem.query_valid[sl]
+    n_valid = int(valid.reshape(2, -1).sum(1).max())
+    assert n_valid > 256
+    g = torch.Generator().manual_seed(0)
+    f, p, w = loc.train()._sample_points(problem.query_feats[sl], valid, problem.query_xy, g)
+    assert f.shape[1] == p.shape[1] == w.shape[1] == 256 and bool(w.all())
+    f, p, w = loc.eval()._sample_points(problem.query_feats[sl], valid, problem.query_xy, g)
+    assert w.shape[1] == n_valid and int(w.sum()) == int(valid.sum())
+    # Every valid cell once: the points are the valid cells' centres.
+    xy = problem.query_xy.reshape(-1, 2)[valid[0].reshape(-1)]
+    assert sorted(map(tuple, p[0][w[0]].tolist())) == sorted(map(tuple, xy.tolist()))
+
+    old = cfg.to_dict()
+    old["model"]["num_query_points"] = 256
+    del old["model"]["train_query_points"]
+    loc_old = Localizer(Config.from_dict(old).model)
+    for mode in (loc_old.train(), loc_old.eval()):
+        assert mode._sample_points(problem.query_feats[sl], valid, problem.query_xy, g)[0].shape[1] == 256
+
+
+def test_training_samples_train_pose_samples_and_evaluation_num_pose_samples(problem, monkeypatch):
+    # cpu-tiny's RANSAC draws 2048 poses a query in training (cost) and 8192 in evaluation; a config
+    # saved before `train_pose_samples` existed draws num_pose_samples in both.
+    from neuralmaps.config import Config, preset
+
+    cfg = preset("cpu-tiny")
+    assert (cfg.model.num_pose_samples, cfg.model.train_pose_samples) == (8192, 2048)
+    drawn = []
+    real = Localizer._matches_local_maxima
+
+    def spy(self, r, allowed, w, count, generator):
+        drawn.append(count // (self.num_pose_retries * 2))
+        return real(self, r, allowed, w, count, generator)
+
+    monkeypatch.setattr(Localizer, "_matches_local_maxima", spy)
+    old = cfg.to_dict()
+    old["model"]["num_pose_samples"] = 2048
+    del old["model"]["train_pose_samples"]
+    sl = slice(0, 1)
+    for c in (cfg, Config.from_dict(old)):
+        loc = Localizer(c.model)
+        for training in (True, False):
+            loc.train(training)
+            with torch.no_grad():
+                out = _run(loc, problem, "ransac", sl, T_gt=problem.T_gt[sl] if training else None)
+            assert out.T_map_query.angle.shape == (1,)
+    assert drawn == [2048, 8192, 2048, 2048]

@@ -336,6 +336,9 @@ def test_a_neutral_field_added_later_keeps_old_checksums():
     del old["model"]["similarity"]
     del old["train"]["distractor_scenes"]  # neutral fields added later still
     del old["model"]["refined_negatives"]
+    old["model"]["num_query_points"] = 256  # before train_query_points: one knob for both
+    del old["model"]["train_query_points"]
+    del old["model"]["train_pose_samples"]
     cfg = Config.from_dict(old)
     assert cfg.model.similarity == "relu" and cfg.hash_dict() == old
     assert cfg.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from test_chunks import small_store_path
@@ -29,3 +30,31 @@ def test_ship_keeps_where_each_earlier_run_first_shipped(tmp_path, tmp_path_fact
     runs = json.loads(dest.with_suffix(".json").read_text())["runs"]
     assert [r["started"] for r in runs] == ["run0", "run1", "run2"]
     assert [r.get("shipped_as") for r in runs] == [shas[0], shas[1], None]
+
+
+def test_ship_sets_runtime_knobs_and_refuses_architecture(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    # A run started before cpu-tiny evaluated on every query cell ships with the new knob; its
+    # weights are the run's. Anything the weights depend on cannot be changed at shipping.
+    import torch
+
+    from training import ship
+
+    store = small_store_path(tmp_path_factory)
+    dest = tmp_path / "weights" / "snap-test.pt"
+    dest.parent.mkdir()
+    monkeypatch.setattr(SNAP, "pretrained_path", staticmethod(lambda name="snap-cpu-tiny": dest))
+    run = tmp_path / "run"
+    run.mkdir()
+    old = SNAP(preset("cpu-tiny").with_overrides(["model.num_query_points=256", "model.train_query_points=null"]))
+    old.save(run / "localization_last.pt")
+    argv = ["--run", str(run), "--data", str(store), "--name", "snap-test"]
+    assert ship.main(argv + ["--set", "model.num_query_points=null", "model.train_query_points=256"]) == 0
+    shipped = SNAP.load(dest)
+    assert shipped.config.model.num_query_points is None and shipped.config.model.train_query_points == 256
+    assert shipped.localizer.num_points is None and shipped.localizer.train_points == 256
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), shipped.state_dict().values()))
+    assert json.loads(dest.with_suffix(".json").read_text())["sha256"] == hashlib.sha256(dest.read_bytes()).hexdigest()
+
+    before = dest.read_bytes()
+    assert ship.main(argv + ["--set", "model.matching_dim=8"]) == 2
+    assert "runtime knobs only" in capsys.readouterr().err and dest.read_bytes() == before

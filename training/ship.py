@@ -7,6 +7,10 @@ Copies `<run>/semantics_last.pt` (else `localization_last.pt`) to
 run's schedule (`runs.jsonl`), and the 150 m split blocks of the training pairs (with those of the
 shipped weights it was warm-started from), so that tests can build held-out sets in areas the
 model never saw.
+
+`--set model.num_query_points=null` changes runtime knobs of the shipped config (the fields no
+weight depends on, `neuralmaps.models.snap.RUNTIME_FIELDS`), e.g. to ship a run that started
+before a preset's knob changed; anything else is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import hashlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,7 @@ import zarr
 from neuralmaps.data import SceneDataset
 from neuralmaps.data.store import SPLIT_NAMES
 from neuralmaps.models import SNAP
+from neuralmaps.models.snap import RUNTIME_FIELDS
 from neuralmaps.storage import atomic_write_bytes, atomic_write_text
 
 
@@ -33,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--holdout", nargs="*", default=[], metavar="STORE", help="the run's --holdout stores")
     ap.add_argument("--name", default="snap-cpu-tiny")
     ap.add_argument("--max-mb", type=float, default=20.0)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="runtime config knobs of the shipped checkpoint, e.g. model.num_query_points=null")
     args = ap.parse_args(argv)
     run = Path(args.run)
     ckpt = next((run / f for f in ("semantics_last.pt", "localization_last.pt") if (run / f).is_file()), None)
@@ -40,10 +48,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run} holds no checkpoint", file=sys.stderr)
         return 2
     data = ckpt.read_bytes()
+    SNAP.load(ckpt)  # refuses anything that is not a loadable checkpoint
+    if args.set:
+        bad = [kv for kv in args.set if kv.split("=", 1)[0] not in RUNTIME_FIELDS]
+        if bad:
+            print(f"error: --set takes runtime knobs only ({', '.join(sorted(RUNTIME_FIELDS))}); got {bad}",
+                  file=sys.stderr)
+            return 2
+        try:
+            cfg = SNAP.load(ckpt).config.with_overrides(args.set)
+        except (ValueError, TypeError, KeyError) as e:
+            print(f"error: --set: {e}", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory() as tmp:  # SNAP.save writes atomically to a path
+            SNAP.load(ckpt, config=cfg).save(Path(tmp) / "ckpt.pt")
+            data = (Path(tmp) / "ckpt.pt").read_bytes()
     if len(data) > args.max_mb * 2**20:
         print(f"error: {ckpt} is {len(data) / 2**20:.1f} MB, over {args.max_mb} MB", file=sys.stderr)
         return 2
-    SNAP.load(ckpt)  # refuses anything that is not a loadable checkpoint
     used: dict[str, set] = {s: set() for s in SPLIT_NAMES}
     num_pairs = dict.fromkeys(SPLIT_NAMES, 0)
     for d in args.data:  # the blocks each split used, as training.train selects them (holdout applied)

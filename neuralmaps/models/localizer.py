@@ -11,7 +11,8 @@ Frames and units (docs/architecture.md):
 - model grids `(B, C, X, Y)`: cell (i, j) has its centre at ((i+0.5)·cell, (j+0.5)·cell) metres,
   continuous grid coordinates are `xy / cell` (`neuralmaps.grids`).
 
-Scores. N valid query cells (`num_points`: all valid frustum cells by default, as SNAP) with
+Scores. N valid query cells (`num_points`: all valid frustum cells by default, as SNAP; in training
+`train_points` when set, a cost knob) with
 L2-normalised features f_n at query-frame points p_n; m(x) the L2-normalised map features:
 
     r_n(x) = tau · ReLU(f_n · m(x))                              tau = exp(log_temperature)
@@ -30,7 +31,8 @@ RANSAC (SNAP): (point, cell) matches are drawn from the joint distribution softm
 over every valid point and every map cell (`proposals="softmax"`; "local_maxima" draws a point
 uniformly, then one of its `num_matches` best 3x3 local maxima; "mixed" half and half); pairs of matches give 2-point Kabsch poses; of
 `num_pose_retries` pairs the one with the best length ratio ||p1-p2|| / ||m1-m2|| is kept;
-`num_pose_samples` poses are scored with `score`, the best `num_candidates` refined. Loss: the NLL
+`num_pose_samples` poses (in training `train_pose_samples` when set) are scored with `score`, the
+best `num_candidates` refined. Loss: the NLL
 of T_gt among the samples, -(score(T_gt) - logsumexp(score(T_gt), score(samples))).
 
 Refinement: in eval mode the best `keep_candidates` poses are first searched exhaustively over
@@ -205,7 +207,8 @@ class Localizer(nn.Module):
     The scores are multiplied by tau = exp(log_temperature), the parameter initialised at
     `cfg.temperature_init` (SNAP: `temperature`, init 2.0, so tau starts at e^2 ~ 7.4).
 
-    The knobs come from ModelConfig (`num_query_points`, `num_coarse_points`, `coarse_cells`,
+    The knobs come from ModelConfig (`num_query_points`, `num_pose_samples`, and in training mode
+    `train_query_points`, `train_pose_samples` when set; `num_coarse_points`, `coarse_cells`,
     `num_candidates`, `keep_candidates`, `final_step_cells`, `final_step_deg`, `refine_range_m`,
     `refine_range_deg`, see there; voting refines with at most `max_refine_points` = 512 query cells
     when `num_query_points` is None); they are copied to attributes that may be changed after
@@ -217,9 +220,11 @@ class Localizer(nn.Module):
         self.cfg = cfg
         self.log_temperature = nn.Parameter(torch.tensor(float(cfg.temperature_init)))
         self.num_pose_samples = cfg.num_pose_samples
+        self.train_pose_samples = cfg.train_pose_samples  # in training mode; None: num_pose_samples
         self.num_pose_retries = cfg.num_pose_retries
         self.refine_grid = cfg.refine_grid
         self.num_points = cfg.num_query_points  # None: all valid query cells
+        self.train_points = cfg.train_query_points  # in training mode; None: num_points
         self.num_coarse_points = cfg.num_coarse_points
         self.coarse_cells = cfg.coarse_cells
         self.num_candidates = cfg.num_candidates
@@ -279,16 +284,20 @@ class Localizer(nn.Module):
         if not bool(map_valid.reshape(B, -1).any(-1).all()):
             raise bad("a batch item has no valid map cell")
 
+    def _points(self) -> int | None:
+        """Query cells scored per query: `train_points` in training mode when set, else `num_points`."""
+        return self.train_points if self.training and self.train_points is not None else self.num_points
+
     def _sample_points(
         self, query_feats: Tensor, query_valid: Tensor, query_xy: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Valid query cells in a random order, valid ones first: f (B, N, D) normalised, p (B, N, 2)
-        metres, w (B, N) {0, 1}. N = `num_points` (None: the most valid cells of any batch item)."""
+        metres, w (B, N) {0, 1}. N = `_points()` (None: the most valid cells of any batch item)."""
         B, D = query_feats.shape[:2]
         valid = query_valid.reshape(B, -1)
         n = int(valid.sum(1).max())
-        if self.num_points is not None:
-            n = min(self.num_points, n)
+        if self._points() is not None:
+            n = min(self._points(), n)
         key = torch.rand(valid.shape, generator=generator, device=valid.device)
         idx = torch.where(valid, key, key - 2).topk(n, dim=1).indices  # valid cells rank first
         w = valid.gather(1, idx)
@@ -521,7 +530,8 @@ class Localizer(nn.Module):
             dist = (_cell_centres(X, Y, cell_m, p)[None] - prior.xy.to(p)[:, None, None]).norm(dim=-1)  # (B, X, Y)
             radius = torch.as_tensor(prior.radius_m, dtype=p.dtype, device=p.device).reshape(-1, 1, 1, 1)
             allowed = allowed & (dist[:, None] <= radius + p.norm(dim=-1)[..., None, None] + cell_m)
-        P, Rt = self.num_pose_samples, self.num_pose_retries
+        P = self.train_pose_samples if self.training and self.train_pose_samples is not None else self.num_pose_samples
+        Rt = self.num_pose_retries
         n_local = {"softmax": 0, "local_maxima": P, "mixed": P // 2}[self.proposals]
         parts = []
         if P - n_local:
@@ -692,7 +702,7 @@ class Localizer(nn.Module):
             t0 = t_cell.reshape(B, -1, 2).gather(1, top[..., None].expand(B, K, 2))
             if prior is not None:  # the prior's centre: a candidate inside it even if no cell is
                 a0, t0 = _with_prior_centre(a0, t0, prior)
-            if self.num_points is None and f.shape[1] > self.max_refine_points:  # random cells, valid first
+            if self._points() is None and f.shape[1] > self.max_refine_points:  # random cells, valid first
                 f, p, w = f[:, : self.max_refine_points], p[:, : self.max_refine_points], w[:, : self.max_refine_points]
             full_centre = (p * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
             c = self._point_constants(f, m, map_valid)

@@ -60,9 +60,10 @@ def select_modalities(batch: dict, modalities: Sequence[str] | None) -> dict:
 # Model fields that do not change the weights: they may differ between a checkpoint and the
 # config it is loaded with (sampling, training and view-selection knobs).
 RUNTIME_FIELDS = frozenset({
-    "model.num_pose_samples", "model.num_pose_retries", "model.refine_grid", "model.modality_dropout",
+    "model.num_pose_samples", "model.train_pose_samples", "model.num_pose_retries", "model.refine_grid", "model.modality_dropout",
     "model.z_jitter_m", "model.top_k_views", "model.max_view_distance_m", "model.temperature_init",
-    "model.area_frequencies", "model.object_frequencies", "model.num_query_points", "model.num_coarse_points",
+    "model.area_frequencies", "model.object_frequencies", "model.num_query_points", "model.train_query_points",
+    "model.num_coarse_points",
     "model.coarse_cells", "model.num_candidates", "model.keep_candidates", "model.final_step_cells",
     "model.final_step_deg", "model.refine_range_m", "model.refine_range_deg", "model.score_reduction",
     "model.point_scores", "model.proposals", "model.num_matches", "model.similarity", "model.refined_negatives",
