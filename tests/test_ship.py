@@ -58,3 +58,32 @@ def test_ship_sets_runtime_knobs_and_refuses_architecture(tmp_path, tmp_path_fac
     before = dest.read_bytes()
     assert ship.main(argv + ["--set", "model.matching_dim=8"]) == 2
     assert "runtime knobs only" in capsys.readouterr().err and dest.read_bytes() == before
+
+
+def test_ship_counts_a_warm_starts_training_blocks_as_training_did(tmp_path, tmp_path_factory, monkeypatch):
+    # training.train --init pretrained (without --new-areas) trains only on the shipped model's
+    # training blocks; its ship must not list the store's other train blocks as trained on, or the
+    # areas the model is evaluated on would be wrongly given up (session 10: the demo area).
+    import zarr
+
+    from neuralmaps.data import SceneDataset
+    from training import ship
+
+    store = small_store_path(tmp_path_factory)
+    blocks = zarr.open_group(str(store), mode="r")["block"][:]
+    train = sorted({tuple(int(v) for v in blocks[i]) for i in SceneDataset(store, "train").indices})
+    elsewhere = (0, 0)  # the previous model's only training block, not in this store
+    assert train and elsewhere not in train
+    dest = tmp_path / "weights" / "snap-test.pt"
+    dest.parent.mkdir()
+    monkeypatch.setattr(SNAP, "pretrained_path", staticmethod(lambda name="snap-cpu-tiny": dest))
+    card = dest.with_suffix(".json")
+    for flag, want in ((True, [elsewhere]), (False, sorted([elsewhere, *train]))):
+        SNAP(preset("cpu-tiny")).save(dest)
+        card.write_text(json.dumps({"sha256": "0" * 64, "runs": [], "training_blocks": [list(elsewhere)]}))
+        run = tmp_path / f"run-{flag}"
+        run.mkdir()
+        SNAP(preset("cpu-tiny")).save(run / "localization_last.pt")
+        (run / "runs.jsonl").write_text(json.dumps({"init": "pretrained", "only_shipped_training_blocks": flag}) + "\n")
+        assert ship.main(["--run", str(run), "--data", str(store), "--name", "snap-test"]) == 0
+        assert [tuple(b) for b in json.loads(card.read_text())["training_blocks"]] == want

@@ -66,20 +66,28 @@ def main(argv: list[str] | None = None) -> int:
     if len(data) > args.max_mb * 2**20:
         print(f"error: {ckpt} is {len(data) / 2**20:.1f} MB, over {args.max_mb} MB", file=sys.stderr)
         return 2
+    dest = SNAP.pretrained_path(args.name)
+    runs = [json.loads(line) for line in (run / "runs.jsonl").read_text().splitlines() if line.strip()] \
+        if (run / "runs.jsonl").is_file() else []
+    previous = None
+    if runs and runs[0].get("init") == "pretrained" and dest.with_suffix(".json").is_file():
+        previous = json.loads(dest.with_suffix(".json").read_text())
+    # A warm start that kept to the shipped model's training blocks (training.train without
+    # --new-areas) trained on no pair outside them: count its train pairs the same way.
+    only = None
+    if previous is not None and any(r.get("only_shipped_training_blocks") for r in runs):
+        only = frozenset(tuple(int(v) for v in b) for b in previous.get("training_blocks", []))
     used: dict[str, set] = {s: set() for s in SPLIT_NAMES}
     num_pairs = dict.fromkeys(SPLIT_NAMES, 0)
     for d in args.data:  # the blocks each split used, as training.train selects them (holdout applied)
         blocks = np.asarray(zarr.open_group(str(d), mode="r")["block"][:])
         for s in SPLIT_NAMES:
-            ds = SceneDataset(d, s, holdout=tuple(args.holdout) if s == "train" else ())
+            ds = SceneDataset(d, s, holdout=tuple(args.holdout) if s == "train" else (),
+                              only_blocks=only if s == "train" else None)
             used[s] |= {tuple(int(v) for v in blocks[i]) for i in ds.indices}
             num_pairs[s] += len(ds)
-    dest = SNAP.pretrained_path(args.name)
-    runs = [json.loads(line) for line in (run / "runs.jsonl").read_text().splitlines() if line.strip()] \
-        if (run / "runs.jsonl").is_file() else []
-    if runs and runs[0].get("init") == "pretrained" and dest.with_suffix(".json").is_file():
+    if previous is not None:
         # Warm-started from the shipped weights: their schedule comes first (training accumulates).
-        previous = json.loads(dest.with_suffix(".json").read_text())
         # A run keeps the weights it first shipped in; the previous ship's own runs get its sha.
         runs = [{"shipped_as": previous.get("sha256", "")[:12], **r} for r in previous.get("runs", [])] + runs
         used["train"] |= {tuple(b) for b in previous.get("training_blocks", [])}
