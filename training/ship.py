@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run} holds no checkpoint", file=sys.stderr)
         return 2
     data = ckpt.read_bytes()
-    SNAP.load(ckpt)  # refuses anything that is not a loadable checkpoint
+    model = SNAP.load(ckpt)  # refuses anything that is not a loadable checkpoint
     if args.set:
         bad = [kv for kv in args.set if kv.split("=", 1)[0] not in RUNTIME_FIELDS]
         if bad:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         try:
-            cfg = SNAP.load(ckpt).config.with_overrides(args.set)
+            cfg = model.config.with_overrides(args.set)
         except (ValueError, TypeError, KeyError) as e:
             print(f"error: --set: {e}", file=sys.stderr)
             return 2

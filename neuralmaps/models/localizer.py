@@ -296,8 +296,9 @@ class Localizer(nn.Module):
         B, D = query_feats.shape[:2]
         valid = query_valid.reshape(B, -1)
         n = int(valid.sum(1).max())
-        if self._points() is not None:
-            n = min(self._points(), n)
+        k = self._points()
+        if k is not None:
+            n = min(k, n)
         key = torch.rand(valid.shape, generator=generator, device=valid.device)
         idx = torch.where(valid, key, key - 2).topk(n, dim=1).indices  # valid cells rank first
         w = valid.gather(1, idx)
