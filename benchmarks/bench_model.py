@@ -12,7 +12,11 @@ road through the scene, plus aerial and semantic rasters and one query. It times
 Medians over `--runs` runs after one warm-up. Times are wall-clock with 2 threads; peak RSS is
 the subprocess's maximum resident set (model, inputs and activations).
 
-    python benchmarks/bench_model.py [--presets cpu-tiny paper] [--runs 3]
+With `--device cuda` the model, batches and random generator live on the GPU, every preset also
+times its training step (`train_step_s`, and `train_step_bf16_s` under bfloat16 autocast), each
+timing ends with a CUDA synchronize, and `peak_gpu_mb_*` is torch's peak allocated memory.
+
+    python benchmarks/bench_model.py [--presets cpu-tiny paper] [--runs 3] [--device cpu|cuda]
 
 Progress goes to stderr; the LAST stdout line is one JSON object.
 """
@@ -78,59 +82,86 @@ def synthetic_batch(cfg, B: int = 1, seed: int = 0) -> dict:
     }
 
 
-def worker(preset_name: str, runs: int) -> dict:
+def worker(preset_name: str, runs: int, device: str = "cpu", overrides: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
     from neuralmaps.config import preset
     from neuralmaps.models import SNAP
 
-    cfg = preset(preset_name)
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: torch {torch.__version__} sees no CUDA device")
+
+    def on_device(b: dict) -> dict:
+        return {k: v.to(device) for k, v in b.items()}
+
+    cfg = preset(preset_name).with_overrides(overrides or [])
     torch.manual_seed(0)
-    model = SNAP(cfg).eval()
-    batch = synthetic_batch(cfg)
+    model = SNAP(cfg).eval().to(device)
+    batch = on_device(synthetic_batch(cfg))
     out = {
         "preset": preset_name,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "scene_cells": [round(s / cfg.scene.cell_m) for s in cfg.scene.size_m],
         "views": cfg.scene.num_views,
         "image_hw": list(cfg.scene.image_hw),
     }
 
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     def timed(fn) -> float:
         fn()  # warm-up
         ts = []
         for _ in range(runs):
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             ts.append(time.perf_counter() - t)
         return statistics.median(ts)
+
+    def peak_gpu_mb() -> int:
+        return round(torch.cuda.max_memory_allocated(device) / 2**20)
 
     with torch.no_grad():
         _log(f"[{preset_name}] map ...")
         out["map_s"] = round(timed(lambda: model.map(batch)), 3)
         nm = model.map(batch)
         _log(f"[{preset_name}] localize ...")
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device).manual_seed(0)
         out["localize_s"] = round(timed(lambda: model.localize(batch, nm, generator=g)), 3)
     out["map_valid_fraction"] = round(float(nm.valid.float().mean()), 3)
     out["total_s"] = round(out["map_s"] + out["localize_s"], 3)
     out["peak_rss_mb_inference"] = round(_rss_mb())
-    if preset_name == "cpu-tiny":
+    if cuda:
+        out["peak_gpu_mb_inference"] = peak_gpu_mb()
+    if preset_name == "cpu-tiny" or cuda:  # paper's step on 2 CPU threads would take minutes
         _log(f"[{preset_name}] train step (B={cfg.train.batch_size}) ...")
         model.train()
-        tb = synthetic_batch(cfg, B=cfg.train.batch_size, seed=1)
+        tb = on_device(synthetic_batch(cfg, B=cfg.train.batch_size, seed=1))
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        g = torch.Generator(device).manual_seed(1)
 
-        def step():
-            loss = model.loss(tb)["total"]
+        def step(dtype=None):
+            with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                loss = model.loss(tb, generator=g)["total"]
             opt.zero_grad()
             loss.backward()
             opt.step()
 
         out["train_batch"] = cfg.train.batch_size
-        out["train_step_s"] = round(timed(step), 3)
-        out["peak_rss_mb_train"] = round(_rss_mb())
+        try:
+            out["train_step_s"] = round(timed(step), 3)
+            out["peak_rss_mb_train"] = round(_rss_mb())
+            if cuda:
+                out["peak_gpu_mb_train"] = peak_gpu_mb()
+                out["train_step_bf16_s"] = round(timed(lambda: step(torch.bfloat16)), 3)
+        except torch.OutOfMemoryError as e:  # a result too: this preset's step does not fit here
+            out["train_step_error"] = f"out of memory: {str(e).splitlines()[0]}"
     return out
 
 
@@ -138,17 +169,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["cpu-tiny", "paper"])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda[:N]")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every preset, e.g. model.train_query_points=1024")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.runs)))
+        print(json.dumps(worker(args.worker, args.runs, args.device, args.set)))
         return 0
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), OMP_WAIT_POLICY="PASSIVE")
     results = []
     for name in args.presets:
         _log(f"running {name} in a subprocess ...")
         proc = subprocess.run(
-            [sys.executable, __file__, "--worker", name, "--runs", str(args.runs)],
+            [sys.executable, __file__, "--worker", name, "--runs", str(args.runs), "--device", args.device,
+             *(["--set", *args.set] if args.set else [])],
             env=env, stdout=subprocess.PIPE, text=True,
         )
         if proc.returncode != 0:
@@ -161,6 +196,8 @@ def main() -> int:
     summary = {
         "benchmark": "bench_model",
         "threads": THREADS,
+        "device": args.device,
+        "overrides": args.set,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "results": results,

@@ -384,17 +384,18 @@ def test_distractor_row_holds_each_scene_once_and_the_truth_where_its_scene_went
         with_distractor_scenes(tile, origin, 3, 2.0)
 
 
-def test_loss_with_distractor_scenes_finds_the_truth_where_its_scene_went():
+def test_loss_with_distractor_scenes_finds_the_truth_where_its_scene_went(device):
     """A perfect map (each scene lifted from its own query image, as in the frames test): in a row
     of its scene and another, the estimate lands on the ground truth moved with its scene (< 1 m),
-    not in the other scene. In training mode the loss is finite and reaches the mapper."""
+    not in the other scene. In training mode the loss is finite and reaches the mapper. On CUDA the
+    generator is a CUDA one, as a GPU training run passes."""
     from neuralmaps import geometry
 
     cfg = tiny_config(norm="group")
     cfg.scene.size_m = (16.0, 16.0, 4.0)
     cfg.model.use_aerial = cfg.model.use_semantic = False
     cfg.model.modality_dropout = 0.0
-    model = _model(cfg)
+    model = _model(cfg, device)
     batch = tiny_batch(cfg, B=2)
     T_bev = geometry.Transform2D(torch.tensor([0.3, 2.0]), torch.tensor([[5.0, 8.0], [9.0, 7.0]]))
     T_scene_cam = geometry.bev_pose_to_camera(T_bev, 1.7, pitch=0.1).matrix()
@@ -406,13 +407,14 @@ def test_loss_with_distractor_scenes_finds_the_truth_where_its_scene_went():
         "map_view_mask": torch.ones(2, 1, dtype=torch.bool),
         "scene_origin": torch.tensor([[0.0, 0.0], [300.0, 0.0]], dtype=torch.float64),
     }
+    batch = to_device(batch, device)
     model.eval()
     for seed in range(3):
         with torch.no_grad():
-            out = model.loss(batch, generator=torch.Generator().manual_seed(seed), distractors=1)
+            out = model.loss(batch, generator=torch.Generator(device).manual_seed(seed), distractors=1)
         assert out["err_xy_m"].max() < 1.0 and out["err_yaw_deg"].max() < 2.0, (out["err_xy_m"], out["err_yaw_deg"])
     model.train()
-    out = model.loss(batch, generator=torch.Generator().manual_seed(0), distractors=1)
+    out = model.loss(batch, generator=torch.Generator(device).manual_seed(0), distractors=1)
     assert torch.isfinite(out["total"]) and out["nll"].shape == (2,)
     out["total"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()

@@ -116,7 +116,9 @@ def with_distractor_scenes(
         raise ValueError(f"with_distractor_scenes: count must be in [1, B-1] = [1, {B - 1}] for a batch of {B}, "
                          f"got {count}")
     G = round(gap_m / tile.cell_m)
-    slot = torch.randint(count + 1, (B,), generator=generator).to(tile.valid.device)  # own scene's slot
+    # Drawn on the generator's device (a CUDA generator cannot fill a CPU tensor), then moved.
+    slot = torch.randint(count + 1, (B,), generator=generator,
+                         device=generator.device if generator else tile.valid.device).to(tile.valid.device)
     idx = torch.arange(B, device=tile.valid.device)
     others = (idx[:, None] + torch.arange(1, count + 1, device=idx.device)[None]) % B  # (B, count): j-th distractor
     keep = torch.ones(B, count, dtype=torch.bool, device=idx.device)
