@@ -17,8 +17,8 @@ for the non-learned aerial-RGB matcher (`testing.AerialRGBMatcher`: the evaluati
 map of the orthophoto's colours), whose recall does not depend on training.
 
 Prints progress lines, then as its last line one JSON object with the keys localize_median_s,
-localize_p90_s, localize_cpu_median_s, localize_compass_median_s (with a heading prior ±30° around a
-compass 10° off), localize_peak_rss_mb, localize_many_per_s (1 worker),
+localize_p90_s, localize_cpu_median_s (all at 1 thread), localize_median_s_2threads (the same queries
+with 2 torch threads), localize_compass_median_s (with a heading prior ±30° around a compass 10° off), localize_peak_rss_mb, localize_many_per_s (1 worker),
 localize_many_per_s_2workers, recall_1m_1deg / recall_3m_3deg / recall_5m_5deg (single, all
 queries, shipped model), single_recall_* and seq_recall_* (the sequences' last frames), the same
 prefixed aerial_rgb_, num_queries, num_sequences.
@@ -156,6 +156,15 @@ def main() -> None:
         t = time.perf_counter()
         one(int(i), compass=True)  # a phone compass 10 deg off (1 sigma): heading prior ±30 deg
         compass_walls.append(time.perf_counter() - t)
+    # The same queries with both cores (one query on the whole machine; Dask runs below keep 1 each).
+    torch.set_num_threads(2)
+    walls2 = []
+    for i in np.linspace(0, n_q - 1, min(args.latency_n, n_q)).round().astype(int):
+        t = time.perf_counter()
+        one(int(i))
+        walls2.append(time.perf_counter() - t)
+    torch.set_num_threads(1)
+    res["localize_median_s_2threads"] = round(float(np.median(walls2)), 3)
     res["localize_compass_median_s"] = round(float(np.median(compass_walls)), 3)
     res["localize_median_s"] = round(float(np.median(walls)), 3)
     res["localize_p90_s"] = round(float(np.percentile(walls, 90)), 3)
@@ -163,7 +172,7 @@ def main() -> None:
     res["localize_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
     print(f"localize: median {res['localize_median_s']} s wall ({res['localize_cpu_median_s']} s CPU), "
           f"p90 {res['localize_p90_s']} s, peak RSS {res['localize_peak_rss_mb']} MB; with a compass heading prior "
-          f"{res['localize_compass_median_s']} s", flush=True)
+          f"{res['localize_compass_median_s']} s; with 2 threads {res['localize_median_s_2threads']} s", flush=True)
 
     # 2. Batches through Dask (warm clusters: the rate excludes start-up, reported apart).
     from neuralmaps.maps.build import _client
