@@ -11,11 +11,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,8 +24,10 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .storage import atomic_write_bytes, atomic_write_text
-from .data import SceneDataset
 from .models import MODALITY_FLAGS, SEMANTIC_MODALITIES, SNAP
+
+if TYPE_CHECKING:  # the loop needs any map-style dataset of batches, not the GIS stack behind the store
+    from .data import SceneDataset
 
 RECALL_THRESHOLDS_M = (1.0, 3.0, 5.0)
 
@@ -64,6 +67,15 @@ def _cycle(loader: DataLoader) -> Iterator[dict]:
         yield from loader
 
 
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def make_loader(dataset: SceneDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
     if len(dataset) == 0:
         raise ValueError(f"{dataset!r} holds no pairs: write more pairs or pick another split")
@@ -81,17 +93,18 @@ def evaluate_localization(
 ) -> LocalizationMetrics:
     """Localize every query of `dataset` against the map built from its own scene (eval mode,
     the localizer's default RANSAC mode, as in `SNAP.loss`), from `modalities` (None: all the
-    model and the batch have)."""
+    model and the batch have), on the model's device."""
     was_training = model.training
     model.eval()
     metrics = LocalizationMetrics()
-    g = torch.Generator().manual_seed(seed)
+    dev = _model_device(model)
+    g = torch.Generator(dev).manual_seed(seed)
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=0, seed=seed)
     try:
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            out = model.loss(batch, generator=g, modalities=modalities)
+            out = model.loss(to_device(batch, dev), generator=g, modalities=modalities)
             metrics.add(out["err_xy_m"], out["err_yaw_deg"])
     finally:
         model.train(was_training)
@@ -216,7 +229,11 @@ def train(
     (only `model.semantic_net` learns; the semantic raster is the target, never an input).
     Every `ckpt_every` steps the model, optimiser, step and RNG state go atomically to
     `<out_dir>/<stage>_state.pt` (and the model to `<stage>_last.pt`), so a run killed at any
-    moment resumes from there and loses at most `ckpt_every` steps."""
+    moment resumes from there and loses at most `ckpt_every` steps.
+
+    Runs on the model's device (move the model first, e.g. `model.to("cuda")`); batches follow it,
+    and the random generator lives there. A run may resume on another device: the weights and the
+    optimiser move, and the generator, whose state does not carry across devices, is re-seeded."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
     cfg: Config = model.config
@@ -233,13 +250,16 @@ def train(
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=1e-4)
     start = 0
     out = Path(out_dir) if out_dir is not None else None
-    g = torch.Generator()
+    dev = _model_device(model)
+    g = torch.Generator(dev)
     if out is not None:
         ckpt, state_path = out / f"{stage}_last.pt", out / f"{stage}_state.pt"
         out.mkdir(parents=True, exist_ok=True)
         cfg.save_yaml(out / "config.yaml")
         if state_path.is_file():
-            state = torch.load(state_path, weights_only=True)
+            # On the CPU: a generator state is a CPU tensor, and the weights and optimiser state are
+            # copied onto the parameters' device by load_state_dict.
+            state = torch.load(state_path, weights_only=True, map_location="cpu")
             start = int(state["step"])
             if start >= steps:  # a finished stage: only its weights
                 if stage == "localization":  # the decoder, trained next, may have changed since
@@ -249,7 +269,12 @@ def train(
                 return []
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            g.set_state(state["generator"])
+            if state.get("generator_device", "cpu") == dev.type:
+                g.set_state(state["generator"])
+            else:
+                g.manual_seed(seed + start)
+                print(f"train: resumed on {dev.type} from a {state.get('generator_device', 'cpu')} run at step {start}: "
+                      "random generator re-seeded", file=sys.stderr)
             _truncate_logs(out, stage, start)
     if start == 0:
         g.manual_seed(seed)
@@ -266,7 +291,7 @@ def train(
     bar = tqdm(range(start, steps), desc=f"train {stage}", disable=not progress, initial=start, total=steps)
     window: list[tuple[float, float]] = []
     for step in bar:
-        batch = next(batches)
+        batch = to_device(next(batches), dev)
         losses = loss_fn(batch, generator=g) if stage == "localization" else loss_fn(batch)
         loss = losses["total"]
         if not torch.isfinite(loss):
@@ -308,7 +333,7 @@ def train(
         if out is not None and ((step + 1) % ckpt_every == 0 or last):
             # One atomic file holds everything a resume needs; the SNAP checkpoint follows.
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                     "generator": g.get_state()}
+                     "generator": g.get_state(), "generator_device": dev.type}
             atomic_write_bytes(state_path, _torch_bytes(state))
             model.save(ckpt)
     return records

@@ -2,7 +2,7 @@
 
     python -m training.train --preset cpu-tiny --data data/helsinki.zarr --out outputs/cpu-tiny \
         [--set model.matching_dim=16 train.batch_size=8] [--modalities streetview,aerial,semantic] \
-        [--init pretrained|CKPT] [--steps N] [--semantic-steps N]
+        [--init pretrained|CKPT] [--steps N] [--semantic-steps N] [--device cpu|cuda|auto]
 
 (`python training/train.py ...` is the same.) Writes `<out>/localization_last.pt`,
 `<out>/semantics_last.pt` (= the final model), `config.yaml`, `log.jsonl`, `log.csv`,
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="data-loader processes")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device to train on: cpu (default), cuda[:N], or auto (cuda where there is one); "
+                         "a run may resume on another device")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10, help="steps between log records")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -84,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        return fail(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return fail(f"--device {args.device}: torch {torch.__version__} sees no CUDA device here (try --device cpu)")
     try:
         cfg = build_config(args.preset, args.set, args.modalities)
         steps = cfg.train.steps if args.steps is None else args.steps
@@ -113,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                             "a new one needs --semantic-steps > 0")
             if fresh:
                 print(f"--init {args.init}: semantic decoder from scratch ({fresh})", file=sys.stderr)
+        model.to(device)
     except (FileNotFoundError, ValueError, KeyError) as e:
         return fail(str(e))
     out = Path(args.out)
@@ -121,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
            "data": " ".join(str(d) for d in args.data), "holdout": [str(h) for h in args.holdout],
            "train_pairs": len(train_set), "train_pairs_dropped_as_held_out": dropped,
            "only_shipped_training_blocks": only is not None, "val_pairs": len(val_set), "seed": args.seed, "commit": _commit(),
-           "steps": steps, "semantic_steps": sem_steps, "init": args.init, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+           "steps": steps, "semantic_steps": sem_steps, "init": args.init, "device": str(device),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with open(out / "runs.jsonl", "a") as f:  # one line per (re)start: the whole schedule of the run
         f.write(json.dumps(run) + "\n")
     common = dict(out_dir=out, batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
