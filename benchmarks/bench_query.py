@@ -17,10 +17,10 @@ for the non-learned aerial-RGB matcher (`testing.AerialRGBMatcher`: the evaluati
 map of the orthophoto's colours), whose recall does not depend on training.
 
 Prints progress lines, then as its last line one JSON object with the keys localize_median_s,
-localize_p90_s, localize_cpu_median_s (all at 1 thread), localize_median_s_2threads (the same queries
-with 2 torch threads), localize_compass_median_s (with a heading prior ±30° around a compass 10° off), localize_peak_rss_mb, localize_many_per_s (1 worker),
-localize_many_per_s_2workers, recall_1m_1deg / recall_3m_3deg / recall_5m_5deg (single, all
-queries, shipped model), single_recall_* and seq_recall_* (the sequences' last frames), the same
+localize_p90_s, localize_cpu_median_s (all at 1 thread), localize_median_s_2threads (the same
+queries with 2 torch threads), localize_compass_median_s (with a heading prior ±30° around a compass
+10° off), localize_peak_rss_mb, localize_many_per_s (1 worker), localize_many_per_s_2workers,
+recall_1m_1deg / recall_3m_3deg / recall_5m_5deg (single, all queries, shipped model), single_recall_* and seq_recall_* (the sequences' last frames), the same
 prefixed aerial_rgb_, num_queries, num_sequences.
 """
 

@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--device {args.device}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         return fail(f"--device {args.device}: torch {torch.__version__} sees no CUDA device here (try --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return fail(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     try:
         cfg = build_config(args.preset, args.set, args.modalities)
         steps = cfg.train.steps if args.steps is None else args.steps
