@@ -20,8 +20,9 @@ Prints progress lines, then as its last line one JSON object with the keys local
 localize_p90_s, localize_cpu_median_s (all at 1 thread), localize_median_s_2threads (the same
 queries with 2 torch threads), localize_compass_median_s (with a heading prior ±30° around a compass
 10° off), localize_peak_rss_mb, localize_many_per_s (1 worker), localize_many_per_s_2workers,
-recall_1m_1deg / recall_3m_3deg / recall_5m_5deg (single, all queries, shipped model), single_recall_* and seq_recall_* (the sequences' last frames), the same
-prefixed aerial_rgb_, num_queries, num_sequences.
+recall_1m_1deg / recall_3m_3deg / recall_5m_5deg (single, all queries, shipped model),
+single_recall_* and seq_recall_* (the sequences' last frames), the same prefixed aerial_rgb_,
+num_queries, num_sequences.
 """
 
 from __future__ import annotations
