@@ -28,7 +28,8 @@ from neuralmaps.models import SNAP
 # only: painting every cell "road" scored a higher mIoU there than run 4's decoder, 0.18 vs 0.09.)
 HELD_OUT_CROP = (386100.0, 6671700.0, 386400.0, 6671850.0)
 # Measured on its 16 held-out pairs (2026-12-04, street view + aerial maps, twin with building styles
-# and tag dropout, queries placed anywhere in their scenes, `synth.query_placement`): run 10 (9cb798b8,
+# and tag dropout, queries placed anywhere in their scenes, `synth.query_placement`): run 13 (4b17b35a,
+# every query cell, 8192 poses) 7 / 16, median 2.9 m, area mIoU 0.725; run 10 (9cb798b8,
 # batch-norm resnet decoder) recall at (3 m, 3 deg) 7 / 16, median 3.7 m, area mIoU 0.713; run 7 (e19d0b6b)
 # 5 / 16, 7.6 m, 0.421; run 5 (93085f3c) 3 / 16, 6.8 m, 0.380; random weights 0 / 16, 22.3 m, 0.052. (With
 # the old "ahead" placement, which gave the pose away, run 5 had 8 / 16 and 2.5 m.) Floors: 4 of the 7
