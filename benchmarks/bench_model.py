@@ -88,18 +88,16 @@ def worker(preset_name: str, runs: int, device: str = "cpu", overrides: list[str
     torch.set_num_threads(THREADS)
     from neuralmaps.config import preset
     from neuralmaps.models import SNAP
+    from neuralmaps.training import to_device
 
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: torch {torch.__version__} sees no CUDA device")
 
-    def on_device(b: dict) -> dict:
-        return {k: v.to(device) for k, v in b.items()}
-
     cfg = preset(preset_name).with_overrides(overrides or [])
     torch.manual_seed(0)
     model = SNAP(cfg).eval().to(device)
-    batch = on_device(synthetic_batch(cfg))
+    batch = to_device(synthetic_batch(cfg), device)
     out = {
         "preset": preset_name,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -142,7 +140,7 @@ def worker(preset_name: str, runs: int, device: str = "cpu", overrides: list[str
     if preset_name == "cpu-tiny" or cuda:  # paper's step on 2 CPU threads would take minutes
         _log(f"[{preset_name}] train step (B={cfg.train.batch_size}) ...")
         model.train()
-        tb = on_device(synthetic_batch(cfg, B=cfg.train.batch_size, seed=1))
+        tb = to_device(synthetic_batch(cfg, B=cfg.train.batch_size, seed=1), device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         g = torch.Generator(device).manual_seed(1)
 

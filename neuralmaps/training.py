@@ -269,12 +269,13 @@ def train(
                 return []
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            if state.get("generator_device", "cpu") == dev.type:
+            saved_on = state.get("generator_device", "cpu")  # states written before devices: CPU
+            if saved_on == dev.type:
                 g.set_state(state["generator"])
             else:
                 g.manual_seed(seed + start)
-                print(f"train: resumed on {dev.type} from a {state.get('generator_device', 'cpu')} run at step {start}: "
-                      "random generator re-seeded", file=sys.stderr)
+                print(f"train: resumed on {dev.type} from a {saved_on} run at step {start}: random generator re-seeded",
+                      file=sys.stderr)
             _truncate_logs(out, stage, start)
     if start == 0:
         g.manual_seed(seed)
