@@ -88,7 +88,7 @@ def worker(preset_name: str, runs: int, device: str = "cpu", overrides: list[str
     torch.set_num_threads(THREADS)
     from neuralmaps.config import preset
     from neuralmaps.models import SNAP
-    from neuralmaps.training import to_device
+    from neuralmaps.devices import to_device
 
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():

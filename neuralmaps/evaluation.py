@@ -48,6 +48,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from . import geometry
 from .config import AREA_CLASSES, BINARY_CLASSES, CLASS_NAMES, OBJECT_CLASSES, Config
 from .data import SceneDataset
+from .devices import DeviceError, model_device, resolve_device, to_device
 from .data.store import SPLIT_NAMES, read_store_attrs
 from .models import MODALITIES, MODALITY_FLAGS, SEMANTIC_MODALITIES, SNAP, select_modalities
 from .models import parse_modalities as _parse_modalities
@@ -393,7 +394,7 @@ def evaluate_model(
         if m not in MODES:
             raise EvaluationError(f"unknown mode {m!r}; choose from {MODES}")
     model.eval()
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = resolve_device(device) if device is not None else model_device(model)
     model.to(dev)
     cell_m = model.config.scene.cell_m
     loader, n = _loader(data, limit)
@@ -405,7 +406,7 @@ def evaluate_model(
 
     for batch in _progress(loader, n, "evaluate", progress):
         idx = int(batch["index"][0])
-        batch = {k: v.to(dev) if k != "scene_origin" else v for k, v in batch.items()}
+        batch = to_device(batch, dev)
         t0 = time.perf_counter()
         nmap = build_map(model, batch, modalities)
         _sync(dev)
@@ -853,12 +854,14 @@ def run_evaluation(
         title = f"baseline {baseline} on {Path(data_path).name} ({split})"
     else:
         modalities = parse_modalities(modalities)
+        try:  # before anything is read
+            dev = resolve_device(device) if device is not None else None
+        except DeviceError as e:
+            raise EvaluationError(f"--{e}") from None
         model = load_model(checkpoint, overrides)
         data = open_eval_data(data_path, split, config=model.config)
-        if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
-            raise EvaluationError(f"--device {device}: CUDA is not available here")
         run = evaluate_model(model, data, modalities=modalities, modes=modes, semantics=semantics, limit=limit,
-                             seed=seed, num_rotations=num_rotations, progress=progress, device=device)
+                             seed=seed, num_rotations=num_rotations, progress=progress, device=dev)
         metrics = build_metrics(run, method="snap", modalities=modalities, modes=modes, data=data,
                                 checkpoint=str(checkpoint), seed=seed)
         if overrides:

@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import Config
+from .devices import model_device as _model_device
+from .devices import to_device  # noqa: F401  (public here since session 11)
 from .storage import atomic_write_bytes, atomic_write_text
 from .models import MODALITY_FLAGS, SEMANTIC_MODALITIES, SNAP
 
@@ -65,15 +67,6 @@ class LocalizationMetrics:
 def _cycle(loader: DataLoader) -> Iterator[dict]:
     while True:
         yield from loader
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The batch's tensors on `device` (other values as they are)."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def make_loader(dataset: SceneDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:

@@ -63,7 +63,3 @@ def tiny_batch(cfg, B: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
         "query_camera": cam.expand(B, 8).clone(),
         "scene_origin": torch.zeros(B, 2, dtype=torch.float64),
     }
-
-
-def to_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}

@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models_helpers import tiny_batch, tiny_config, to_device
+from models_helpers import tiny_batch, tiny_config
+
 from neuralmaps.config import preset
+from neuralmaps.devices import to_device
 from neuralmaps.models import SNAP, NeuralMapTile
 from neuralmaps.models.bev import query_grid
 

@@ -69,3 +69,34 @@ def test_train_cli_refuses_a_device_it_does_not_have(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sees no CUDA device" in err[0], err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_device_name_resolves_one_way_and_a_bad_one_gets_one_clear_error():
+    import pytest
+
+    from neuralmaps.devices import DeviceError, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    with pytest.raises(DeviceError, match="'gpu'.*use cpu, cuda, cuda:N or auto"):
+        resolve_device("gpu")
+    with pytest.raises(DeviceError, match="'cuda:99'"):
+        resolve_device("cuda:99")  # no CUDA here, or fewer than 100 devices
+
+
+def test_evaluation_and_map_builds_refuse_a_bad_device_before_reading_anything(tmp_path, capsys):
+    import pytest
+
+    from neuralmaps.devices import DeviceError
+    from neuralmaps.maps.build import _model_from_bytes
+    from training.evaluate import main as evaluate
+
+    # The store does not exist: the device is refused before it (or the checkpoint) is opened.
+    code = evaluate(["--checkpoint", "pretrained", "--data", str(tmp_path / "none.zarr"),
+                     "--out", str(tmp_path / "ev"), "--device", "cuda:99", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --device 'cuda:99'"), err
+    assert not (tmp_path / "ev").exists()
+    with pytest.raises(DeviceError, match="'tpu'"):
+        _model_from_bytes(b"", "tpu", None)  # a Dask worker told the wrong device: before the payload is read

@@ -29,6 +29,7 @@ from torch.utils.data import ConcatDataset  # noqa: E402
 
 from neuralmaps.config import Config, preset  # noqa: E402
 from neuralmaps.data import SceneDataset  # noqa: E402
+from neuralmaps.devices import DeviceError, resolve_device  # noqa: E402
 from neuralmaps.models import MODALITIES, SNAP, parse_modalities  # noqa: E402
 from neuralmaps.training import warm_start, train, validate  # noqa: E402
 
@@ -87,15 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        return fail(f"--device {args.device}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return fail(f"--device {args.device}: torch {torch.__version__} sees no CUDA device here (try --device cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        return fail(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        device = resolve_device(args.device)
+    except DeviceError as e:
+        return fail(f"--{e}")
     try:
         cfg = build_config(args.preset, args.set, args.modalities)
         steps = cfg.train.steps if args.steps is None else args.steps

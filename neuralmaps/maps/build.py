@@ -144,11 +144,12 @@ class ModelPlugin(WorkerPlugin):
 def _model_from_bytes(payload: bytes, device: str, threads: int | None):
     import torch
 
+    from ..devices import resolve_device
     from ..models import SNAP
 
     if threads:
         torch.set_num_threads(int(threads))
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = resolve_device(device)
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "model.pt"
         p.write_bytes(payload)
