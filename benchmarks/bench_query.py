@@ -176,12 +176,12 @@ def main() -> None:
           f"{res['localize_compass_median_s']} s; with 2 threads {res['localize_median_s_2threads']} s", flush=True)
 
     # 2. Batches through Dask (warm clusters: the rate excludes start-up, reported apart).
-    from neuralmaps.maps.build import _client
+    from neuralmaps.maps.workers import dask_client
 
     single = None
     for workers in (1, 2):
         t = time.perf_counter()
-        with _client(None, workers, None, 1, None) as c:
+        with dask_client(None, workers, None, 1, None) as c:
             nm.localize_many(queries.iloc[:workers], client=c, radius_m=RADIUS_M, progress=False, image_root=cap)
             start = time.perf_counter() - t
             t = time.perf_counter()
@@ -213,7 +213,7 @@ def main() -> None:
     from neuralmaps.testing import AerialRGBMatcher, aerial_rgb_store
 
     matcher = AerialRGBMatcher(preset("cpu-tiny"))
-    from neuralmaps.maps.build import model_sha256
+    from neuralmaps.maps.workers import model_sha256
 
     rgb_store = work / f"aerial_rgb-{model_sha256(matcher)[:12]}.zarr"  # per matcher, as the map per model
     if not rgb_store.exists():

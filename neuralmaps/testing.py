@@ -193,7 +193,7 @@ def aerial_rgb_store(aerial: str, path, matcher: AerialRGBMatcher, region=None):
 
     from .evaluation import rgb_features
     from .geo import Region, read_orthophoto
-    from .maps.build import model_sha256
+    from .maps.workers import model_sha256
     from .maps.store import STORE_FORMAT, NeuralMap, create_store, store_variables
 
     cell = matcher.config.scene.cell_m

@@ -27,6 +27,7 @@ from neuralmaps.config import CLASS_NAMES, preset
 from neuralmaps.geo import Region
 from neuralmaps.maps import build as B
 from neuralmaps.maps.captures import CaptureSet
+from neuralmaps.maps.workers import model_sha256
 from neuralmaps.models import SNAP
 
 BBOX = "24.9510,60.1690,24.9530,60.1700"
@@ -106,7 +107,7 @@ def test_build_store_layout(work, reference):
     np.testing.assert_allclose(ds.x.values, x)
     np.testing.assert_allclose(ds.y.values, y)
     attrs = nm.attrs
-    assert attrs["model_sha256"] == B.model_sha256(SNAP.load(work["ckpt"]))
+    assert attrs["model_sha256"] == model_sha256(SNAP.load(work["ckpt"]))
     assert json.loads(attrs["inputs"])["aerial"]["sha256"] and json.loads(attrs["config"])["name"] == "cpu-tiny"
     a = _arrays(reference)
     assert a["valid"].all()  # the aerial modality covers every cell

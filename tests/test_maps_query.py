@@ -25,7 +25,7 @@ from neuralmaps.cli import main
 from neuralmaps.config import CLASS_NAMES, preset
 from neuralmaps.geo import Region
 from neuralmaps.geo.crs import heading_to_yaw
-from neuralmaps.maps.build import model_sha256
+from neuralmaps.maps.workers import model_sha256
 from neuralmaps.maps.store import STORE_FORMAT, NeuralMap, create_store, store_variables
 from neuralmaps.maps.query import QueryError, relative_poses_from
 from neuralmaps.models import SNAP
@@ -428,9 +428,9 @@ def test_localize_many_on_a_capture_table(synth, tmp_path):
     cs = CaptureSet.from_poses(names, ["r"] * 3, np.arange(3).astype("datetime64[s]"), cams, ["pinhole"] * 3, T, CRS,
                                tmp_path)
     table = cs.write(tmp_path, QUERIES_NAME)
-    from neuralmaps.maps.build import _client
+    from neuralmaps.maps.workers import dask_client
 
-    with _client(None, 1, None, 1, None) as client:
+    with dask_client(None, 1, None, 1, None) as client:
         gdf = synth["nm"].localize_many(table, radius_m=15, progress=False, client=client)
         # A user's table: absolute image paths, a cam.json column, priors in columns, a heading prior.
         (tmp_path / "cam.json").write_text(json.dumps(CAM))

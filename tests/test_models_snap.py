@@ -332,7 +332,7 @@ def test_a_neutral_field_added_later_keeps_old_checksums():
     import json
 
     from neuralmaps.config import Config
-    from neuralmaps.maps.build import model_sha256
+    from neuralmaps.maps.workers import model_sha256
 
     old = tiny_config().to_dict()
     del old["model"]["similarity"]

@@ -89,7 +89,7 @@ def test_evaluation_and_map_builds_refuse_a_bad_device_before_reading_anything(t
     import pytest
 
     from neuralmaps.devices import DeviceError
-    from neuralmaps.maps.build import _model_from_bytes
+    from neuralmaps.maps.workers import model_from_bytes
     from training.evaluate import main as evaluate
 
     # The store does not exist: the device is refused before it (or the checkpoint) is opened.
@@ -99,4 +99,4 @@ def test_evaluation_and_map_builds_refuse_a_bad_device_before_reading_anything(t
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --device 'cuda:99'"), err
     assert not (tmp_path / "ev").exists()
     with pytest.raises(DeviceError, match="'tpu'"):
-        _model_from_bytes(b"", "tpu", None)  # a Dask worker told the wrong device: before the payload is read
+        model_from_bytes(b"", "tpu", None)  # a Dask worker told the wrong device: before the payload is read

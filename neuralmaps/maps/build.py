@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +38,12 @@ from typing import Any, Sequence
 from collections import OrderedDict
 
 import numpy as np
-from distributed.diagnostics.plugin import WorkerPlugin
 
 from .captures import CaptureSet, sha256_of
 from .store import STORE_FORMAT, NeuralMap, create_store, read_attrs, store_variables
 from ..storage import StoreInUseError, writer_lock
+from .workers import (ModelPlugin, checkpoint_bytes, dask_client, load_model, model_sha256, torch_threads_default,
+                      worker_addresses, worker_model)
 
 __all__ = ["build_map", "StoreLockedError", "DEFAULT_TILE_M", "DEFAULT_HALO_M"]
 
@@ -57,104 +57,6 @@ ENCODE_BATCH = 8  # images per encoder call, always this many (padded): see _enc
 
 class StoreLockedError(StoreInUseError):
     """Another build holds the store's writer lock."""
-
-
-# -- model ------------------------------------------------------------------------------------------
-def _load_model(checkpoint: Any):
-    """A SNAP from a path, "pretrained", or a SNAP instance (returned as is)."""
-    from ..models import SNAP
-
-    if isinstance(checkpoint, SNAP):
-        return checkpoint
-    if isinstance(checkpoint, str) and checkpoint == "pretrained":
-        if not hasattr(SNAP, "from_pretrained"):
-            raise ValueError("checkpoint='pretrained': this installation has no pretrained SNAP weights "
-                             "(SNAP.from_pretrained is missing); pass a checkpoint path (SNAP.save)")
-        return SNAP.from_pretrained()
-    return SNAP.load(checkpoint)
-
-
-def _checkpoint_bytes(model) -> bytes:
-    """The model as a `SNAP.save` file, in memory (shipped to workers once, by the plugin)."""
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "model.pt"
-        model.save(p)
-        return p.read_bytes()
-
-
-def model_sha256(model) -> str:
-    """sha256 of the weights (names, dtypes, shapes, bytes) and the config: stable across files."""
-    h = hashlib.sha256(json.dumps(model.config.hash_dict(), sort_keys=True).encode())
-    for k, v in sorted(model.state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update((t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy().tobytes())
-    return h.hexdigest()
-
-
-_WORKER_MODELS: dict[str, Any] = {}  # per process: model key -> SNAP (tasks outside a plugin)
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed large buffers in the heap for the next tile instead of unmapping them
-    and faulting fresh zeroed pages in (mallopt M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB). Dask's
-    nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, and a tile's large temporaries were then
-    mapped afresh each time: 2 worker processes, 9 tiles: user 53 s + system 37 s, 77 s wall; with
-    this 40 + 4 s, 37 s wall. A worker's memory stays its largest tile's peak (bounded, not growing
-    with the region). No-op where there is no glibc; returns whether it applied."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) & bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
-
-
-class ModelPlugin(WorkerPlugin):
-    """Dask WorkerPlugin: loads the model once per worker, on its device (`cuda` when the worker
-    has a GPU and `device="auto"`)."""
-
-    name = "neuralmaps-model"
-
-    def __init__(self, key: str, payload: bytes, device: str = "auto", threads: int | None = None):
-        self.key, self.payload, self.device, self.threads = key, payload, device, threads
-
-    def setup(self, worker=None):  # noqa: D401 (distributed API)
-        import multiprocessing
-
-        if multiprocessing.parent_process() is not None:  # a spawned worker, not the user's process
-            keep_freed_memory()
-        model = _model_from_bytes(self.payload, self.device, self.threads)
-        models = getattr(worker, "_neuralmaps_models", None)
-        if models is None:
-            models = {}
-            if worker is not None:
-                worker._neuralmaps_models = models
-        models[self.key] = model
-        _WORKER_MODELS.setdefault(self.key, model)
-
-    def teardown(self, worker=None):
-        getattr(worker, "_neuralmaps_models", {}).pop(self.key, None)
-
-
-def _model_from_bytes(payload: bytes, device: str, threads: int | None):
-    import torch
-
-    from ..devices import resolve_device
-    from ..models import SNAP
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    dev = resolve_device(device)
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "model.pt"
-        p.write_bytes(payload)
-        model = SNAP.load(p, map_location=dev)
-    return model.eval()
 
 
 _INFERENCE_MODELS: "OrderedDict[tuple[str, str], Any]" = OrderedDict()  # (model key, norm digest) -> SNAP
@@ -181,28 +83,12 @@ def _tile_model(job: "TileJob", payload: bytes | None = None):
     """The worker's inference model for `job` (cached per model and statistics)."""
     k = (job.model_key, hashlib.sha256(job.norm.encode()).hexdigest())
     if k not in _INFERENCE_MODELS:
-        base = _worker_model(job.model_key, payload, job.device)
+        base = worker_model(job.model_key, payload, job.device)
         _INFERENCE_MODELS[k] = inference_model(base, json.loads(job.norm) if job.norm else None)
         while len(_INFERENCE_MODELS) > 2:
             _INFERENCE_MODELS.popitem(last=False)
     _INFERENCE_MODELS.move_to_end(k)
     return _INFERENCE_MODELS[k]
-
-
-def _worker_model(key: str, payload_fallback: bytes | None = None, device: str = "auto"):
-    try:
-        from distributed import get_worker
-
-        models = getattr(get_worker(), "_neuralmaps_models", None) or {}
-        if key in models:
-            return models[key]
-    except (ImportError, ValueError):
-        pass
-    if key not in _WORKER_MODELS:
-        if payload_fallback is None:
-            raise RuntimeError(f"model {key[:12]} is not loaded on this worker (was the plugin registered?)")
-        _WORKER_MODELS[key] = _model_from_bytes(payload_fallback, device, None)
-    return _WORKER_MODELS[key]
 
 
 # -- tile task -------------------------------------------------------------------------------------
@@ -656,39 +542,6 @@ def _writer_lock(out: Path):
         yield
 
 
-@contextlib.contextmanager
-def _client(client: Any, workers: int, scheduler: str | None, threads_per_worker: int, processes: bool | None):
-    """The given client, one connected to `scheduler`, or an embedded LocalCluster on loopback
-    (dashboard off); only what is created here is closed."""
-    from distributed import Client, LocalCluster
-
-    if client is not None:
-        yield client
-        return
-    if scheduler:
-        c = Client(scheduler)
-        try:
-            yield c
-        finally:
-            c.close()
-        return
-    if processes is None:
-        processes = workers > 1  # one worker: threads in this process (no spawn, no pickling)
-    # In-process workers talk over inproc:// (no socket); process workers over loopback TCP.
-    net = {"host": "127.0.0.1"} if processes else {}
-    # dashboard_address=None alone still serves the scheduler's HTTP routes on 0.0.0.0:8787: keep them on
-    # a free loopback port.
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=processes,
-                           dashboard_address=None, silence_logs=40, **net,
-                           scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"})
-    c = Client(cluster)
-    try:
-        yield c
-    finally:
-        c.close()
-        cluster.close()
-
-
 def _inputs(captures: CaptureSet, captures_path: Any, aerial: Any, osm: Any) -> dict[str, Any]:
     return {
         "captures": {"path": str(captures_path) if captures_path else str(captures.root),
@@ -761,7 +614,7 @@ def build_map(
     for name, p in (("aerial", aerial), ("osm", osm)):
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"{name} file not found: {p}")
-    model = _load_model(checkpoint)
+    model = load_model(checkpoint)
     cfg = model.config
     cell = cfg.scene.cell_m
     region = _as_region(region, captures, cell)
@@ -878,15 +731,15 @@ def _run_tiles(todo, views, out, model, msha, aerial, layers, norm, semantics, c
                threads_per_worker, processes, device, resources, retries, progress, n_tiles, tqdm) -> None:
     from distributed import as_completed
 
-    payload = _checkpoint_bytes(model)
+    payload = checkpoint_bytes(model)
     key = msha
-    with _client(client, workers, scheduler, threads_per_worker, processes) as c:
+    with dask_client(client, workers, scheduler, threads_per_worker, processes) as c:
         threads = None if torch_threads_default(c) else 1
         c.register_plugin(ModelPlugin(key, payload, device, threads), name=f"neuralmaps-model-{key[:12]}")
         layers_f = c.scatter(layers, broadcast=True) if layers is not None else None
         token = hashlib.sha256(f"{out.resolve()}|{time.time_ns()}".encode()).hexdigest()[:10]
         futures = []
-        for t, (addr, rank) in zip(todo, _worker_strips(todo, _worker_addresses(c) if resources is None else [])):
+        for t, (addr, rank) in zip(todo, _worker_strips(todo, worker_addresses(c) if resources is None else [])):
             job = TileJob(str(out), t, views[t.index], None if aerial is None else str(aerial), key,
                           model.camera_model, semantics, confidence, device, radius, max_views, norm)
             where = {} if addr is None else {"workers": [addr], "allow_other_workers": True}
@@ -903,15 +756,6 @@ def _run_tiles(todo, views, out, model, msha, aerial, layers, norm, semantics, c
             k, e = errors[0]
             raise RuntimeError(f"{len(errors)} of {len(todo)} tiles failed after {retries} retries "
                                f"(first: {k}: {type(e).__name__}: {e}); rerun to resume the others")
-
-
-def _worker_addresses(client) -> list[str]:
-    """The client's worker addresses, sorted (`n_workers=-1`: all of them, where distributed
-    lists only some by default)."""
-    try:
-        return sorted(client.scheduler_info(n_workers=-1)["workers"])
-    except TypeError:
-        return sorted(client.scheduler_info()["workers"])
 
 
 def _worker_strips(tiles: Sequence[Any], workers: Sequence[str]) -> list[tuple[str | None, int]]:
@@ -932,9 +776,3 @@ def _worker_strips(tiles: Sequence[Any], workers: Sequence[str]) -> list[tuple[s
         out[i] = (w, taken[w])
         taken[w] += 1
     return out
-
-
-def torch_threads_default(client) -> bool:
-    """Whether workers may keep torch's default thread count: only when there is one worker
-    (several workers on one machine would oversubscribe the cores)."""
-    return len(_worker_addresses(client)) <= 1

@@ -540,7 +540,8 @@ def run_demo(
     t_start = time.perf_counter()
 
     from ..geo import Region
-    from .build import _client, build_map
+    from .build import build_map
+    from .workers import dask_client
     from .captures import QUERIES_NAME, CaptureSet
     from .twin import capture_twin
 
@@ -563,7 +564,7 @@ def run_demo(
     # One Dask cluster for the build and the localization (any distributed.Client works: client=).
     with contextlib.ExitStack() as stack:
         with stage("build", "build: neural map with Dask (embedded LocalCluster), street view + aerial"):
-            client = stack.enter_context(_client(None, workers, None, 1, None))
+            client = stack.enter_context(dask_client(None, workers, None, 1, None))
             # The area the cameras saw from: map runs and query photos (which never enter the map).
             cams = np.reshape([captures.bounds, queries.to_crs(captures.crs).bounds], (4, 2))
             bounds = (*(cams.min(0) - MAP_MARGIN_M), *(cams.max(0) + MAP_MARGIN_M))

@@ -414,7 +414,7 @@ _LOCK = threading.RLock()  # localizer knobs are set per call on a shared model
 
 
 def _sha_of(model: Any) -> str:
-    from .build import model_sha256
+    from .workers import model_sha256
 
     with _LOCK:
         hit = _SHA.get(id(model))
@@ -428,7 +428,7 @@ def map_model(nm: "NeuralMap", model: Any = None, checkpoint: Any = None):
     """The SNAP that built `nm`: `model` if given, else `checkpoint` (a path or "pretrained"), else
     the store's `checkpoint` attribute. Refused (QueryError) when its weights differ from the map's
     (`model_sha256`): query features of another model do not match the map's."""
-    from .build import _load_model
+    from .workers import load_model
 
     if model is None:
         ck = checkpoint if checkpoint is not None else nm.attrs.get("checkpoint", "pretrained")
@@ -440,7 +440,7 @@ def map_model(nm: "NeuralMap", model: Any = None, checkpoint: Any = None):
                     raise QueryError(f"{nm.path}: the map was built with an in-memory model; pass model= "
                                      "(or --checkpoint) to query it")
                 try:
-                    model = _load_model(ck).eval()
+                    model = load_model(ck).eval()
                 except (FileNotFoundError, ValueError) as e:
                     raise QueryError(f"{nm.path}: cannot load the map's model {key!r} ({e}); pass model= "
                                      "(or --checkpoint)") from None
@@ -1110,10 +1110,10 @@ def _plan_rows(nm: "NeuralMap", df: Any, root: Path, crs: Any, radius_m: float, 
 
 def _localize_rows(map_path: str, rows: list[dict[str, Any]], model_key: str, opts: dict[str, Any]) -> list[dict]:
     """The Dask task: localize rows with the worker's model (loaded once per worker by the plugin)."""
-    from .build import _worker_model
+    from .workers import worker_model
     from .store import NeuralMap
 
-    model = _worker_model(model_key)
+    model = worker_model(model_key)
     nm = _OPEN_MAPS.get(map_path)
     if nm is None:
         nm = _OPEN_MAPS[map_path] = NeuralMap.open(map_path)
@@ -1151,21 +1151,21 @@ def localize_many(nm: "NeuralMap", table: Any, *, client: Any = None, workers: i
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    from .build import ModelPlugin, _checkpoint_bytes, _client, torch_threads_default
+    from .workers import ModelPlugin, checkpoint_bytes, dask_client, torch_threads_default
 
     _check_method(method)
     df, root, crs = _read_table(table, image_root)
     rows, truth = _plan_rows(nm, df, root, crs, radius_m, prior_noise_m, seed)
     model = map_model(nm, model, checkpoint)
     key = _sha_of(model)
-    payload = _checkpoint_bytes(model)
+    payload = checkpoint_bytes(model)
     opts = {"radius_m": float(radius_m), "heading_range_deg": float(heading_range_deg),
             "posterior_cell_m": float(posterior_cell_m), "seed": int(seed),
             "prior_sigma_m": None if prior_sigma_m is None else float(prior_sigma_m), "method": method}
     nw = max(1, int(workers))
     bs = batch_size or max(1, min(16, math.ceil(len(rows) / (4 * nw))))
     results: list[dict] = []
-    with _client(client, nw, scheduler, threads_per_worker, processes) as c:
+    with dask_client(client, nw, scheduler, threads_per_worker, processes) as c:
         threads = None if torch_threads_default(c) else 1
         c.register_plugin(ModelPlugin(key, payload, device, threads), name=f"neuralmaps-model-{key[:12]}")
         token = f"{time.time_ns():x}"
