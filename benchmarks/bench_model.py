@@ -87,12 +87,14 @@ def worker(preset_name: str, runs: int, device: str = "cpu", overrides: list[str
 
     torch.set_num_threads(THREADS)
     from neuralmaps.config import preset
+    from neuralmaps.devices import DeviceError, resolve_device, to_device
     from neuralmaps.models import SNAP
-    from neuralmaps.devices import to_device
 
-    cuda = device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: torch {torch.__version__} sees no CUDA device")
+    try:
+        device = resolve_device(device)
+    except DeviceError as e:
+        raise SystemExit(f"--{e}") from None
+    cuda = device.type == "cuda"
 
     cfg = preset(preset_name).with_overrides(overrides or [])
     torch.manual_seed(0)
@@ -145,7 +147,7 @@ def worker(preset_name: str, runs: int, device: str = "cpu", overrides: list[str
         g = torch.Generator(device).manual_seed(1)
 
         def step(dtype=None):
-            with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = model.loss(tb, generator=g)["total"]
             opt.zero_grad()
             loss.backward()

@@ -47,8 +47,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from . import geometry
 from .config import AREA_CLASSES, BINARY_CLASSES, CLASS_NAMES, OBJECT_CLASSES, Config
 from .data import SceneDataset
-from .devices import DeviceError, model_device, resolve_device, to_device
 from .data.store import SPLIT_NAMES, read_store_attrs
+from .devices import DeviceError, model_device, resolve_device, to_device
 from .models import MODALITIES, MODALITY_FLAGS, SEMANTIC_MODALITIES, SNAP, select_modalities
 from .models import parse_modalities as _parse_modalities
 from .storage import atomic_write_bytes, json_safe

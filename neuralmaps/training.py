@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import Config
-from .devices import model_device as _model_device
+from .devices import model_device
 from .devices import to_device  # noqa: F401  (public here since session 11)
 from .storage import atomic_write_bytes, atomic_write_text
 from .models import MODALITY_FLAGS, SEMANTIC_MODALITIES, SNAP
@@ -90,7 +90,7 @@ def evaluate_localization(
     was_training = model.training
     model.eval()
     metrics = LocalizationMetrics()
-    dev = _model_device(model)
+    dev = model_device(model)
     g = torch.Generator(dev).manual_seed(seed)
     loader = make_loader(dataset, batch_size, shuffle=False, num_workers=0, seed=seed)
     try:
@@ -243,7 +243,7 @@ def train(
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=1e-4)
     start = 0
     out = Path(out_dir) if out_dir is not None else None
-    dev = _model_device(model)
+    dev = model_device(model)
     g = torch.Generator(dev)
     if out is not None:
         ckpt, state_path = out / f"{stage}_last.pt", out / f"{stage}_state.pt"
