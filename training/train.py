@@ -29,6 +29,7 @@ from torch.utils.data import ConcatDataset  # noqa: E402
 
 from neuralmaps.config import Config, preset  # noqa: E402
 from neuralmaps.data import SceneDataset  # noqa: E402
+from neuralmaps.data.packed import PackedPairs, is_pack  # noqa: E402
 from neuralmaps.devices import DeviceError, resolve_device  # noqa: E402
 from neuralmaps.models import MODALITIES, SNAP, parse_modalities  # noqa: E402
 from neuralmaps.training import warm_start, train, validate  # noqa: E402
@@ -54,8 +55,8 @@ def _commit() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, nargs="+",
-                    help="training-chunk store(s) (neuralmaps synth --out); training takes the train pairs of "
-                         "all of them; validation uses the first store's val split")
+                    help="training-chunk store(s) (neuralmaps synth --out) or packs of them (training.pack); "
+                         "training takes the train pairs of all of them; validation uses the first one's val split")
     ap.add_argument("--holdout", nargs="*", default=[], metavar="STORE",
                     help="stores whose val/test areas no training pair may lie in: give the store you evaluate "
                          "on when --data has other stores of the same city (their splits differ)")
@@ -99,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         only = None
         if args.init == "pretrained" and not args.new_areas:  # keep the shipped model's held-out areas unseen
             only = SNAP.pretrained_training_blocks() or frozenset()  # a card that does not say: nothing is known seen
-        parts = [SceneDataset(d, "train", config=cfg, holdout=tuple(args.holdout), only_blocks=only) for d in args.data]
+        if args.holdout and any(map(is_pack, args.data)):
+            return fail("--holdout applies to stores; a pack's held-out areas are left out when it is made "
+                        "(python -m training.pack --holdout)")
+        parts = [PackedPairs(d, "train", config=cfg, only_blocks=only) if is_pack(d) else
+                 SceneDataset(d, "train", config=cfg, holdout=tuple(args.holdout), only_blocks=only) for d in args.data]
         train_set = parts[0] if len(parts) == 1 else ConcatDataset(parts)
-        val_set = SceneDataset(args.data[0], "val", config=cfg)
+        val_set = (PackedPairs if is_pack(args.data[0]) else SceneDataset)(args.data[0], "val", config=cfg)
         dropped = sum(p.num_held_out for p in parts)
         if len(train_set) == 0 and only is not None and dropped:
             return fail(f"--init pretrained trains only on the split blocks the shipped model trained on (so that "
