@@ -158,7 +158,7 @@ def _sample(values: Tensor, points: Tensor, align: str, bounds: str) -> tuple[Te
 
 
 def interpolate_nd(
-    values: Tensor, points: Tensor, *, align: str = "center", bounds: str = "centers"
+    values: Tensor, points: Tensor, *, align: str = "center", bounds: str = "centers", zero_invalid: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Bilinear (d = 2) or trilinear (d = 3) interpolation of a model grid.
 
@@ -169,7 +169,9 @@ def interpolate_nd(
             with align="index" cell i's centre is at i.
     Returns:
         out: (B, N, C), zero where not valid, dtype of `values` (a transposed view of a
-            contiguous (B, C, N) tensor).
+            contiguous (B, C, N) tensor). With zero_invalid=False the invalid points keep what
+            grid_sample gives there (for callers that weight them by 0 anyway: the mask costs a
+            pass over the whole output).
         valid: (B, N) bool. With bounds="centers" (default) the point lies within [0.5, S - 0.5]
             on every axis (between the outer cell centres). With bounds="cells" (SNAP's
             `interpolate_nd`) it lies within [0, S) and values beyond the outer centres are
@@ -189,7 +191,9 @@ def interpolate_nd(
     else:
         out, valid = _sample(values.to(compute), points.to(compute), align, bounds)
     # Mask in the contiguous (B, C, N) layout; the (B, N, C) result is a transposed view.
-    return out.masked_fill(~valid[:, None], 0).to(out_dtype).transpose(1, 2), valid
+    if zero_invalid:
+        out = out.masked_fill(~valid[:, None], 0)
+    return out.to(out_dtype).transpose(1, 2), valid
 
 
 def interpolate_nd_with_mask(

@@ -132,6 +132,11 @@ def test_interpolate_outside_is_invalid_and_zero():
     out, valid = interpolate_nd(values, points)
     assert valid.tolist() == [[False, False, False, False, True, True]]
     assert (out[0, :4] == 0).all() and (out[0, 4:] == 1).all()
+    # unmasked (for callers that weight invalid points by 0): the same where valid, grid_sample's
+    # blend with its zero padding where not (0.01 cell past the centres: 0.99 of the edge value)
+    raw, valid2 = interpolate_nd(values, points, zero_invalid=False)
+    assert torch.equal(valid2, valid) and torch.equal(raw[valid], out[valid])
+    assert raw[0, 0].tolist() == pytest.approx([0.99, 0.99]) and (raw[0, 2:4] == 0).all()
 
 
 def test_interpolate_gradients():

@@ -355,7 +355,8 @@ class Localizer(nn.Module):
             q = transform_points(angle[:, s : s + step], t[:, s : s + step], p) / cell_m  # (B, P', N, 2)
             Pc = q.shape[1]
             q = q.reshape(B, Pc * N, 2)
-            v, inside = interpolate_nd(m, q)  # (B, P'*N, D), (B, P'*N)
+            # frac is 0 wherever `inside` is False, so v need not be zeroed there (12 % of a query).
+            v, inside = interpolate_nd(m, q, zero_invalid=False)  # (B, P'*N, D), (B, P'*N)
             frac = inside.to(m.dtype) if vmask is None else interpolate_nd(vmask, q)[0][..., 0]
             v = v.reshape(B, Pc, N, -1)
             # cos(f_n, v); mul + sum is much faster than vector_norm over a short last dim.
