@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import CLASS_NAMES, Config
-from ..grids import raster_to_grid
 from ..storage import atomic_write_bytes, atomic_write_text
+from .scene_dataset import item_from_arrays
 
 __all__ = ["PACK_FORMAT_VERSION", "PackedPairs", "is_pack", "write_pack"]
 
@@ -204,25 +204,10 @@ class PackedPairs(Dataset):
         sh = self._shards[s]
         ends, lengths = sh["jpeg_ends"][j], sh["jpeg_lengths"][j]
         images = [_unjpeg(sh["jpeg"][e - n:e].tobytes(), self.hw) for e, n in zip(ends, lengths)]
-
-        def image(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, -3))).float().div_(255.0)
-
-        C = len(self.class_names)
-        semantic = np.unpackbits(sh["semantic"][j], axis=0, count=C)
-        return {
-            "map_images": image(np.stack(images[1:])),
-            "map_T_scene_view": torch.from_numpy(sh["map_T_scene_view"][j]).float(),
-            "map_cameras": torch.from_numpy(sh["map_camera"][j]).float(),
-            "map_view_mask": torch.from_numpy(sh["map_view_mask"][j].astype(bool)),
-            "aerial": raster_to_grid(torch.from_numpy(sh["aerial"][j]).float().div_(255.0)).contiguous(),
-            "semantic": raster_to_grid(torch.from_numpy(semantic).float()).contiguous(),
-            "query_image": image(images[0]),
-            "query_T_scene_cam": torch.from_numpy(sh["query_T_scene_cam"][j]).float(),
-            "query_camera": torch.from_numpy(sh["query_camera"][j]).float(),
-            "scene_origin": torch.from_numpy(sh["scene_origin"][j]).double(),
-            "index": torch.tensor(int(sh["index"][j]), dtype=torch.int64),
-        }
+        a = {name: sh[name][j] for name in _POSES + ("aerial",)}
+        a["semantic"] = np.unpackbits(sh["semantic"][j], axis=0, count=len(self.class_names))
+        a["query_image"], a["map_image"] = images[0], np.stack(images[1:])
+        return item_from_arrays(a, int(sh["index"][j]))
 
     def __repr__(self) -> str:
         return f"PackedPairs({str(self.path)!r}, split={self.split!r}, {len(self)} pairs)"

@@ -21,7 +21,7 @@ from ..config import CLASS_NAMES, Config
 from ..grids import raster_to_grid
 from .store import ITEM_VARIABLES, SPLIT_NAMES, read_store_attrs
 
-__all__ = ["SceneDataset", "ITEM_KEYS", "heldout_blocks"]
+__all__ = ["SceneDataset", "ITEM_KEYS", "heldout_blocks", "item_from_arrays"]
 
 ITEM_KEYS = (
     "map_images",
@@ -139,20 +139,25 @@ class SceneDataset(Dataset):
         if not -len(self) <= k < len(self):
             raise IndexError(f"index {k} out of range for {len(self)} {self.split} pairs in {self.path}")
         i = int(self.indices[k])
-        a = {name: np.asarray(arr[i]) for name, arr in self._arrays().items()}
-        return {
-            "map_images": _image(a["map_image"]),
-            "map_T_scene_view": torch.from_numpy(a["map_T_scene_view"]).float(),
-            "map_cameras": torch.from_numpy(a["map_camera"]).float(),
-            "map_view_mask": torch.from_numpy(a["map_view_mask"].astype(bool)),
-            "aerial": raster_to_grid(torch.from_numpy(a["aerial"]).float().div_(255.0)).contiguous(),
-            "semantic": raster_to_grid(torch.from_numpy(a["semantic"]).float()).contiguous(),
-            "query_image": _image(a["query_image"]),
-            "query_T_scene_cam": torch.from_numpy(a["query_T_scene_cam"]).float(),
-            "query_camera": torch.from_numpy(a["query_camera"]).float(),
-            "scene_origin": torch.from_numpy(a["scene_origin"]).double(),
-            "index": torch.tensor(i, dtype=torch.int64),
-        }
+        return item_from_arrays({name: np.asarray(arr[i]) for name, arr in self._arrays().items()}, i)
 
     def __repr__(self) -> str:
         return f"SceneDataset({str(self.path)!r}, split={self.split!r}, {len(self)} pairs)"
+
+
+def item_from_arrays(a: dict[str, np.ndarray], index: int) -> dict[str, torch.Tensor]:
+    """One pair's stored arrays (`ITEM_VARIABLES`, the store's dtypes and layouts) -> the item the
+    model takes (`ITEM_KEYS`): the one place where a stored pair becomes tensors."""
+    return {
+        "map_images": _image(a["map_image"]),
+        "map_T_scene_view": torch.from_numpy(a["map_T_scene_view"]).float(),
+        "map_cameras": torch.from_numpy(a["map_camera"]).float(),
+        "map_view_mask": torch.from_numpy(a["map_view_mask"].astype(bool)),
+        "aerial": raster_to_grid(torch.from_numpy(a["aerial"]).float().div_(255.0)).contiguous(),
+        "semantic": raster_to_grid(torch.from_numpy(a["semantic"]).float()).contiguous(),
+        "query_image": _image(a["query_image"]),
+        "query_T_scene_cam": torch.from_numpy(a["query_T_scene_cam"]).float(),
+        "query_camera": torch.from_numpy(a["query_camera"]).float(),
+        "scene_origin": torch.from_numpy(a["scene_origin"]).double(),
+        "index": torch.tensor(index, dtype=torch.int64),
+    }
