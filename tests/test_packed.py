@@ -83,6 +83,25 @@ def test_a_pack_filters_blocks_and_refuses_a_broken_copy(store, tmp_path):
         PackedPairs(tmp_path / "p", "train")
 
 
+def test_a_pack_that_fails_midway_leaves_nothing(store, tmp_path, monkeypatch):
+    import neuralmaps.data.packed as packed
+
+    calls = []
+    real = packed._jpeg
+
+    def failing(image, quality):
+        calls.append(1)
+        if len(calls) > 30:  # three pairs in: their shards are on disk by now
+            assert list(tmp_path.glob(".p.tmp-*/train-00*.npz"))
+            raise OSError("disk full")
+        return real(image, quality)
+
+    monkeypatch.setattr(packed, "_jpeg", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write_pack(_sources(store), tmp_path / "p", shard_mb=0.01, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no pack, no shard, no temporary
+
+
 def test_training_runs_on_a_pack_without_the_geo_stack(store, tmp_path):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     pack = tmp_path / "pack"

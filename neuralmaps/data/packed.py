@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import CLASS_NAMES, Config
-from ..storage import atomic_write_bytes, atomic_write_text
+from ..storage import atomic_write_bytes, atomic_write_text, swap_into_place, temp_sibling
 from .scene_dataset import item_from_arrays
 
 __all__ = ["PACK_FORMAT_VERSION", "PackedPairs", "is_pack", "write_pack"]
@@ -62,8 +63,6 @@ def write_pack(sources: Sequence[tuple[Any, str]], out: str | os.PathLike, *, qu
     """Pack the pairs of `sources` ((SceneDataset, split name) each, all of one scene config, CRS and
     split-block size) into the folder `out` (new or empty), shards of at most `shard_mb` MiB.
     Returns the manifest. The manifest is written last: a folder without one is not a pack."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: give a new folder for the pack")
@@ -77,7 +76,25 @@ def write_pack(sources: Sequence[tuple[Any, str]], out: str | os.PathLike, *, qu
                 or ds.attrs["scene_fingerprint"] != first.attrs["scene_fingerprint"]:
             raise ValueError(f"{ds.path} differs from {first.path} in CRS, split-block size or scene config: "
                              "pack stores of one city and one scene config together")
-    out.mkdir(parents=True, exist_ok=True)
+    # Built aside and moved into place whole: a crash leaves no half pack at `out` (only a hidden
+    # `.<name>.tmp-*` folder if the process was killed outright).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = temp_sibling(out, "tmp")
+    work.mkdir()
+    try:
+        manifest = _write_shards(sources, work, quality, shard_mb, progress)
+        swap_into_place(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_shards(sources: Sequence[tuple[Any, str]], out: Path, quality: int, shard_mb: float,
+                  progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    first = sources[0][0]
     shards: list[dict] = []
     budget = int(shard_mb * 2**20)
     total = sum(len(ds) for ds, _ in sources)
