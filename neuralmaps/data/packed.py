@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import CLASS_NAMES, Config
+from ..config import Config
 from ..storage import atomic_write_bytes, atomic_write_text, swap_into_place, temp_sibling
-from .scene_dataset import item_from_arrays
+from .scene_dataset import check_pairs_source, check_split, item_from_arrays
 
 __all__ = ["PACK_FORMAT_VERSION", "PackedPairs", "is_pack", "write_pack"]
 
@@ -181,13 +181,11 @@ class PackedPairs(Dataset):
         self.manifest = m = json.loads((self.path / MANIFEST).read_text())
         if m.get("neuralmaps_pack") != PACK_FORMAT_VERSION:
             raise ValueError(f"{self.path}: pack format {m.get('neuralmaps_pack')}, this code reads {PACK_FORMAT_VERSION}")
-        if config is not None and config.fingerprint("scene") != m["scene_fingerprint"]:
-            raise ValueError(f"{self.path}: pack was made with scene config {m['scene_fingerprint']}, not "
-                             f"{config.fingerprint('scene')} ({config.name!r}); pack stores of this config")
-        if list(m["class_names"]) != list(CLASS_NAMES):
-            raise ValueError(f"{self.path}: pack classes {m['class_names']} != {list(CLASS_NAMES)}")
-        self.split, self.crs_wkt, self.class_names = split, m["crs_wkt"], tuple(m["class_names"])
+        check_split(split)
         self.store_config = Config.from_dict(m["config"])
+        check_pairs_source(self.path, "pack", m["scene_fingerprint"], self.store_config, m["class_names"], config,
+                           "pack stores of this config")
+        self.split, self.crs_wkt, self.class_names = split, m["crs_wkt"], tuple(m["class_names"])
         self.hw = tuple(self.store_config.scene.image_hw)
         self._shards: list[dict[str, np.ndarray]] = []
         for s in (s for s in m["shards"] if s["split"] == split):

@@ -78,19 +78,12 @@ class SceneDataset(Dataset):
         import zarr
 
         self.path = Path(path)
-        if split not in SPLIT_NAMES:
-            raise ValueError(f"unknown split {split!r}; choose one of {SPLIT_NAMES}")
+        check_split(split)
         attrs = read_store_attrs(self.path)
         self.split = split
         self.store_config = Config.from_dict(json.loads(attrs["config"]))
-        if config is not None and config.fingerprint("scene") != attrs.get("scene_fingerprint"):
-            raise ValueError(
-                f"{self.path}: store was written with scene config {attrs.get('scene_fingerprint')} "
-                f"({self.store_config.name!r}), not {config.fingerprint('scene')} ({config.name!r}); "
-                "regenerate the store with this config"
-            )
-        if list(attrs.get("class_names", [])) != list(CLASS_NAMES):
-            raise ValueError(f"{self.path}: store classes {attrs.get('class_names')} != {list(CLASS_NAMES)}")
+        check_pairs_source(self.path, "store", attrs.get("scene_fingerprint"), self.store_config,
+                           attrs.get("class_names", []), config, "regenerate the store with this config")
         self.class_names = tuple(attrs["class_names"])
         self.attrs = attrs
         g = zarr.open_group(str(self.path), mode="r")
@@ -143,6 +136,24 @@ class SceneDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"SceneDataset({str(self.path)!r}, split={self.split!r}, {len(self)} pairs)"
+
+
+def check_split(split: str) -> None:
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLIT_NAMES}")
+
+
+def check_pairs_source(path: Path, kind: str, scene_fingerprint: str | None, source_config: Config,
+                       class_names: Any, config: Config | None, remedy: str) -> None:
+    """What a source of pairs (a store, a pack) must match before it serves items: the scene config
+    the caller trains with (when given) and the project's classes. Raises ValueError naming `kind`."""
+    if config is not None and config.fingerprint("scene") != scene_fingerprint:
+        raise ValueError(
+            f"{path}: {kind} was written with scene config {scene_fingerprint} ({source_config.name!r}), "
+            f"not {config.fingerprint('scene')} ({config.name!r}); {remedy}"
+        )
+    if list(class_names) != list(CLASS_NAMES):
+        raise ValueError(f"{path}: {kind} classes {list(class_names)} != {list(CLASS_NAMES)}")
 
 
 def item_from_arrays(a: dict[str, np.ndarray], index: int) -> dict[str, torch.Tensor]:
